@@ -1,0 +1,1 @@
+"""gradesvc: a replicated in-memory store of user grades."""

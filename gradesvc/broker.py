@@ -1,0 +1,155 @@
+"""The replica's connection to RabbitMQ and publishing with confirms.
+
+:class:`BrokerService` keeps one AMQP connection open with
+``twisted.application.internet.ClientService`` (exponential back-off, injected
+clock).  On every new connection it declares the stream, opens a publishing
+channel in confirm mode, and hands the connection to the registered
+``on_connect`` callbacks (the stream consumer).  :meth:`BrokerService.publish`
+fires only once the broker has confirmed the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, List, Optional
+from urllib.parse import urlsplit
+
+import pika
+from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger
+
+from gradesvc.status import ReplicaStatus
+
+log = Logger()
+
+STREAM_ARGUMENTS = {"x-queue-type": "stream"}
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not take a message (down, closed, nacked or timed out)."""
+
+
+def declare_stream(channel: TwistedChannel, stream: str) -> "defer.Deferred[Any]":
+    """Declare ``stream`` as a durable stream queue (idempotent)."""
+    return channel.queue_declare(
+        queue=stream,
+        durable=True,
+        exclusive=False,
+        auto_delete=False,
+        arguments=STREAM_ARGUMENTS,
+    )
+
+
+def broker_endpoint(reactor: Any, url: str, timeout: float = 5.0) -> Any:
+    """A TCP client endpoint for the host and port of an ``amqp://`` URL."""
+    parts = urlsplit(url)
+    return endpoints.HostnameEndpoint(
+        reactor, parts.hostname or "127.0.0.1", parts.port or 5672, timeout=timeout
+    )
+
+
+ConnectHook = Callable[[TwistedProtocolConnection], Awaitable[None]]
+
+
+class BrokerService(service.Service):
+    """A reconnecting AMQP connection that publishes with publisher confirms."""
+
+    def __init__(
+        self,
+        reactor: IReactorCore,
+        url: str,
+        stream: str,
+        status: ReplicaStatus,
+        clock: Optional[IReactorTime] = None,
+        confirm_timeout: float = 10.0,
+        endpoint: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.stream = stream
+        self.status = status
+        self.confirm_timeout = confirm_timeout
+        self.on_connect: List[ConnectHook] = []
+        self._parameters = pika.URLParameters(url)
+        self._parameters.heartbeat = 10
+        self._channel: Optional[TwistedChannel] = None
+        self._connection: Optional[TwistedProtocolConnection] = None
+        factory = protocol.Factory.forProtocol(self._build_protocol)
+        self._client = ClientService(
+            endpoint or broker_endpoint(reactor, url),
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
+            clock=self.clock,
+            prepareConnection=self._prepare,
+        )
+
+    def _build_protocol(self) -> TwistedProtocolConnection:
+        return TwistedProtocolConnection(self._parameters)
+
+    def startService(self) -> None:
+        """Start connecting."""
+        super().startService()
+        log.info("Connecting to the broker for stream {stream}", stream=self.stream)
+        self._client.startService()
+
+    def stopService(self) -> "defer.Deferred[None]":
+        """Close the connection and stop reconnecting."""
+        super().stopService()
+        self._lost("service stopping")
+        return self._client.stopService()  # type: ignore[no-any-return]
+
+    async def _setup(self, connection: TwistedProtocolConnection) -> None:
+        await connection.ready
+        channel = await connection.channel()
+        await declare_stream(channel, self.stream)
+        await channel.confirm_delivery()
+        self._connection = connection
+        self._channel = channel
+        connection.closed.addBoth(self._lost)
+        self.status.connected = True
+        log.info("Connected to the broker; stream {stream} declared", stream=self.stream)
+        for hook in self.on_connect:
+            await hook(connection)
+
+    def _prepare(self, connection: TwistedProtocolConnection) -> "defer.Deferred[None]":
+        d = defer.ensureDeferred(self._setup(connection))
+
+        def failed(failure: Any) -> Any:
+            log.warn("Broker connection set-up failed: {error}", error=failure.value)
+            connection.transport.loseConnection()
+            return failure
+
+        return d.addErrback(failed)
+
+    def _lost(self, reason: object) -> object:
+        if self.status.connected:
+            log.warn("Broker connection lost: {reason}", reason=reason)
+        self.status.connected = False
+        self._channel = None
+        self._connection = None
+        return reason
+
+    def drop_connection(self) -> None:
+        """Close the current connection so that ``ClientService`` makes a new one."""
+        if self._connection is not None and self._connection.transport is not None:
+            self._connection.transport.loseConnection()
+
+    async def publish(self, body: bytes, properties: pika.BasicProperties) -> None:
+        """Publish ``body`` to the stream; return once the broker confirmed it."""
+        channel = self._channel
+        if channel is None or not self.status.connected:
+            raise BrokerUnavailable("not connected to the broker")
+        d = channel.basic_publish(
+            exchange="", routing_key=self.stream, body=body, properties=properties
+        )
+        d.addTimeout(self.confirm_timeout, self.clock)
+        try:
+            await d
+        except Exception as e:
+            log.warn("Publish not confirmed: {error!r}", error=e)
+            if channel.is_closed:
+                self.drop_connection()
+            raise BrokerUnavailable(f"the broker did not confirm the write: {e!r}")

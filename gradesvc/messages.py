@@ -1,0 +1,100 @@
+"""What a write is: validating ``POST /set`` bodies and the stream message.
+
+A message on the stream is UTF-8 JSON ``{"replica": ..., "ts": ..., "user_id":
+..., "patch": {...}}``: one partial write, versioned by the writer's hybrid
+logical clock timestamp and replica id.  The same object is applied locally,
+by other replicas, and on replay.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Mapping
+
+import attrs
+
+from gradesvc.storage import FIELDS
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_USER_ID_LENGTH = 1024
+
+
+class InvalidWrite(ValueError):
+    """A write body that breaks the rules of contract section 2.3."""
+
+
+@attrs.frozen
+class Write:
+    """One partial write of one user's grade."""
+
+    user_id: str
+    patch: Mapping[str, int]
+
+
+@attrs.frozen
+class WriteMessage:
+    """A write as carried by the stream."""
+
+    replica: str
+    timestamp: int
+    write: Write
+
+    def encode(self) -> bytes:
+        """The message body."""
+        return json.dumps(
+            {
+                "replica": self.replica,
+                "ts": self.timestamp,
+                "user_id": self.write.user_id,
+                "patch": dict(self.write.patch),
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode("utf-8")
+
+    @property
+    def message_id(self) -> str:
+        """A unique id of this write: replica and timestamp."""
+        return f"{self.replica}:{self.timestamp}"
+
+    @classmethod
+    def decode(cls, body: bytes) -> "WriteMessage":
+        """Parse and validate a message body (``ValueError`` when malformed)."""
+        obj = json.loads(body.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("message is not an object")
+        replica, timestamp = obj.get("replica"), obj.get("ts")
+        if not isinstance(replica, str) or not replica:
+            raise ValueError("message has no replica")
+        if not _is_int(timestamp) or timestamp <= 0:
+            raise ValueError("message has no timestamp")
+        write = parse_write({"user_id": obj.get("user_id"), **(obj.get("patch") or {})})
+        return cls(replica, timestamp, write)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_write(body: Dict[str, Any]) -> Write:
+    """Validate a ``POST /set`` object; raise :class:`InvalidWrite` saying why."""
+    unknown = sorted(set(body) - {"user_id", *FIELDS})
+    if unknown:
+        raise InvalidWrite(f"unknown field(s): {', '.join(unknown)}")
+    user_id = body.get("user_id")
+    if not isinstance(user_id, str) or not user_id:
+        raise InvalidWrite("user_id must be a non-empty string")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        raise InvalidWrite(f"user_id longer than {MAX_USER_ID_LENGTH} characters")
+    patch: Dict[str, int] = {}
+    for name in FIELDS:
+        if name not in body:
+            continue
+        value = body[name]
+        if not _is_int(value):
+            raise InvalidWrite(f"{name} must be an integer")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidWrite(f"{name} is outside the signed 64-bit range")
+        patch[name] = value
+    return Write(user_id, patch)

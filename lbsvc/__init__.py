@@ -1,0 +1,1 @@
+"""lbsvc: a rate-limited HTTP gateway with per-user API keys."""

@@ -1,0 +1,1 @@
+"""Small pieces shared by gradesvc and lbsvc: JSON resources, metrics, options."""

@@ -1,0 +1,129 @@
+"""A small Prometheus text-format registry and the ``/metrics`` resource.
+
+Only what the daemons need: counters and gauges with labels, and gauges whose
+value is read from a callable at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+from twisted.web import resource
+from twisted.web.iweb import IRequest
+
+LabelValues = Tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labelnames: Tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.help = help
+        self.labelnames = labelnames
+        self.values: Dict[LabelValues, float] = {}
+
+    def _key(self, labels: Dict[str, str]) -> LabelValues:
+        return tuple(str(labels[n]) for n in self.labelnames)
+
+    def samples(self) -> List[Tuple[LabelValues, float]]:
+        return sorted(self.values.items())
+
+    def render(self) -> List[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        for key, value in self.samples():
+            if key:
+                labels = ",".join(
+                    f'{n}="{_escape(v)}"' for n, v in zip(self.labelnames, key)
+                )
+                lines.append(f"{self.name}{{{labels}}} {value:g}")
+            else:
+                lines.append(f"{self.name} {value:g}")
+        return lines
+
+
+class Counter(_Metric):
+    """A monotonically increasing count."""
+
+    kind = "counter"
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        """Add ``amount`` to the sample named by ``labels``."""
+        key = self._key(labels)
+        self.values[key] = self.values.get(key, 0) + amount
+
+
+class Gauge(_Metric):
+    """A value that goes up and down, set directly or read from a callable."""
+
+    kind = "gauge"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Tuple[str, ...] = (),
+        read: Optional[Callable[[], float]] = None,
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        self.read = read
+
+    def set(self, value: float, **labels: str) -> None:
+        """Set the sample named by ``labels``."""
+        self.values[self._key(labels)] = value
+
+    def samples(self) -> List[Tuple[LabelValues, float]]:
+        if self.read is not None:
+            return [((), float(self.read()))]
+        return super().samples()
+
+
+class Registry:
+    """The metrics of one daemon."""
+
+    def __init__(self) -> None:
+        self._metrics: List[_Metric] = []
+
+    def counter(self, name: str, help: str, labelnames: Tuple[str, ...] = ()) -> Counter:
+        """Register and return a counter."""
+        metric = Counter(name, help, labelnames)
+        self._metrics.append(metric)
+        return metric
+
+    def gauge(
+        self,
+        name: str,
+        help: str,
+        labelnames: Tuple[str, ...] = (),
+        read: Optional[Callable[[], float]] = None,
+    ) -> Gauge:
+        """Register and return a gauge (``read`` makes it a callback gauge)."""
+        metric = Gauge(name, help, labelnames, read)
+        self._metrics.append(metric)
+        return metric
+
+    def render(self) -> bytes:
+        """All metrics in the Prometheus text exposition format."""
+        lines: List[str] = []
+        for metric in self._metrics:
+            lines.extend(metric.render())
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class MetricsResource(resource.Resource):
+    """``GET /metrics``: the registry as Prometheus text."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: IRequest) -> bytes:
+        """Render the registry."""
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.registry.render()

@@ -1,0 +1,48 @@
+"""Command-line options that fall back to environment variables.
+
+Each daemon's ``Options`` lists ``optParameters`` as usual and maps option names
+to variables in ``envVars``; a variable that is set replaces the default, and the
+command line still wins because it is parsed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Optional
+
+from twisted.python import usage
+
+
+class EnvOptions(usage.Options):
+    """``usage.Options`` whose defaults come from the environment."""
+
+    envVars: Dict[str, str] = {}
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__()
+        env = os.environ if environ is None else environ
+        for option, variable in self.envVars.items():
+            value = env.get(variable)
+            if value is not None and value != "":
+                self[option] = value
+
+
+def endpoint_description(value: str) -> str:
+    """A Twisted server endpoint string; a bare port number means ``tcp:N``."""
+    value = value.strip()
+    if value.isdigit():
+        return f"tcp:{value}"
+    if not value:
+        raise usage.UsageError("an endpoint must not be empty")
+    return value
+
+
+def positive_float(name: str, value: str) -> float:
+    """Parse ``value`` as a number > 0, or raise ``UsageError`` naming ``name``."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise usage.UsageError(f"{name} must be a number, not {value!r}")
+    if not number > 0:
+        raise usage.UsageError(f"{name} must be greater than 0")
+    return number
