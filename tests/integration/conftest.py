@@ -1,0 +1,42 @@
+"""Fixtures for integration tests: a broker check, a fresh stream, replicas."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+
+from tests.integration.harness import BROKER_URL, GradeReplica, delete_stream, unique_stream
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_answers() -> None:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=3).close()
+    except OSError:
+        pytest.fail("no RabbitMQ on 127.0.0.1:5672: run scripts/ensure-broker (scripts/test does)")
+
+
+@pytest.fixture
+def stream() -> Iterator[str]:
+    name = unique_stream()
+    yield name
+    delete_stream(name, BROKER_URL)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, stream: str) -> Iterator[Callable[..., GradeReplica]]:
+    """A factory of replicas on ``stream``; all are stopped at the end."""
+    started: List[GradeReplica] = []
+
+    def make(replica_id: str, peers: List[GradeReplica] = (), **kw: object) -> GradeReplica:  # type: ignore[assignment]
+        replica = GradeReplica(tmp_path, kw.pop("stream", stream), replica_id,  # type: ignore[arg-type]
+                               [p.read_url for p in peers], **kw)  # type: ignore[arg-type]
+        started.append(replica)
+        return replica.start()  # type: ignore[return-value]
+
+    yield make
+    for replica in started:
+        replica.stop()

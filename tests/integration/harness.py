@@ -1,0 +1,218 @@
+"""Real daemons as processes on loopback, for the integration tests.
+
+Every wait here polls a condition with a deadline; nothing sleeps in the hope
+that something has happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pika
+
+BROKER_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Optional[BaseException] = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (OSError, urllib.error.URLError) as e:
+            last_error = e
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})")
+
+
+def http(
+    method: str,
+    url: str,
+    body: Optional[bytes] = None,
+    headers: Optional[Dict[str, str]] = None,
+    timeout: float = 10.0,
+) -> Tuple[int, Dict[str, str], bytes]:
+    """One HTTP request; returns status, lower-cased headers and body (errors too)."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def basic(user: str, password: str) -> Dict[str, str]:
+    """An Authorization header for HTTP Basic."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def unique_stream() -> str:
+    """A stream name no other test or run uses."""
+    return f"test_grades_{uuid.uuid4().hex[:12]}"
+
+
+def delete_stream(name: str, url: str = BROKER_URL) -> None:
+    """Delete a test stream (every run on the machine shares the broker)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_delete(name)
+    finally:
+        connection.close()
+
+
+def read_stream(name: str, count: int, url: str = BROKER_URL, timeout: float = 10.0) -> List[Tuple[int, Any, bytes]]:
+    """Read the first ``count`` messages of a stream: (offset, properties, body)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    out: List[Tuple[int, Any, bytes]] = []
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=100)
+        deadline = time.monotonic() + timeout
+        for method, properties, body in channel.consume(
+            name, arguments={"x-stream-offset": "first"}, inactivity_timeout=0.5
+        ):
+            if method is not None:
+                out.append((properties.headers["x-stream-offset"], properties, body))
+                channel.basic_ack(method.delivery_tag)
+            if len(out) >= count or time.monotonic() > deadline:
+                break
+        channel.cancel()
+    finally:
+        connection.close()
+    return out
+
+
+class Daemon:
+    """A ``twistd -n <plugin>`` process with its log in ``workdir``."""
+
+    def __init__(self, plugin: str, args: List[str], env: Dict[str, str], workdir: Path, name: str) -> None:
+        self.plugin, self.args, self.env, self.workdir, self.name = plugin, args, env, workdir, name
+        self.process: Optional[subprocess.Popen] = None
+        self.log_path = workdir / f"{name}.log"
+
+    def start(self) -> "Daemon":
+        env = dict(os.environ)
+        env.update(self.env)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile=-", self.plugin, *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir),
+        )
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown."""
+        if self.alive():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class GradeReplica(Daemon):
+    """One gradesvc replica on free loopback ports."""
+
+    def __init__(self, workdir: Path, stream: str, replica_id: str, peers: List[str] = (),  # type: ignore[assignment]
+                 amqp_url: str = BROKER_URL, extra_env: Optional[Dict[str, str]] = None) -> None:
+        self.get_port, self.set_port = free_port(), free_port()
+        self.replica_id = replica_id
+        env = {
+            "GRADESVC_GET_ENDPOINT": f"tcp:{self.get_port}:interface=127.0.0.1",
+            "GRADESVC_SET_ENDPOINT": f"tcp:{self.set_port}:interface=127.0.0.1",
+            "GRADESVC_AMQP_URL": amqp_url,
+            "GRADESVC_STREAM": stream,
+            "GRADESVC_REPLICA_ID": replica_id,
+            "GRADESVC_PEERS": ",".join(peers),
+            "GRADESVC_ADMIN_USER": "admin",
+            "GRADESVC_ADMIN_PASSWORD": "admin",
+        }
+        env.update(extra_env or {})
+        super().__init__("gradesvc", [], env, workdir, f"gradesvc-{replica_id}")
+
+    @property
+    def read_url(self) -> str:
+        return f"http://127.0.0.1:{self.get_port}"
+
+    @property
+    def write_url(self) -> str:
+        return f"http://127.0.0.1:{self.set_port}"
+
+    def restart(self) -> "GradeReplica":
+        self.start()
+        return self
+
+    def ready(self) -> Dict[str, Any]:
+        return json.loads(http("GET", self.read_url + "/ready")[2])
+
+    def wait_ready(self, timeout: float = 60.0) -> "GradeReplica":
+        def check() -> bool:
+            assert self.alive(), f"{self.name} exited:\n{self.log()[-3000:]}"
+            return http("GET", self.read_url + "/ready")[0] == 200
+
+        wait_until(check, timeout, f"{self.name} /ready")
+        return self
+
+    def set(self, body: Any, auth: Tuple[str, str] = ("admin", "admin")) -> Tuple[int, Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        code, _, out = http("POST", self.write_url + "/set", data,
+                            {"Content-Type": "application/json", **basic(*auth)})
+        return code, json.loads(out)
+
+    def get(self, user_id: str) -> Tuple[int, Any]:
+        query = urllib.parse.urlencode({"user_id": user_id})
+        code, _, out = http("GET", f"{self.read_url}/get?{query}")
+        return code, json.loads(out)
+
+    def metric(self, name: str) -> float:
+        text = http("GET", self.read_url + "/metrics")[2].decode()
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
