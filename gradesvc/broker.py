@@ -17,7 +17,8 @@ import pika
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints, protocol
+from pika.exceptions import ChannelClosedByBroker
+from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
@@ -77,17 +78,22 @@ class BrokerService(service.Service):
         self._parameters.heartbeat = 10
         self._channel: Optional[TwistedChannel] = None
         self._connection: Optional[TwistedProtocolConnection] = None
+        self._failures = 0
         factory = protocol.Factory.forProtocol(self._build_protocol)
         self._client = ClientService(
             endpoint or broker_endpoint(reactor, url),
             factory,
             retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
             clock=self.clock,
-            prepareConnection=self._prepare,
         )
 
     def _build_protocol(self) -> TwistedProtocolConnection:
-        return TwistedProtocolConnection(self._parameters)
+        # Set-up runs beside ClientService rather than as its
+        # prepareConnection: a connection that drops while being prepared
+        # would otherwise wedge ClientService's state machine.
+        connection = TwistedProtocolConnection(self._parameters)
+        self._prepare(connection)
+        return connection
 
     def startService(self) -> None:
         """Start connecting."""
@@ -104,12 +110,21 @@ class BrokerService(service.Service):
     async def _setup(self, connection: TwistedProtocolConnection) -> None:
         await connection.ready
         channel = await connection.channel()
-        await declare_stream(channel, self.stream)
+        try:
+            # An existing stream is used as it is, whatever retention it was
+            # declared with; only a missing one is declared (idempotently).
+            await channel.queue_declare(queue=self.stream, passive=True)
+        except ChannelClosedByBroker as e:
+            if e.reply_code != 404:
+                raise
+            channel = await connection.channel()
+            await declare_stream(channel, self.stream)
         await channel.confirm_delivery()
         self._connection = connection
         self._channel = channel
         connection.closed.addBoth(self._lost)
         self.status.connected = True
+        self._failures = 0
         log.info("Connected to the broker; stream {stream} declared", stream=self.stream)
         for hook in self.on_connect:
             await hook(connection)
@@ -117,12 +132,23 @@ class BrokerService(service.Service):
     def _prepare(self, connection: TwistedProtocolConnection) -> "defer.Deferred[None]":
         d = defer.ensureDeferred(self._setup(connection))
 
-        def failed(failure: Any) -> Any:
-            log.warn("Broker connection set-up failed: {error}", error=failure.value)
-            connection.transport.loseConnection()
-            return failure
+        def failed(failure: Any) -> "defer.Deferred[None]":
+            # Keep the broken connection for a back-off delay, then close it:
+            # ClientService sees a connection that ended and makes a new one.
+            self._failures += 1
+            delay = min(5.0, 0.2 * 2 ** self._failures)
+            log.warn(
+                "Broker connection set-up failed: {error}; reconnecting in {delay:.1f}s",
+                error=failure.value, delay=delay,
+            )
+            return task.deferLater(self.clock, delay, self._close, connection)
 
         return d.addErrback(failed)
+
+    @staticmethod
+    def _close(connection: TwistedProtocolConnection) -> None:
+        if connection.transport is not None:
+            connection.transport.loseConnection()
 
     def _lost(self, reason: object) -> object:
         if self.status.connected:
@@ -134,8 +160,8 @@ class BrokerService(service.Service):
 
     def drop_connection(self) -> None:
         """Close the current connection so that ``ClientService`` makes a new one."""
-        if self._connection is not None and self._connection.transport is not None:
-            self._connection.transport.loseConnection()
+        if self._connection is not None:
+            self._close(self._connection)
 
     async def publish(self, body: bytes, properties: pika.BasicProperties) -> None:
         """Publish ``body`` to the stream; return once the broker confirmed it."""
