@@ -138,7 +138,7 @@ class BrokerService(service.Service):
             self._failures += 1
             delay = min(5.0, 0.2 * 2 ** self._failures)
             log.warn(
-                "Broker connection set-up failed: {error}; reconnecting in {delay:.1f}s",
+                "Broker connection set-up failed: {error!r}; reconnecting in {delay:.1f}s",
                 error=failure.value, delay=delay,
             )
             return task.deferLater(self.clock, delay, self._close, connection)

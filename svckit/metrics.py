@@ -6,7 +6,7 @@ value is read from a callable at scrape time.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.web import resource
 from twisted.web.iweb import IRequest
@@ -67,7 +67,7 @@ class Gauge(_Metric):
         name: str,
         help: str,
         labelnames: Tuple[str, ...] = (),
-        read: Optional[Callable[[], float]] = None,
+        read: Optional[Callable[[], Any]] = None,
     ) -> None:
         super().__init__(name, help, labelnames)
         self.read = read
@@ -77,9 +77,12 @@ class Gauge(_Metric):
         self.values[self._key(labels)] = value
 
     def samples(self) -> List[Tuple[LabelValues, float]]:
-        if self.read is not None:
-            return [((), float(self.read()))]
-        return super().samples()
+        if self.read is None:
+            return super().samples()
+        value = self.read()
+        if isinstance(value, dict):  # labelled: {label values: value}
+            return sorted((k, float(v)) for k, v in value.items())
+        return [((), float(value))]
 
 
 class Registry:
@@ -99,7 +102,7 @@ class Registry:
         name: str,
         help: str,
         labelnames: Tuple[str, ...] = (),
-        read: Optional[Callable[[], float]] = None,
+        read: Optional[Callable[[], Any]] = None,
     ) -> Gauge:
         """Register and return a gauge (``read`` makes it a callback gauge)."""
         metric = Gauge(name, help, labelnames, read)

@@ -1,0 +1,129 @@
+"""Per-user token buckets, refilled by one ``LoopingCall``.
+
+A bucket holds a fractional level between 0 and its capacity.  Taking a token
+is a single step on the reactor thread, so it is atomic.  Only buckets that are
+not full are in the refill set: a tick costs time in proportion to them, and a
+million idle users cost nothing.  Each bucket is credited for exactly the time
+it spent not full (``rate * (now - since)``), so in any window of ``t`` seconds
+at most ``capacity + rate * t`` tokens are ever handed out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
+
+TICK = 0.05
+
+
+class Bucket:
+    """One user's tokens."""
+
+    __slots__ = ("capacity", "rate", "level", "since")
+
+    def __init__(self, capacity: int, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.level = float(capacity)
+        self.since = 0.0
+
+    def retry_after(self) -> int:
+        """Whole seconds until one token is there (at least 1)."""
+        return max(1, math.ceil((1.0 - self.level) / self.rate))
+
+    def reset_after(self) -> int:
+        """Whole seconds until the bucket is full again."""
+        return max(0, math.ceil((self.capacity - self.level) / self.rate))
+
+
+class Buckets:
+    """All buckets, by user name, and the refill loop."""
+
+    def __init__(self, clock: IReactorTime, tick: float = TICK) -> None:
+        self.clock = clock
+        self.tick = tick
+        self._buckets: Dict[str, Bucket] = {}
+        self._refilling: Dict[str, Bucket] = {}
+        self._loop = task.LoopingCall(self.refill)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        """Start refilling every ``tick`` seconds."""
+        self._loop.start(self.tick, now=False)
+
+    def stop(self) -> None:
+        """Stop refilling."""
+        if self._loop.running:
+            self._loop.stop()
+
+    def bucket(self, name: str, capacity: int, rate: float) -> Bucket:
+        """The bucket of ``name`` (a new one starts full)."""
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = Bucket(capacity, rate)
+        return bucket
+
+    def take(self, name: str, capacity: int, rate: float) -> Optional[Bucket]:
+        """Spend one token: the bucket if there was one, None if empty."""
+        bucket = self.bucket(name, capacity, rate)
+        if bucket.level < 1.0:
+            return None
+        if name not in self._refilling:
+            bucket.since = self.clock.seconds()
+            self._refilling[name] = bucket
+        bucket.level -= 1.0
+        return bucket
+
+    def peek(self, name: str, capacity: int, rate: float) -> Bucket:
+        """The bucket, credited up to now, without spending anything."""
+        bucket = self.bucket(name, capacity, rate)
+        self.refill_one(name, bucket, self.clock.seconds())
+        return bucket
+
+    def change(self, name: str, capacity: int, rate: float) -> Bucket:
+        """New limits, at once; the level is capped at the new capacity."""
+        bucket = self.bucket(name, capacity, rate)
+        self.refill_one(name, bucket, self.clock.seconds())
+        bucket.capacity, bucket.rate = capacity, rate
+        if bucket.level >= capacity:
+            bucket.level = float(capacity)
+            self._refilling.pop(name, None)
+        elif name not in self._refilling:
+            bucket.since = self.clock.seconds()
+            self._refilling[name] = bucket
+        return bucket
+
+    def refill_one(self, name: str, bucket: Bucket, now: float) -> None:
+        """Credit one bucket for the time since it was last credited."""
+        if name not in self._refilling:
+            return
+        level = bucket.level + bucket.rate * (now - bucket.since)
+        bucket.since = now
+        if level >= bucket.capacity:
+            bucket.level = float(bucket.capacity)
+            del self._refilling[name]
+        else:
+            bucket.level = level
+
+    def refill(self) -> None:
+        """One tick: credit every bucket that is not full."""
+        now = self.clock.seconds()
+        full = []
+        for name, bucket in self._refilling.items():
+            level = bucket.level + bucket.rate * (now - bucket.since)
+            bucket.since = now
+            if level >= bucket.capacity:
+                bucket.level = float(bucket.capacity)
+                full.append(name)
+            else:
+                bucket.level = level
+        for name in full:
+            del self._refilling[name]
+
+    @property
+    def refilling(self) -> int:
+        """How many buckets are not full."""
+        return len(self._refilling)

@@ -1,0 +1,131 @@
+"""``servers.yaml``: which backends, how to balance them, how to check them.
+
+::
+
+    algorithm: round_robin          # or least_connections
+    health_check: {path: /ready, interval: 2.0, timeout: 1.0, fall: 2, rise: 1}
+    upstream_timeout: 30.0          # seconds for a backend to start answering
+    servers:
+      - {name: replica-a, url: "http://127.0.0.1:8070"}
+
+Everything is validated when loaded; :class:`ConfigError` says what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+from lbsvc.balancer import BALANCERS
+
+
+class ConfigError(ValueError):
+    """``servers.yaml`` is missing, unreadable or invalid."""
+
+
+@attrs.frozen
+class HealthCheck:
+    """Active health check settings."""
+
+    path: str = "/health"
+    interval: float = 2.0
+    timeout: float = 1.0
+    fall: int = 2
+    rise: int = 1
+
+
+@attrs.frozen
+class Server:
+    """One backend."""
+
+    name: str
+    url: str
+
+
+@attrs.frozen
+class ServersConfig:
+    """The whole file."""
+
+    algorithm: str
+    health_check: HealthCheck
+    servers: Tuple[Server, ...]
+    upstream_timeout: float = 30.0
+
+
+def _number(section: str, key: str, value: Any, minimum: float, integer: bool = False) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{section}.{key} must be {what} >= {minimum}, not {value!r}")
+    return value
+
+
+def parse(document: Any) -> ServersConfig:
+    """Validate a loaded YAML document."""
+    if not isinstance(document, dict):
+        raise ConfigError("servers.yaml must be a mapping")
+    unknown = set(document) - {"algorithm", "health_check", "servers", "upstream_timeout"}
+    if unknown:
+        raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
+    algorithm = document.get("algorithm", "round_robin")
+    if algorithm not in BALANCERS:
+        raise ConfigError(f"unknown algorithm {algorithm!r}; known: {', '.join(sorted(BALANCERS))}")
+    hc: Dict[str, Any] = document.get("health_check") or {}
+    if not isinstance(hc, dict):
+        raise ConfigError("health_check must be a mapping")
+    unknown = set(hc) - {"path", "interval", "timeout", "fall", "rise"}
+    if unknown:
+        raise ConfigError(f"unknown health_check key(s): {', '.join(sorted(unknown))}")
+    default = HealthCheck()
+    path = hc.get("path", default.path)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"health_check.path must start with /, not {path!r}")
+    health = HealthCheck(
+        path=path,
+        interval=_number("health_check", "interval", hc.get("interval", default.interval), 0.05),
+        timeout=_number("health_check", "timeout", hc.get("timeout", default.timeout), 0.01),
+        fall=_number("health_check", "fall", hc.get("fall", default.fall), 1, integer=True),
+        rise=_number("health_check", "rise", hc.get("rise", default.rise), 1, integer=True),
+    )
+    servers = document.get("servers")
+    if not isinstance(servers, list) or not servers:
+        raise ConfigError("servers must be a non-empty list")
+    seen = set()
+    parsed = []
+    for i, entry in enumerate(servers):
+        if not isinstance(entry, dict) or set(entry) - {"name", "url"}:
+            raise ConfigError(f"servers[{i}] must be a mapping with name and url")
+        name, url = entry.get("name"), entry.get("url")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"servers[{i}].name must be a non-empty string")
+        if name in seen:
+            raise ConfigError(f"duplicate server name {name!r}")
+        seen.add(name)
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"servers[{i}].url must be an http(s) URL, not {url!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"servers[{i}].url has a bad port: {url!r}")
+        parsed.append(Server(name, url.rstrip("/")))
+    timeout = _number("", "upstream_timeout", document.get("upstream_timeout", 30.0), 0.01)
+    return ServersConfig(algorithm, health, tuple(parsed), float(timeout))
+
+
+def load(path: str) -> ServersConfig:
+    """Read and validate ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}")
+    try:
+        return parse(document)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}")
