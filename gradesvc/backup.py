@@ -37,7 +37,7 @@ class _ChunkProducer:
     ) -> None:
         self.request = request
         self.chunks = chunks
-        coop = cooperator or task._theCooperator  # type: ignore[attr-defined]
+        coop: Any = cooperator or task  # the module's cooperate() is the global one
         self.task = coop.cooperate(self._steps())
         request.registerProducer(self, True)
         request.notifyFinish().addErrback(self._client_gone)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -111,8 +111,10 @@ class ProxyResource(resource.Resource):
         agent: IAgent,
         clock: IReactorTime,
         registry: Registry,
+        cooperator: Optional[task.Cooperator] = None,
     ) -> None:
         super().__init__()
+        self.cooperator: Any = cooperator or task  # the module's cooperate() is the global one
         self.users = users
         self.buckets = buckets
         self.pool = pool
@@ -186,7 +188,7 @@ class ProxyResource(resource.Resource):
         body: Optional[FileBodyProducer] = None
         if has_body:
             request.content.seek(0)
-            body = FileBodyProducer(request.content)
+            body = FileBodyProducer(request.content, cooperator=self.cooperator)
         url = backend.url.encode("utf-8") + request.uri
         d = self.agent.request(request.method, url, headers, body)
         d.addTimeout(self.pool.config.upstream_timeout, self.clock)
