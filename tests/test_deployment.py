@@ -1,0 +1,93 @@
+"""The compose file and .env, checked without a Docker engine (contract 4)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict
+
+import yaml
+
+from lbsvc import config as servers_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env_file() -> Dict[str, str]:
+    values = {}
+    for line in (ROOT / ".env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name] = value
+    return values
+
+
+def compose() -> Dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def expand(value: str, env: Dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], value)
+
+
+def test_every_variable_is_defined_in_env() -> None:
+    env = env_file()
+    used = set(re.findall(r"\$\{(\w+)\}", (ROOT / "docker-compose.yml").read_text()))
+    assert used and used <= set(env), used - set(env)
+    launcher = (ROOT / "scripts" / "run").read_text()
+    for name in re.findall(r"\$\{?((?:GRADESVC|LBSVC|RABBITMQ)_\w+)", launcher):
+        if name not in ("GRADESVC_AMQP_URL", "GRADESVC_REPLICA_ID", "GRADESVC_PEERS",
+                        "GRADESVC_GET_ENDPOINT", "GRADESVC_SET_ENDPOINT"):
+            assert name in env, name
+
+
+def test_services_ports_health_and_order() -> None:
+    env = env_file()
+    services = compose()["services"]
+    assert set(services) == {"rabbitmq", "gradesvc-a", "gradesvc-b", "gradesvc-c", "lbsvc"}
+    host_ports = []
+    for name, service in services.items():
+        assert "healthcheck" in service and service["healthcheck"]["test"], name
+        for mapping in service.get("ports", []):
+            host_ports.append(expand(mapping, env).rsplit(":", 1)[0].split(":")[-1])
+        for dependency in service.get("depends_on", {}).values():
+            assert dependency == {"condition": "service_healthy"}, name
+    assert len(host_ports) == len(set(host_ports)), host_ports
+    a = services["gradesvc-a"]
+    assert [expand(p, env) for p in a["ports"]] == ["8070:8070", "8071:8071"]
+    assert expand(services["lbsvc"]["ports"][0], env) == "8080:8080"
+    assert set(services["lbsvc"]["depends_on"]) == {"gradesvc-a", "gradesvc-b", "gradesvc-c"}
+
+
+def test_images_are_pinned() -> None:
+    env = env_file()
+    for name, service in compose()["services"].items():
+        image = expand(service["image"], env)
+        assert re.search(r":\d+\.\d+\.\d+", image), (name, image)
+    assert re.search(r":\d+\.\d+\.\d+", env["PYTHON_IMAGE"])
+
+
+def test_replicas_agree_on_stream_and_peers() -> None:
+    services = compose()["services"]
+    replicas = {n: s for n, s in services.items() if n.startswith("gradesvc-")}
+    streams = {s["environment"]["GRADESVC_STREAM"] for s in replicas.values()}
+    urls = {s["environment"]["GRADESVC_AMQP_URL"] for s in replicas.values()}
+    assert streams == {"${GRADESVC_STREAM}"} and len(urls) == 1
+    ids = [s["environment"]["GRADESVC_REPLICA_ID"] for s in replicas.values()]
+    assert len(set(ids)) == 3
+    for name, service in replicas.items():
+        peers = set(service["environment"]["GRADESVC_PEERS"].split(","))
+        assert peers == {f"http://{other}:8070" for other in replicas if other != name}
+        assert service["command"] == ["gradesvc"]
+        assert "8070/ready" in " ".join(service["healthcheck"]["test"])
+
+
+def test_lbsvc_servers_point_at_replica_read_ports() -> None:
+    parsed = servers_config.load(str(ROOT / "docker" / "servers.yaml"))
+    assert parsed.health_check.path == "/ready"
+    assert {s.url for s in parsed.servers} == {f"http://gradesvc-{x}:8070" for x in "abc"}
+    local = servers_config.load(str(ROOT / "servers.yaml"))
+    assert len(local.servers) == 3
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "docker/servers.yaml /app/servers.yaml" in dockerfile
+    assert compose()["services"]["lbsvc"]["environment"]["LBSVC_SERVERS"] == "/app/servers.yaml"
