@@ -60,6 +60,12 @@ def valid_name(name: Any) -> bool:
     return isinstance(name, str) and NAME_PATTERN.match(name) is not None
 
 
+def _sqlite_setup(connection: Any) -> None:
+    # Close the cursor at once: PyPy does not finalise it by reference
+    # counting, and an open statement blocks every later commit.
+    connection.execute("PRAGMA journal_mode=WAL").close()
+
+
 class UserStore:
     """Users in SQL, mirrored in memory for the request path."""
 
@@ -74,7 +80,7 @@ class UserStore:
         """A store in the SQLite file ``path`` (one connection, one thread)."""
         pool = adbapi.ConnectionPool(
             "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1,
-            cp_openfun=lambda conn: conn.execute("PRAGMA journal_mode=WAL"),
+            cp_openfun=_sqlite_setup,
         )
         return cls(pool)
 

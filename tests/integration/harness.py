@@ -120,7 +120,7 @@ class Daemon:
         env.update(self.env)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile=-", self.plugin, *self.args],
+            [TWISTD, "-n", "--pidfile=", "--logfile=-", *([self.plugin] if self.plugin else []), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir),
         )
         log.close()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import platform
 import random
 from typing import List, Tuple
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -93,6 +95,7 @@ def test_any_order_and_duplication_converges(ws: List[Write], rnd: random.Random
     assert snapshot(other) == snapshot(reference)
 
 
+@pytest.mark.skipif(platform.python_implementation() != "CPython", reason="sys.getsizeof is CPython's")
 def test_memory_per_user_is_small() -> None:
     """About 200 bytes a user on CPython: the record is 72 packed bytes."""
     import sys

@@ -1,0 +1,77 @@
+"""Helpers for the benchmarks: processes, wrk, and the results table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.harness import (  # noqa: E402  (shared with the tests)
+    Daemon, GradeReplica, delete_stream, free_port, http, unique_stream, wait_until,
+)
+
+__all__ = ["Daemon", "GradeReplica", "delete_stream", "free_port", "http", "unique_stream",
+           "wait_until", "wrk", "runtime", "machine", "record", "twistd_tac"]
+
+
+def runtime() -> str:
+    """``CPython 3.11.7`` or ``PyPy 3.9.16``."""
+    return f"{platform.python_implementation()} {platform.python_version()}"
+
+
+def machine() -> str:
+    """CPU model and core count."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def wrk(url: str, seconds: int = 5, connections: int = 32, header: Optional[str] = None,
+        script: Optional[str] = None) -> float:
+    """Requests per second that ``wrk`` measured (non-2xx answers fail the run)."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if header:
+        command += ["-H", header]
+    if script:
+        command += ["-s", script]
+    run = subprocess.run(command + [url], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"wrk failed: {run.stdout}{run.stderr}")
+    out = run.stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"non-2xx answers during the run:\n{out}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def twistd_tac(tac: Path, workdir: Path, name: str, env: dict) -> Daemon:
+    """A ``twistd -n -y file.tac`` process, logging like the daemons do."""
+    daemon = Daemon("", ["-y", str(tac)], env, workdir, name)
+    return daemon
+
+
+def record(rows: List[List[str]]) -> None:
+    """Print rows as a Markdown table and append them to $BENCH_RESULTS if set."""
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    print("\n".join(lines))
+    target = os.environ.get("BENCH_RESULTS")
+    if target:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
