@@ -129,30 +129,38 @@ def test_no_peers_rebuilds_from_stream(trio: List[GradeReplica], replicas: Make,
     expect(assert_converged([a, fresh]), acked)
 
 
-def test_broker_connection_cut_and_restored(replicas: Make) -> None:
+def write_all(replica: GradeReplica, prefix: str, numbers: range, acked: Dict[str, Dict[str, int]]) -> None:
+    """Write ``spp = i`` for users prefix+i, recording each acknowledged write."""
+    for i in numbers:
+        assert replica.set({"user_id": f"{prefix}{i}", "spp": i})[0] == 200
+        acked[f"{prefix}{i}"] = {"spp": i}
+
+
+@pytest.fixture
+def relayed(replicas: Make) -> Iterator[Tuple[Relay, GradeReplica, GradeReplica]]:
+    """Replica a reaches the broker through a relay; b (peer of a) directly."""
     relay = Relay(("127.0.0.1", 5672))
     try:
         a = replicas("a", amqp_url=relay.url()).wait_ready()
-        b = replicas("b", [a]).wait_ready()
-        acked: Dict[str, Dict[str, int]] = {}
-        for i in range(20):
-            assert b.set({"user_id": f"c{i}", "spp": i})[0] == 200
-            acked[f"c{i}"] = {"spp": i}
-        relay.cut()
-        wait_until(lambda: a.ready()["broker_connected"] is False, what="a to notice the cut")
-        code, out = a.set({"user_id": "lost", "spp": 1})
-        assert code == 503, out
-        for i in range(20, 60):
-            assert b.set({"user_id": f"c{i}", "spp": i})[0] == 200
-            acked[f"c{i}"] = {"spp": i}
-        relay.restore()
-        a.wait_ready()
-        assert a.set({"user_id": "after", "spp": 2})[0] == 200
-        acked["after"] = {"spp": 2}
-        state = expect_and_converge([a, b], acked)
-        assert "lost" not in state
+        yield relay, a, replicas("b", [a]).wait_ready()
     finally:
         relay.close()
+
+
+def test_broker_connection_cut_and_restored(relayed: Tuple[Relay, GradeReplica, GradeReplica]) -> None:
+    relay, a, b = relayed
+    acked: Dict[str, Dict[str, int]] = {}
+    write_all(b, "c", range(20), acked)
+    relay.cut()
+    wait_until(lambda: a.ready()["broker_connected"] is False, what="a to notice the cut")
+    code, out = a.set({"user_id": "lost", "spp": 1})
+    assert code == 503, out
+    write_all(b, "c", range(20, 60), acked)
+    relay.restore()
+    a.wait_ready()
+    write_all(a, "after", range(1), acked)
+    state = expect_and_converge([a, b], acked)
+    assert "lost" not in state
 
 
 def expect_and_converge(replicas: List[GradeReplica], acked: Dict[str, Dict[str, int]]) -> Dict[str, Tuple[str, ...]]:
@@ -161,46 +169,39 @@ def expect_and_converge(replicas: List[GradeReplica], acked: Dict[str, Dict[str,
     return state
 
 
-def test_bootstrap_from_a_lagging_peer_under_load(replicas: Make) -> None:
+def test_bootstrap_from_a_lagging_peer_under_load(replicas: Make, relayed: Tuple[Relay, GradeReplica, GradeReplica]) -> None:
     """The peer's snapshot is behind the stream; the newcomer must replay the rest."""
-    relay = Relay(("127.0.0.1", 5672))
-    try:
-        a = replicas("a", amqp_url=relay.url()).wait_ready()
-        b = replicas("b", [a]).wait_ready()
-        acked: Dict[str, Dict[str, int]] = {}
-        for i in range(20):
-            assert b.set({"user_id": f"l{i}", "spp": i})[0] == 200
-            acked[f"l{i}"] = {"spp": i}
-        wait_until(lambda: a.get("l19")[0] == 200, what="a to see b's writes")
-        relay.stall()  # a stops receiving deliveries: it lags its own stream
-        stop = threading.Event()
-        errors: List[str] = []
+    relay, a, b = relayed
+    acked: Dict[str, Dict[str, int]] = {}
+    write_all(b, "l", range(20), acked)
+    wait_until(lambda: a.get("l19")[0] == 200, what="a to see b's writes")
+    relay.stall()  # a stops receiving deliveries: it lags its own stream
+    stop = threading.Event()
+    errors: List[str] = []
 
-        def load() -> None:
-            i = 20
-            while not stop.is_set():
-                code, _ = b.set({"user_id": f"l{i}", "spp": i})
-                if code == 200:
-                    acked[f"l{i}"] = {"spp": i}
-                else:
-                    errors.append(str(code))
-                i += 1
+    def load() -> None:
+        i = 20
+        while not stop.is_set():
+            code, _ = b.set({"user_id": f"l{i}", "spp": i})
+            if code == 200:
+                acked[f"l{i}"] = {"spp": i}
+            else:
+                errors.append(str(code))
+            i += 1
 
-        thread = threading.Thread(target=load)
-        thread.start()
-        wait_until(lambda: len(acked) > 60, what="writes while a lags")
-        assert a.get(f"l{len(acked) - 1}")[0] == 404  # the lag is real
-        c = replicas("c", [a])  # bootstraps from lagging a while b keeps writing
-        wait_until(lambda: c.ready()["snapshot"]["offset"] >= 0, what="c to load a's snapshot")
-        relay.restore()
-        c.wait_ready()
-        wait_until(lambda: len(acked) > 120, what="more writes after c started")
-        stop.set()
-        thread.join()
-        assert not errors
-        expect_and_converge([a, b, c], acked)
-    finally:
-        relay.close()
+    thread = threading.Thread(target=load)
+    thread.start()
+    wait_until(lambda: len(acked) > 60, what="writes while a lags")
+    assert a.get(f"l{len(acked) - 1}")[0] == 404  # the lag is real
+    c = replicas("c", [a])  # bootstraps from lagging a while b keeps writing
+    wait_until(lambda: c.ready()["snapshot"]["offset"] >= 0, what="c to load a's snapshot")
+    relay.restore()
+    c.wait_ready()
+    wait_until(lambda: len(acked) > 120, what="more writes after c started")
+    stop.set()
+    thread.join()
+    assert not errors
+    expect_and_converge([a, b, c], acked)
 
 
 class DyingPeer(BaseHTTPRequestHandler):

@@ -19,6 +19,7 @@ from gradesvc.status import READY, ReplicaStatus
 from gradesvc.storage import GradeStore
 from gradesvc.writeapi import SetResource, write_root
 from svckit.metrics import Registry
+from tests.unit.fired import fired
 
 
 class MemoryBroker:
@@ -55,18 +56,11 @@ class Replica:
         return self.write.post("http://w/set", data=data, auth=auth, **kw)
 
 
-def result(d: "defer.Deferred[Any]") -> Any:
-    results: List[Any] = []
-    d.addBoth(results.append)
-    assert results, "deferred did not fire"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def call(replica_treq: StubTreq, d: "defer.Deferred[Any]") -> tuple:
-    response = result(d)
-    body = result(response.content())
+    response = fired(d)
+    body = fired(response.content())
     replica_treq.flush()
     return response, body
 

@@ -13,6 +13,7 @@ from twisted.web.iweb import IAgent, IRequest
 from zope.interface import implementer
 
 from lbsvc import config
+from tests.unit.fired import fired
 from lbsvc.backends import BackendPool
 from lbsvc.buckets import Buckets
 from lbsvc.proxy import ProxyResource
@@ -81,13 +82,6 @@ def gateway(dead: bool = False, hang: bool = False) -> tuple:
     return stub, (a, b), pool, clock
 
 
-def fire(d: Any) -> Any:
-    out: List[Any] = []
-    d.addBoth(out.append)
-    assert out, "not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def test_proxies_round_robin_strips_key_adds_forwarded() -> None:
@@ -98,8 +92,8 @@ def test_proxies_round_robin_strips_key_adds_forwarded() -> None:
         for agent in treq.backend_agents:
             agent.flush()
         treq.flush()
-    r1 = fire(d)
-    assert fire(r1.content()) == b"Server a answer"
+    r1 = fired(d)
+    assert fired(r1.content()) == b"Server a answer"
     assert r1.headers.getRawHeaders("x-backend") == ["a"]
     seen = a.seen[0]
     assert (seen["method"], seen["uri"], seen["body"]) == (b"POST", b"/x?y=1", b"payload")
@@ -107,35 +101,35 @@ def test_proxies_round_robin_strips_key_adds_forwarded() -> None:
     assert seen["headers"][b"x-forwarded-host"] == [b"gw.example"]
     assert seen["headers"][b"x-forwarded-proto"] == [b"http"]
     assert seen["headers"][b"x-forwarded-for"]
-    r2 = fire(treq.get("http://gw.example/", headers={"Authorization": "k-1"}))
-    assert fire(r2.content()) == b"Server b answer"
+    r2 = fired(treq.get("http://gw.example/", headers={"Authorization": "k-1"}))
+    assert fired(r2.content()) == b"Server b answer"
 
 
 def test_rate_limit_headers() -> None:
     treq, _, _, clock = gateway()
     for _ in range(2):
-        assert fire(treq.get("http://gw/", headers={"Authorization": "k-1"})).code == 200
-    r = fire(treq.get("http://gw/", headers={"Authorization": "k-1"}))
+        assert fired(treq.get("http://gw/", headers={"Authorization": "k-1"})).code == 200
+    r = fired(treq.get("http://gw/", headers={"Authorization": "k-1"}))
     assert r.code == 429
     assert r.headers.getRawHeaders("retry-after") == ["1"]
     assert r.headers.getRawHeaders("ratelimit-limit") == ["2"]
     assert r.headers.getRawHeaders("ratelimit-remaining") == ["0"]
     assert r.headers.getRawHeaders("ratelimit-reset") == ["2"]
-    profile = json.loads(fire(fire(treq.get("http://gw/user/tokens/profile", headers={"Authorization": "k-1"})).content()))
+    profile = json.loads(fired(fired(treq.get("http://gw/user/tokens/profile", headers={"Authorization": "k-1"})).content()))
     assert profile["current_capacity"] == 0  # looking costs nothing
 
 
 def test_missing_or_unknown_key() -> None:
     treq, (a, b), _, _ = gateway()
-    assert fire(treq.get("http://gw/")).code == 401
-    assert fire(treq.get("http://gw/", headers={"Authorization": "nope"})).code == 401
+    assert fired(treq.get("http://gw/")).code == 401
+    assert fired(treq.get("http://gw/", headers={"Authorization": "nope"})).code == 401
     assert a.seen == [] and b.seen == []
 
 
 def test_refused_connection_moves_on_and_marks_down() -> None:
     treq, (a, b), pool, _ = gateway(dead=True)
-    r = fire(treq.get("http://gw/", headers={"Authorization": "k-1"}))
-    assert (r.code, fire(r.content())) == (200, b"Server b answer")
+    r = fired(treq.get("http://gw/", headers={"Authorization": "k-1"}))
+    assert (r.code, fired(r.content())) == (200, b"Server b answer")
     assert not pool.backends[0].healthy
 
 
@@ -143,8 +137,8 @@ def test_no_healthy_backend_is_503() -> None:
     treq, _, pool, _ = gateway()
     for backend in pool.backends:
         backend.healthy = False
-    r = fire(treq.get("http://gw/", headers={"Authorization": "k-1"}))
-    assert (r.code, fire(r.content())) == (503, b"No available servers")
+    r = fired(treq.get("http://gw/", headers={"Authorization": "k-1"}))
+    assert (r.code, fired(r.content())) == (503, b"No available servers")
 
 
 def test_upstream_timeout_is_504() -> None:
@@ -152,5 +146,5 @@ def test_upstream_timeout_is_504() -> None:
     d = treq.get("http://gw/", headers={"Authorization": "k-1"})
     clock.advance(5.1)
     treq.flush()
-    r = fire(d)
-    assert (r.code, fire(r.content())) == (504, b"Gateway timeout")
+    r = fired(d)
+    assert (r.code, fired(r.content())) == (504, b"Gateway timeout")
