@@ -109,6 +109,10 @@ class BrokerService(service.Service):
 
     async def _setup(self, connection: TwistedProtocolConnection) -> None:
         await connection.ready
+        if hasattr(connection.transport, "setTcpNoDelay"):
+            # Small frames (a publish, a confirm, an ack) must not wait for
+            # Nagle's algorithm and the broker's delayed ACK: 40 ms each.
+            connection.transport.setTcpNoDelay(True)
         channel = await connection.channel()
         try:
             # An existing stream is used as it is, whatever retention it was

@@ -17,6 +17,7 @@ from lbsvc import config as servers_config
 from lbsvc.backends import BackendPool, HealthChecker
 from lbsvc.buckets import Buckets
 from lbsvc.proxy import ProxyResource
+from lbsvc.upstream import upstream_agent
 from lbsvc.userapi import ChangeLimits, CreateUser, Profile
 from lbsvc.users import UserStore
 from svckit.jsonweb import JSONResource, JSONResponse, LimitedRequest, NotFound
@@ -157,7 +158,7 @@ class GatewayService(service.MultiService):
                  names=", ".join(b.name for b in self.pool.backends))
 
 
-def probe(agent: client.Agent, clock: Any) -> Any:
+def probe(agent: Any, clock: Any) -> Any:
     """A health probe: GET ``url`` within ``timeout``, fire with the status code."""
     def run(url: str, timeout: float) -> "defer.Deferred[int]":
         d = agent.request(b"GET", url.encode("utf-8"))
@@ -180,10 +181,8 @@ def makeService(config: Any, reactor: Optional[Any] = None) -> service.MultiServ
     users = UserStore.sqlite(config["database"])
     buckets = Buckets(reactor)
     pool = BackendPool(config["servers-config"])
-    connection_pool = client.HTTPConnectionPool(reactor, persistent=True)
-    connection_pool.maxPersistentPerHost = 64
-    agent = client.Agent(reactor, connectTimeout=5, pool=connection_pool)
-    checker = HealthChecker(pool, probe(client.Agent(reactor, connectTimeout=5), reactor), reactor)
+    agent = upstream_agent(reactor)
+    checker = HealthChecker(pool, probe(upstream_agent(reactor, persistent=False), reactor), reactor)
     top = GatewayService(reactor, users, buckets, pool, checker, config["servers"])
 
     registry.gauge("lbsvc_users", "Users known.", read=lambda: len(users))

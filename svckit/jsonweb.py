@@ -136,6 +136,17 @@ class LimitedRequest(server.Request):
     tooLarge = False
     _received = 0
 
+    def process(self) -> None:
+        """Answer without Nagle delays, then process as usual.
+
+        A streamed answer ends with a small final write that Nagle's algorithm
+        would hold until the client's delayed ACK (about 40 ms).
+        """
+        transport = getattr(self.channel, "transport", None)
+        if transport is not None and hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+        super().process()
+
     def gotLength(self, length: Optional[int]) -> None:
         """Mark oversize bodies from ``Content-Length`` before reading them."""
         if length is not None and length > self.maxBody:
