@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Daemon, free_port, http, machine, record, runtime, twistd_tac, wait_until  # noqa: E402
+from common import free_port, http, lbsvc_with_user, machine, record, runtime, twistd_tac, wait_until  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 CAPACITY, RATE = 10, 50
@@ -25,22 +25,10 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-admission-"))
-    backend_port, lb_port, admin_port = free_port(), free_port(), free_port()
+    backend_port = free_port()
     backend = twistd_tac(HERE / "bare_backend.tac", workdir, "backend", {"BENCH_PORT": str(backend_port)}).start()
-    (workdir / "servers.yaml").write_text(f'servers:\n  - {{name: bench, url: "http://127.0.0.1:{backend_port}"}}\n'
-                                          "health_check: {path: /, interval: 5.0}\n")
-    lb = Daemon("lbsvc", [], {
-        "LBSVC_ENDPOINT": f"tcp:{lb_port}:interface=127.0.0.1",
-        "LBSVC_ADMIN_ENDPOINT": f"tcp:{admin_port}:interface=127.0.0.1",
-        "LBSVC_SERVERS": str(workdir / "servers.yaml"),
-        "LBSVC_DATABASE": str(workdir / "users.sqlite3"),
-    }, workdir, "lbsvc").start()
+    lb, lb_port, key = lbsvc_with_user(workdir, backend_port, CAPACITY, RATE)
     try:
-        for port in (backend_port, admin_port):
-            wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] in (200, 404), 30, f"port {port}")
-        key = json.loads(http("POST", f"http://127.0.0.1:{lb_port}/user/create", b'{"name": "bench"}')[2])["api_key"]
-        http("POST", f"http://127.0.0.1:{lb_port}/user/tokens/change",
-             json.dumps({"capacity": CAPACITY, "rate_per_sec": RATE}).encode(), {"Authorization": key})
         profile = f"http://127.0.0.1:{lb_port}/user/tokens/profile"
         wait_until(lambda: json.loads(http("GET", profile, headers={"Authorization": key})[2])["current_capacity"] == CAPACITY,
                    10, "a full bucket (the worst case)")

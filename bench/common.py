@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -9,7 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -19,7 +20,7 @@ from tests.integration.harness import (  # noqa: E402  (shared with the tests)
 )
 
 __all__ = ["Daemon", "GradeReplica", "delete_stream", "free_port", "http", "unique_stream",
-           "wait_until", "wrk", "runtime", "machine", "record", "twistd_tac"]
+           "wait_until", "wrk", "runtime", "machine", "record", "twistd_tac", "lbsvc_with_user"]
 
 
 def runtime() -> str:
@@ -75,3 +76,26 @@ def record(rows: List[List[str]]) -> None:
     if target:
         with open(target, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float) -> Tuple[Daemon, int, str]:
+    """Start lbsvc in front of one backend, create a user with these limits.
+
+    Returns the daemon, its port and the user's API key (the caller stops it).
+    """
+    lb_port, admin_port = free_port(), free_port()
+    (workdir / "servers.yaml").write_text(f'servers:\n  - {{name: bench, url: "http://127.0.0.1:{backend_port}"}}\n'
+                                          "health_check: {path: /, interval: 5.0}\n")
+    lb = Daemon("lbsvc", [], {
+        "LBSVC_ENDPOINT": f"tcp:{lb_port}:interface=127.0.0.1",
+        "LBSVC_ADMIN_ENDPOINT": f"tcp:{admin_port}:interface=127.0.0.1",
+        "LBSVC_SERVERS": str(workdir / "servers.yaml"),
+        "LBSVC_DATABASE": str(workdir / "users.sqlite3"),
+    }, workdir, "lbsvc").start()
+    for port in (backend_port, admin_port):
+        wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] in (200, 404), 30, f"port {port}")
+    base = f"http://127.0.0.1:{lb_port}"
+    key = json.loads(http("POST", f"{base}/user/create", b'{"name": "bench"}')[2])["api_key"]
+    http("POST", f"{base}/user/tokens/change",
+         json.dumps({"capacity": capacity, "rate_per_sec": rate}).encode(), {"Authorization": key})
+    return lb, lb_port, key
