@@ -99,11 +99,11 @@ class StreamConsumer:
         if not self.status.ever_ready:
             self.status.phase = CATCHING_UP
             self._marker = uuid.uuid4().hex
-            connection_d = self._publish_marker(channel_owner=connection)
-            connection_d.addErrback(lambda f: log.warn("Sync marker not published: {f}", f=f.value))
+            published = self._publish_marker()
+            published.addErrback(lambda f: log.warn("Sync marker not published: {f}", f=f.value))
         defer.ensureDeferred(self._consume(channel, queue, start))
 
-    def _publish_marker(self, channel_owner: TwistedProtocolConnection) -> "defer.Deferred[None]":
+    def _publish_marker(self) -> "defer.Deferred[None]":
         body = json.dumps({"replica": self.replica_id, "marker": self._marker}).encode()
         props = pika.BasicProperties(
             app_id=self.replica_id,

@@ -35,12 +35,6 @@ class Grade:
     values: Tuple[int, ...]
     versions: Tuple[Version, ...]
 
-    def as_json(self) -> Dict[str, object]:
-        """The ``Result`` object of ``GET /get``."""
-        result: Dict[str, object] = {"user_id": self.user_id}
-        result.update(zip(FIELDS, self.values))
-        return result
-
 
 FieldUpdate = Tuple[int, int, int, str]
 """``(field_index, value, timestamp, replica)``: one field's new value and version."""
