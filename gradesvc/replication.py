@@ -3,8 +3,8 @@
 On every broker connection :class:`StreamConsumer` subscribes from the last
 applied offset + 1 (never by time, never ``next``), applies each message with
 the storage's last-writer-wins rule, and records the message's
-``x-stream-offset``.  Acks are sent with ``multiple=True`` as flow-control
-credit; the broker keeps messages regardless.
+``x-stream-offset``.  Acks are sent with ``multiple=True``, one per batch, as
+flow-control credit; the broker keeps messages regardless.
 
 Catching up: right after subscribing for the first time the replica publishes a
 small *sync marker* carrying a random nonce.  Its offset is at or after the
@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 import pika
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from pika.exceptions import AMQPError
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gradesvc.broker import BrokerService
@@ -37,7 +38,8 @@ log = Logger()
 WRITE_TYPE = "write"
 MARKER_TYPE = "sync-marker"
 PREFETCH = 1000
-ACK_EVERY = 250
+LAG_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+               0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def write_properties(message: WriteMessage) -> pika.BasicProperties:
@@ -64,7 +66,11 @@ class StreamConsumer:
         status: ReplicaStatus,
         registry: Registry,
         seconds: Callable[[], float] = time.time,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.clock = clock
         self.seconds = seconds
         self.store = store
         self.hlc = hlc
@@ -81,6 +87,11 @@ class StreamConsumer:
             "gradesvc_stream_messages_skipped_total",
             "Stream messages skipped, by reason.",
             ("reason",),
+        )
+        self._lag = registry.histogram(
+            "gradesvc_replication_lag_seconds",
+            "Time from another replica's write (its clock) to applying it here, once ready.",
+            LAG_BUCKETS,
         )
         broker.on_connect.append(self.subscribe)
 
@@ -115,28 +126,36 @@ class StreamConsumer:
         return defer.ensureDeferred(self.broker.publish(body, props))
 
     async def _consume(self, channel: Any, queue: Any, start: int) -> None:
-        first = True
-        unacked = 0
+        """Apply deliveries in batches: one wait and one ack per batch.
+
+        pika hands over every message of a socket read before returning to the
+        reactor.  Waiting one reactor turn after each batch lets them collect
+        in the queue's ``pending`` list, so a busy stream costs one Deferred and
+        one ack per read, not per message; an idle one still wakes on the very
+        next delivery.
+        """
+        expected: Optional[int] = start
         while True:
             try:
                 message = await queue.get()
             except (AMQPError, defer.CancelledError) as e:
                 log.info("Stream consumer stopped: {error!r}", error=e)
                 return
-            offset = (message.properties.headers or {}).get("x-stream-offset")
-            if not isinstance(offset, int):
-                log.warn("Stream delivery without x-stream-offset; skipped")
-                continue
-            if first:
-                first = False
-                if offset > start:
-                    self._retention_gap(start, offset)
-            self.handle(offset, message.properties, message.body)
-            unacked += 1
-            if unacked >= ACK_EVERY or not queue.pending:
-                if channel.is_open:
-                    channel.basic_ack(message.method.delivery_tag, multiple=True)
-                unacked = 0
+            batch = [message, *queue.pending]
+            del queue.pending[:]
+            for message in batch:
+                offset = (message.properties.headers or {}).get("x-stream-offset")
+                if not isinstance(offset, int):
+                    log.warn("Stream delivery without x-stream-offset; skipped")
+                    continue
+                if expected is not None:
+                    if offset > expected:
+                        self._retention_gap(expected, offset)
+                    expected = None
+                self.handle(offset, message.properties, message.body)
+            if channel.is_open:
+                channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
+            await task.deferLater(self.clock, 0, lambda: None)
 
     def _retention_gap(self, wanted: int, first: int) -> None:
         log.critical(
@@ -165,13 +184,15 @@ class StreamConsumer:
             self._skipped.inc(reason="malformed")
             return
         self.hlc.observe(message.timestamp)
-        status.lag_seconds = max(0.0, self.seconds() - physical_seconds(message.timestamp))
+        lag = max(0.0, self.seconds() - physical_seconds(message.timestamp))
+        status.lag_seconds = lag
         write = message.write
-        if message.replica == self.replica_id and self.store.is_applied(
-            write.user_id, list(write.patch), message.timestamp, message.replica
-        ):
-            self._skipped.inc(reason="own")
-            return
+        if message.replica == self.replica_id:
+            if self.store.is_applied(write.user_id, list(write.patch), message.timestamp, message.replica):
+                self._skipped.inc(reason="own")
+                return
+        elif status.ready:
+            self._lag.observe(lag)
         self.store.apply_patch(write.user_id, write.patch, message.timestamp, message.replica)
         self._applied.inc()
 

@@ -1,12 +1,13 @@
 """A small Prometheus text-format registry and the ``/metrics`` resource.
 
-Only what the daemons need: counters and gauges with labels, and gauges whose
-value is read from a callable at scrape time.
+Only what the daemons need: counters and gauges with labels, gauges whose
+value is read from a callable at scrape time, and unlabelled histograms.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import bisect
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.web import resource
 from twisted.web.iweb import IRequest
@@ -85,6 +86,33 @@ class Gauge(_Metric):
         return [((), float(value))]
 
 
+class Histogram(_Metric):
+    """Observations counted into fixed buckets (cumulative on output)."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, buckets: Sequence[float]) -> None:
+        super().__init__(name, help)
+        self.bounds = sorted(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def render(self) -> List[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        total = 0
+        for bound, count in zip([*map(repr, self.bounds), "+Inf"], self.counts):
+            total += count
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {total}')
+        lines.append(f"{self.name}_sum {self.sum:g}")
+        lines.append(f"{self.name}_count {total}")
+        return lines
+
+
 class Registry:
     """The metrics of one daemon."""
 
@@ -106,6 +134,12 @@ class Registry:
     ) -> Gauge:
         """Register and return a gauge (``read`` makes it a callback gauge)."""
         metric = Gauge(name, help, labelnames, read)
+        self._metrics.append(metric)
+        return metric
+
+    def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
+        """Register and return a histogram with these bucket upper bounds."""
+        metric = Histogram(name, help, buckets)
         self._metrics.append(metric)
         return metric
 
