@@ -72,3 +72,42 @@ def test_merging_a_snapshot_keeps_newer_local_values() -> None:
     reader.feed(dump(make_store()))
     reader.finish()
     assert target.values("1") == (2**63 - 1, 99, 0, 0)
+
+
+def test_plain_and_quoted_rows_in_one_chunk_round_trip() -> None:
+    source = GradeStore()
+    for i in range(500):
+        source.apply_patch(str(i), {"postpaid_limit": i, "spp": -i}, 1000 + i, "a")
+    source.apply_patch('in "the" middle,\n', {"shipping_fee": 7}, 5, "b,c")
+    data = dump(source, rows=10_000)
+    target = GradeStore()
+    reader = SnapshotReader(target)
+    for i in range(0, len(data), 333):
+        reader.feed(data[i:i + 333])
+    reader.finish()
+    assert reader.rows == 501
+    assert {u: target.get(u) for u in target} == {u: source.get(u) for u in source}
+
+
+@pytest.mark.parametrize("row", [
+    "1,2,3,4,5,6,a,7,a,8,a,9",  # a field short
+    "1,2,3,4,5,6,a,7,a,8,a,9,a,extra",
+    "1,x,3,4,5,6,a,7,a,8,a,9,a",  # not an integer
+])
+def test_malformed_rows_are_rejected(row: str) -> None:
+    header = ",".join(HEADER)
+    body = f"2026-11-23T12:00:00.000000Z\nstream_offset,3\n{header}\n{row}\n".encode()
+    reader = SnapshotReader(GradeStore())
+    with pytest.raises(SnapshotError):
+        reader.feed(gzip.compress(body))
+
+
+def test_loading_a_row_follows_the_merge_rule() -> None:
+    store = GradeStore()
+    store.apply_patch("u", {"spp": 50}, 100, "z")
+    store.load("u", (1, 2, 3, 4), (10, 10, 0, 200), ("a", "a", "", "a"))
+    assert store.values("u") == (1, 50, 0, 4)
+    store.load("new", (1, 2, 3, 4), (10, 10, 10, 10), ("a", "b", "c", "d"))
+    assert store.row("new") == ("new", 1, 2, 3, 4, 10, "a", 10, "b", 10, "c", 10, "d")
+    store.load("partial", (1, 9, 0, 0), (10, 0, 0, 0), ("a", "", "", ""))
+    assert store.values("partial") == (1, 0, 0, 0)
