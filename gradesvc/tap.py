@@ -25,6 +25,7 @@ from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
 from gradesvc.writeapi import SetResource, write_root
 from svckit.jsonweb import LimitedRequest
+from svckit.sites import make_site
 from svckit.metrics import Registry
 from svckit.options import EnvOptions, endpoint_description
 
@@ -57,6 +58,7 @@ class Options(EnvOptions):
         ["peers", None, "", "Comma-separated base URLs of peers' read ports [GRADESVC_PEERS]."],
         ["admin-user", None, None, "User name for the write port [GRADESVC_ADMIN_USER]."],
         ["admin-password", None, None, "Password for the write port [GRADESVC_ADMIN_PASSWORD]."],
+        ["access-log", None, "-", "Access log: - (this log), a file, or off [GRADESVC_ACCESS_LOG]."],
     ]
     envVars = {
         "get-endpoint": "GRADESVC_GET_ENDPOINT",
@@ -67,6 +69,7 @@ class Options(EnvOptions):
         "peers": "GRADESVC_PEERS",
         "admin-user": "GRADESVC_ADMIN_USER",
         "admin-password": "GRADESVC_ADMIN_PASSWORD",
+        "access-log": "GRADESVC_ACCESS_LOG",
     }
 
     def postOptions(self) -> None:
@@ -158,16 +161,15 @@ def makeService(config: Any, reactor: Any = None) -> service.MultiService:
     broker.setServiceParent(top)
 
     backup = BackupResource(store, status, registry, replica_id)
-    read_site = server.Site(read_root(store, status, registry, replica_id, backup))
-    read_site.requestFactory = LimitedRequest
+    read_site = make_site(read_root(store, status, registry, replica_id, backup), LimitedRequest,
+                          config["access-log"])
     listen(reactor, config["get-endpoint"], read_site).setServiceParent(top)
 
     setter = SetResource(store, hlc, replica_id, broker, status, registry)
     guarded = BasicAuthResource(
         admin_portal(write_root(setter), config["admin-user"], config["admin-password"])
     )
-    write_site = server.Site(guarded)
-    write_site.requestFactory = LimitedRequest
+    write_site = make_site(guarded, LimitedRequest, config["access-log"])
     listen(reactor, config["set-endpoint"], write_site).setServiceParent(top)
 
     bootstrap = Bootstrap(store, hlc, status, config["peer-list"])

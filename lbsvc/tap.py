@@ -21,6 +21,7 @@ from lbsvc.upstream import upstream_agent
 from lbsvc.userapi import ChangeLimits, CreateUser, Profile
 from lbsvc.users import UserStore
 from svckit.jsonweb import JSONResource, JSONResponse, LimitedRequest, NotFound
+from svckit.sites import ACCESS_LOG_OFF, make_site
 from svckit.metrics import MetricsResource, Registry
 from svckit.options import EnvOptions, endpoint_description
 
@@ -37,12 +38,14 @@ class Options(EnvOptions):
         ["database", None, "lbsvc.sqlite3", "SQLite file of users [LBSVC_DATABASE]."],
         ["admin-endpoint", None, "tcp:8079:interface=127.0.0.1",
          "Endpoint of the gateway's own /health, /ready, /metrics [LBSVC_ADMIN_ENDPOINT]."],
+        ["access-log", None, "-", "Access log: - (this log), a file, or off [LBSVC_ACCESS_LOG]."],
     ]
     envVars = {
         "endpoint": "LBSVC_ENDPOINT",
         "servers": "LBSVC_SERVERS",
         "database": "LBSVC_DATABASE",
         "admin-endpoint": "LBSVC_ADMIN_ENDPOINT",
+        "access-log": "LBSVC_ACCESS_LOG",
     }
 
     def postOptions(self) -> None:
@@ -198,8 +201,7 @@ def makeService(config: Any, reactor: Optional[Any] = None) -> service.MultiServ
         b"/user/tokens/profile": Profile(users, buckets),
         b"/user/tokens/change": ChangeLimits(users, buckets),
     }
-    site = server.Site(GatewayRoot(user_api, proxy))
-    site.requestFactory = GatewayRequest
+    site = make_site(GatewayRoot(user_api, proxy), GatewayRequest, config["access-log"])
     StreamServerEndpointService(endpoints.serverFromString(reactor, config["endpoint"]), site).setServiceParent(top)
 
     admin = resource.Resource()
@@ -207,6 +209,7 @@ def makeService(config: Any, reactor: Optional[Any] = None) -> service.MultiServ
     admin.putChild(b"ready", Ready(pool, top.loaded))
     admin.putChild(b"metrics", MetricsResource(registry))
     StreamServerEndpointService(
-        endpoints.serverFromString(reactor, config["admin-endpoint"]), server.Site(admin)
+        endpoints.serverFromString(reactor, config["admin-endpoint"]),
+        make_site(admin, LimitedRequest, ACCESS_LOG_OFF),
     ).setServiceParent(top)
     return top

@@ -110,3 +110,21 @@ def test_refuses_to_start_without_credentials(tmp_path, stream: str) -> None:  #
     assert "needs credentials" in replica.log()
     with pytest.raises(OSError):
         http("GET", replica.read_url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("setting", ["-", "file", "off"])
+def test_access_log_setting(replicas: Callable[..., GradeReplica], tmp_path, setting: str) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "access.log"
+    value = str(target) if setting == "file" else setting
+    replica = replicas(f"log-{setting}", extra_env={"GRADESVC_ACCESS_LOG": value}).wait_ready()
+    assert replica.get("nobody-here")[0] == 404
+    line = '"GET /get?user_id=nobody-here HTTP/1.1" 404'
+    if setting == "file":
+        wait_until(lambda: target.exists() and line in target.read_text(), 10, "access log line")
+        assert line not in replica.log()
+    elif setting == "-":
+        wait_until(lambda: line in replica.log(), 10, "access log line in the main log")
+    else:
+        # /ready answered since, so a logged /get would be in the log by now
+        assert replica.ready()["phase"] == "ready"
+        assert "GET /ready" not in replica.log() and line not in replica.log()
