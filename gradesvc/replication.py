@@ -89,7 +89,7 @@ class StreamConsumer:
             ("reason",),
         )
         self._lag = registry.histogram(
-            "gradesvc_replication_lag_seconds",
+            "gradesvc_replication_delay_seconds",
             "Time from another replica's write (its clock) to applying it here, once ready.",
             LAG_BUCKETS,
         )

@@ -33,7 +33,6 @@ ROWS_PER_CHUNK = 1000
 # general machinery costs twice as much.  The field order below is HEADER's.
 if len(FIELDS) != 4:  # pragma: no cover - the contract fixes four fields
     raise ImportError("snapshot row format assumes four fields")
-_ROW = "%s,%d,%d,%d,%d,%d,%s,%d,%s,%d,%s,%d,%s\n"
 _needs_quotes = re.compile(r'[",\r\n]').search
 
 
@@ -63,10 +62,13 @@ def format_rows(store: GradeStore, user_ids: Iterable[str]) -> str:
         f = packed(user_id)
         if f is None:
             continue
-        lines.append(_ROW % (
-            csv_field(user_id) if needs_quotes(user_id) else user_id, f[0], f[1], f[2], f[3],
-            f[4], names[f[8]], f[5], names[f[9]], f[6], names[f[10]], f[7], names[f[11]],
-        ))
+        v1, v2, v3, v4, t1, t2, t3, t4, r1, r2, r3, r4 = f
+        if not user_id.isalnum() and needs_quotes(user_id):
+            user_id = csv_field(user_id)
+        lines.append(
+            f"{user_id},{v1},{v2},{v3},{v4},{t1},{names[r1]},{t2},{names[r2]},"
+            f"{t3},{names[r3]},{t4},{names[r4]}\n"
+        )
     return "".join(lines)
 
 

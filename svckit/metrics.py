@@ -7,7 +7,7 @@ value is read from a callable at scrape time, and unlabelled histograms.
 from __future__ import annotations
 
 import bisect
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from twisted.web import resource
 from twisted.web.iweb import IRequest
@@ -113,17 +113,24 @@ class Histogram(_Metric):
         return lines
 
 
+_M = TypeVar("_M", bound=_Metric)
+
+
 class Registry:
     """The metrics of one daemon."""
 
     def __init__(self) -> None:
         self._metrics: List[_Metric] = []
 
-    def counter(self, name: str, help: str, labelnames: Tuple[str, ...] = ()) -> Counter:
-        """Register and return a counter."""
-        metric = Counter(name, help, labelnames)
+    def _add(self, metric: _M) -> _M:
+        if any(m.name == metric.name for m in self._metrics):
+            raise ValueError(f"metric {metric.name} is registered twice")
         self._metrics.append(metric)
         return metric
+
+    def counter(self, name: str, help: str, labelnames: Tuple[str, ...] = ()) -> Counter:
+        """Register and return a counter."""
+        return self._add(Counter(name, help, labelnames))
 
     def gauge(
         self,
@@ -133,15 +140,11 @@ class Registry:
         read: Optional[Callable[[], Any]] = None,
     ) -> Gauge:
         """Register and return a gauge (``read`` makes it a callback gauge)."""
-        metric = Gauge(name, help, labelnames, read)
-        self._metrics.append(metric)
-        return metric
+        return self._add(Gauge(name, help, labelnames, read))
 
     def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
         """Register and return a histogram with these bucket upper bounds."""
-        metric = Histogram(name, help, buckets)
-        self._metrics.append(metric)
-        return metric
+        return self._add(Histogram(name, help, buckets))
 
     def render(self) -> bytes:
         """All metrics in the Prometheus text exposition format."""

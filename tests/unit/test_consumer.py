@@ -152,9 +152,9 @@ def test_lag_is_observed_for_other_replicas_writes_once_ready() -> None:
     h.deliver(1, "mine", {"spp": 1}, replica="me")  # own: not replication lag
     h.clock.advance(0)
     h.deliver(2, "live", {"spp": 1}, millis_ago=3)
-    assert h.metric("gradesvc_replication_lag_seconds_count") == "gradesvc_replication_lag_seconds_count 1"
-    assert h.metric('gradesvc_replication_lag_seconds_bucket{le="0.004"}').endswith(" 1")
-    assert h.metric('gradesvc_replication_lag_seconds_bucket{le="0.002"}').endswith(" 0")
+    assert h.metric("gradesvc_replication_delay_seconds_count") == "gradesvc_replication_delay_seconds_count 1"
+    assert h.metric('gradesvc_replication_delay_seconds_bucket{le="0.004"}').endswith(" 1")
+    assert h.metric('gradesvc_replication_delay_seconds_bucket{le="0.002"}').endswith(" 0")
     assert h.status.lag_seconds == pytest.approx(0.003, abs=1e-4)
 
 

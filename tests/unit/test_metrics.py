@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from svckit.metrics import Registry
 
 
@@ -19,3 +21,10 @@ def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
         "lag_seconds_sum 5.0035",
         "lag_seconds_count 4",
     ]
+
+
+def test_a_name_registers_once() -> None:
+    registry = Registry()
+    registry.gauge("x", "X.")
+    with pytest.raises(ValueError):
+        registry.histogram("x", "X again.", (1.0,))
