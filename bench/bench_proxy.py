@@ -2,7 +2,9 @@
 
 All three are twistd processes on loopback on this runtime; lbsvc checks an
 API key and spends a token per request (the user's bucket is made large
-enough never to run dry), the stock proxy does neither.
+enough never to run dry), the stock proxy does neither.  Both proxies write an
+access log line per request into their log, as they do by default; one more
+run shows lbsvc with LBSVC_ACCESS_LOG=off.
 """
 
 from __future__ import annotations
@@ -26,17 +28,23 @@ def main() -> None:
     stock = twistd_tac(HERE / "stock_proxy.tac", workdir, "stock",
                        {"BENCH_PORT": str(stock_port), "BENCH_BACKEND_PORT": str(backend_port)}).start()
     lb, lb_port, key = lbsvc_with_user(workdir, backend_port, 10**9, 10**9)
+    (workdir / "quiet").mkdir()
+    quiet, quiet_port, quiet_key = lbsvc_with_user(workdir / "quiet", backend_port, 10**9, 10**9,
+                                                   {"LBSVC_ACCESS_LOG": "off"})
     try:
         wait_until(lambda: http("GET", f"http://127.0.0.1:{stock_port}/")[0] == 200, 30, "the stock proxy")
         ours = wrk(f"http://127.0.0.1:{lb_port}/", SECONDS, header=f"Authorization: {key}")
         base = wrk(f"http://127.0.0.1:{stock_port}/", SECONDS)
         direct = wrk(f"http://127.0.0.1:{backend_port}/", SECONDS)
+        unlogged = wrk(f"http://127.0.0.1:{quiet_port}/", SECONDS, header=f"Authorization: {quiet_key}")
         record([
             ["proxied req/s (lbsvc vs stock ReverseProxyResource)", f"{ours:,.0f}", f"{base:,.0f}", f"{ours / base:.2f}x", runtime(), machine()],
+            ["proxied req/s (lbsvc, access log off, vs stock ReverseProxyResource, logging)", f"{unlogged:,.0f}",
+             f"{base:,.0f}", f"{unlogged / base:.2f}x", runtime(), machine()],
             ["proxied req/s (lbsvc vs backend direct)", f"{ours:,.0f}", f"{direct:,.0f}", f"{ours / direct:.2f}x", runtime(), machine()],
         ])
     finally:
-        for daemon in (lb, stock, backend):
+        for daemon in (lb, quiet, stock, backend):
             daemon.stop()
 
 

@@ -78,7 +78,8 @@ def record(rows: List[List[str]]) -> None:
             f.write("\n".join(lines) + "\n")
 
 
-def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float) -> Tuple[Daemon, int, str]:
+def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float,
+                    extra_env: Optional[dict] = None) -> Tuple[Daemon, int, str]:
     """Start lbsvc in front of one backend, create a user with these limits.
 
     Returns the daemon, its port and the user's API key (the caller stops it).
@@ -91,6 +92,7 @@ def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float
         "LBSVC_ADMIN_ENDPOINT": f"tcp:{admin_port}:interface=127.0.0.1",
         "LBSVC_SERVERS": str(workdir / "servers.yaml"),
         "LBSVC_DATABASE": str(workdir / "users.sqlite3"),
+        **(extra_env or {}),
     }, workdir, "lbsvc").start()
     for port in (backend_port, admin_port):
         wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] in (200, 404), 30, f"port {port}")
