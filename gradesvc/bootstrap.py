@@ -6,7 +6,8 @@ snapshot's *recorded offset* + 1, not from its generation time: a time lookup
 in the broker works per chunk at one-second precision and the peer may lag its
 own stream, so resuming by time can skip writes that were in flight.
 
-A peer that fails half-way (dies, times out, sends garbage) leaves only
+A peer that fails half-way (dies, stalls for ``idle_timeout`` seconds, sends
+garbage) leaves only
 correctly versioned rows behind, which the last-writer-wins merge makes
 harmless; the loader moves on to the next peer, and with no peer left it
 starts from the beginning of the stream.
@@ -15,11 +16,15 @@ starts from the beginning of the stream.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import treq
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
 from gradesvc.hlc import HybridLogicalClock
 from gradesvc.snapshot import SnapshotReader
@@ -29,6 +34,65 @@ from gradesvc.storage import GradeStore
 log = Logger()
 
 PROGRESS_EVERY = 100_000
+IDLE_TIMEOUT = 30.0
+
+
+class PeerStalled(Exception):
+    """A peer sent nothing of its snapshot for too long."""
+
+
+class _SnapshotBody(Protocol):
+    """Feeds a response body to ``feed``; gives up when it stalls or ``feed`` fails.
+
+    Giving up closes the connection (``stopProducing``), so a peer that stops
+    sending without closing cannot hold a bootstrapping replica forever.
+    """
+
+    def __init__(
+        self,
+        feed: Callable[[bytes], None],
+        done: "defer.Deferred[None]",
+        clock: IReactorTime,
+        idle_timeout: float,
+    ) -> None:
+        self.feed = feed
+        self.done = done
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.error: Optional[BaseException] = None
+        self._timer: Optional[IDelayedCall] = None
+
+    def connectionMade(self) -> None:
+        self._timer = self.clock.callLater(self.idle_timeout, self._stalled)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.idle_timeout)
+        try:
+            self.feed(data)
+        except Exception as e:
+            self._give_up(e)
+
+    def _stalled(self) -> None:
+        self._give_up(PeerStalled(f"no snapshot data for {self.idle_timeout:g}s"))
+
+    def _give_up(self, error: BaseException) -> None:
+        self.error = error
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.error is not None:
+            self.done.errback(self.error)
+        elif reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
 
 
 class Bootstrap:
@@ -42,7 +106,13 @@ class Bootstrap:
         peers: Sequence[str],
         http: Any = treq,
         connect_timeout: float = 5.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.clock = clock
+        self.idle_timeout = idle_timeout
         self.store = store
         self.hlc = hlc
         self.status = status
@@ -91,7 +161,9 @@ class Bootstrap:
                     next_report += PROGRESS_EVERY
                     log.info("Snapshot from {peer}: {rows} rows loaded", peer=peer, rows=reader.rows)
 
-            await self.http.collect(response, chunk)
+            body: "defer.Deferred[None]" = defer.Deferred()
+            response.deliverBody(_SnapshotBody(chunk, body, self.clock, self.idle_timeout))
+            await body
             offset = reader.finish()
         except Exception as e:
             if isinstance(e, defer.CancelledError):

@@ -27,7 +27,7 @@ from gradesvc.writeapi import SetResource, write_root
 from svckit.jsonweb import LimitedRequest
 from svckit.sites import make_site
 from svckit.metrics import Registry
-from svckit.options import EnvOptions, endpoint_description
+from svckit.options import EnvOptions, endpoint_description, positive_float
 
 log = Logger()
 
@@ -59,6 +59,8 @@ class Options(EnvOptions):
         ["admin-user", None, None, "User name for the write port [GRADESVC_ADMIN_USER]."],
         ["admin-password", None, None, "Password for the write port [GRADESVC_ADMIN_PASSWORD]."],
         ["access-log", None, "-", "Access log: - (this log), a file, or off [GRADESVC_ACCESS_LOG]."],
+        ["peer-idle-timeout", None, "30", "Seconds a peer's /backup may send nothing before the next"
+         " peer is tried [GRADESVC_PEER_IDLE_TIMEOUT]."],
     ]
     envVars = {
         "get-endpoint": "GRADESVC_GET_ENDPOINT",
@@ -70,6 +72,7 @@ class Options(EnvOptions):
         "admin-user": "GRADESVC_ADMIN_USER",
         "admin-password": "GRADESVC_ADMIN_PASSWORD",
         "access-log": "GRADESVC_ACCESS_LOG",
+        "peer-idle-timeout": "GRADESVC_PEER_IDLE_TIMEOUT",
     }
 
     def postOptions(self) -> None:
@@ -78,6 +81,7 @@ class Options(EnvOptions):
         self["set-endpoint"] = endpoint_description(self["set-endpoint"])
         self["replica-id"] = self["replica-id"] or socket.gethostname()
         self["peer-list"] = parse_peers(self["peers"] or "")
+        self["peer-idle-timeout"] = positive_float("--peer-idle-timeout", str(self["peer-idle-timeout"]))
         if not self["admin-user"] or not self["admin-password"]:
             raise usage.UsageError(
                 "the write port needs credentials: set --admin-user and"
@@ -172,7 +176,7 @@ def makeService(config: Any, reactor: Any = None) -> service.MultiService:
     write_site = make_site(guarded, LimitedRequest, config["access-log"])
     listen(reactor, config["set-endpoint"], write_site).setServiceParent(top)
 
-    bootstrap = Bootstrap(store, hlc, status, config["peer-list"])
+    bootstrap = Bootstrap(store, hlc, status, config["peer-list"], idle_timeout=config["peer-idle-timeout"])
     BootstrapService(bootstrap, consumer).setServiceParent(top)
     log.info("gradesvc replica {replica} starting", replica=replica_id)
     return top

@@ -204,8 +204,8 @@ def test_bootstrap_from_a_lagging_peer_under_load(replicas: Make, relayed: Tuple
     expect_and_converge([a, b, c], acked)
 
 
-class DyingPeer(BaseHTTPRequestHandler):
-    """A peer that starts a valid backup and dies half-way through it."""
+class HalfBackupPeer(BaseHTTPRequestHandler):
+    """A peer that starts a valid backup, sends half of it, then ``then()``."""
 
     payload = b""
 
@@ -215,35 +215,76 @@ class DyingPeer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.payload[: len(self.payload) // 2])
         self.wfile.flush()
-        self.connection.shutdown(2)
+        self.then()
+
+    def then(self) -> None:
+        raise NotImplementedError
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-@pytest.fixture
-def dying_peer() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), DyingPeer)
+class DyingPeer(HalfBackupPeer):
+    """... and dies."""
+
+    def then(self) -> None:
+        self.connection.shutdown(2)
+
+
+class StallingPeer(HalfBackupPeer):
+    """... and sends nothing more while keeping the connection open."""
+
+    release = threading.Event()
+
+    def then(self) -> None:
+        self.release.wait(120)
+
+
+def serve(handler: type) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
 
-def test_peer_dies_mid_backup(trio: List[GradeReplica], replicas: Make, dying_peer: str, tmp_path: Path, stream: str) -> None:
-    a = trio[0]
+@pytest.fixture
+def dying_peer() -> Iterator[str]:
+    yield from serve(DyingPeer)
+
+
+@pytest.fixture
+def stalling_peer() -> Iterator[str]:
+    StallingPeer.release.clear()
+    try:
+        yield from serve(StallingPeer)
+    finally:
+        StallingPeer.release.set()
+
+
+def bootstrap_past(bad_peer: str, handler: type, a: GradeReplica, tmp_path: Path, stream: str,
+                   **env: str) -> Dict[str, Dict[str, int]]:
+    """Write on ``a``, let the bad peer serve half of a's backup, then start a
+    newcomer with peers [bad, a]: it must load from ``a`` and converge."""
     acked = {}
     for i in range(300):
-        assert a.set({"user_id": f"d{i}", "shipping_fee": i})[0] == 200
-        acked[f"d{i}"] = {"shipping_fee": i}
-    DyingPeer.payload = http("GET", a.read_url + "/backup")[2]
-    newcomer = GradeReplica(tmp_path, stream, "n", [dying_peer, a.read_url]).start()
+        assert a.set({"user_id": f"h{i}", "shipping_fee": i})[0] == 200
+        acked[f"h{i}"] = {"shipping_fee": i}
+    handler.payload = http("GET", a.read_url + "/backup")[2]  # type: ignore[attr-defined]
+    newcomer = GradeReplica(tmp_path, stream, "n", [bad_peer, a.read_url], extra_env=env).start()
     try:
-        newcomer.wait_ready()
+        newcomer.wait_ready(timeout=30)
         assert newcomer.ready()["snapshot"]["peer"] == a.read_url
-        assert f"Snapshot from {dying_peer}/backup failed" in newcomer.log()
+        assert f"Snapshot from {bad_peer}/backup failed" in newcomer.log()
         expect_and_converge([a, newcomer], acked)
+        return acked
     finally:
         newcomer.stop()
+
+
+def test_peer_dies_mid_backup(trio: List[GradeReplica], dying_peer: str, tmp_path: Path, stream: str) -> None:
+    a = trio[0]
+    acked = bootstrap_past(dying_peer, DyingPeer, a, tmp_path, stream)
     only_dying = GradeReplica(tmp_path, stream, "m", [dying_peer]).start()
     try:
         only_dying.wait_ready()
@@ -251,6 +292,11 @@ def test_peer_dies_mid_backup(trio: List[GradeReplica], replicas: Make, dying_pe
         expect_and_converge([a, only_dying], acked)
     finally:
         only_dying.stop()
+
+
+def test_peer_stalls_mid_backup(trio: List[GradeReplica], stalling_peer: str, tmp_path: Path, stream: str) -> None:
+    # With the default 30 s idle timeout the newcomer would not be ready in 30 s.
+    bootstrap_past(stalling_peer, StallingPeer, trio[0], tmp_path, stream, GRADESVC_PEER_IDLE_TIMEOUT="1")
 
 
 def test_retention_gap_is_reported(replicas: Make, stream: str) -> None:

@@ -1,0 +1,69 @@
+"""The snapshot body reader of bootstrap: idle timeout and feed errors close the connection."""
+
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+from twisted.internet import defer, error, task
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from gradesvc.bootstrap import PeerStalled, _SnapshotBody
+
+
+class FakeTransport:
+    stopped = 0
+
+    def stopProducing(self) -> None:
+        self.stopped += 1
+
+
+def make(feed=lambda data: None) -> tuple:  # type: ignore[no-untyped-def]
+    clock, done, transport = task.Clock(), defer.Deferred(), FakeTransport()
+    body = _SnapshotBody(feed, done, clock, idle_timeout=5)
+    body.makeConnection(transport)
+    return clock, done, transport, body
+
+
+def outcome(done: "defer.Deferred[None]") -> List[object]:
+    out: List[object] = []
+    done.addBoth(out.append)
+    return out
+
+
+def test_data_keeps_it_alive_and_silence_gives_up() -> None:
+    seen: List[bytes] = []
+    clock, done, transport, body = make(seen.append)
+    for _ in range(3):
+        clock.advance(4)
+        body.dataReceived(b"x")
+    assert transport.stopped == 0
+    clock.advance(5)
+    assert transport.stopped == 1
+    body.dataReceived(b"late")
+    body.connectionLost(Failure(error.ConnectionLost()))
+    result = outcome(done)[0]
+    assert isinstance(result, Failure) and result.check(PeerStalled)
+    assert seen == [b"x"] * 3
+
+
+def test_feed_error_closes_and_is_reported() -> None:
+    def feed(data: bytes) -> None:
+        raise ValueError("garbage")
+
+    clock, done, transport, body = make(feed)
+    body.dataReceived(b"x")
+    assert transport.stopped == 1
+    body.connectionLost(Failure(error.ConnectionLost()))
+    assert outcome(done)[0].check(ValueError)  # type: ignore[union-attr]
+    assert not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize("reason, ok", [(ResponseDone(), True), (error.ConnectionLost(), False)])
+def test_end_of_body(reason: Exception, ok: bool) -> None:
+    clock, done, transport, body = make()
+    body.connectionLost(Failure(reason))
+    result = outcome(done)[0]
+    assert (result is None) == ok
+    assert not clock.getDelayedCalls() and transport.stopped == 0
