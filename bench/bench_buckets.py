@@ -1,4 +1,7 @@
-"""One refill tick with 100,000 non-full buckets (and a million idle ones), in process."""
+"""Refill ticks with 100,000 non-full buckets (and a million idle ones), in process.
+
+A tick credits at most lbsvc.buckets.SLICE buckets; the whole pass over the
+100,000 is reported too (its CPU time, spread over several ticks)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from common import machine, record, runtime  # noqa: E402
 
 from twisted.internet.task import Clock  # noqa: E402
 
-from lbsvc.buckets import Buckets  # noqa: E402
+from lbsvc.buckets import SLICE, Buckets  # noqa: E402
 
 
 def main() -> None:
@@ -25,13 +28,26 @@ def main() -> None:
     for _ in range(5):  # warm up (PyPy's JIT)
         buckets.refill()
     samples = []
-    for _ in range(20):
+    passes = []
+    for _ in range(4):
         clock.advance(0.05)
-        started = time.perf_counter()
-        buckets.refill()
-        samples.append(time.perf_counter() - started)
+        buckets.refill()  # finish whatever pass is under way; the next tick starts one
+        spent = 0.0
+        while True:
+            clock.advance(0.05)
+            started = time.perf_counter()
+            buckets.refill()
+            took = time.perf_counter() - started
+            samples.append(took)
+            spent += took
+            if not buckets.pass_remaining:
+                break
+        passes.append(spent)
+    assert buckets.refilling == 100_000  # rate 0.001/s: none fills up during the run
     samples.sort()
+    passes.sort()
     median = samples[len(samples) // 2] * 1000
+    whole = passes[len(passes) // 2] * 1000
     empty = Buckets(Clock())
     for i in range(1_000_000):
         empty.bucket(f"idle{i}", 5, 1.0)
@@ -39,7 +55,10 @@ def main() -> None:
     empty.refill()
     idle = (time.perf_counter() - started) * 1000
     record([
-        ["refill tick, 100k non-full + 1M full buckets (ms, goal 10)", f"{median:.2f}", "10", f"{median / 10:.2f}x of goal", runtime(), machine()],
+        [f"refill tick, 100k non-full + 1M full buckets, at most {SLICE:,} per tick (ms, goal 10)", f"{median:.2f}", "10",
+         f"{median / 10:.2f}x of goal", runtime(), machine()],
+        ["... the whole pass over the 100k non-full buckets, CPU spread over several ticks (ms)", f"{whole:.2f}", "-", "-",
+         runtime(), machine()],
         ["refill tick, 1M full buckets only (ms)", f"{idle:.3f}", "-", "-", runtime(), machine()],
     ])
 

@@ -2,21 +2,28 @@
 
 A bucket holds a fractional level between 0 and its capacity.  Taking a token
 is a single step on the reactor thread, so it is atomic.  Only buckets that are
-not full are in the refill set: a tick costs time in proportion to them, and a
-million idle users cost nothing.  Each bucket is credited for exactly the time
-it spent not full (``rate * (now - since)``), so in any window of ``t`` seconds
-at most ``capacity + rate * t`` tokens are ever handed out.
+not full are in the refill set, and a million idle users cost nothing.  Each
+bucket is credited for exactly the time it spent not full (``rate * (now -
+since)``), so in any window of ``t`` seconds at most ``capacity + rate * t``
+tokens are ever handed out.
+
+A tick credits at most :data:`SLICE` buckets, resuming where the last one
+stopped, so the reactor is never held for long however many users are
+active; ``take``, ``peek`` and ``change`` credit their bucket themselves before
+reading it, so a bucket that waits a few ticks for its turn is never short of
+the tokens it earned.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 TICK = 0.05
+SLICE = 20_000
 
 
 class Bucket:
@@ -42,11 +49,13 @@ class Bucket:
 class Buckets:
     """All buckets, by user name, and the refill loop."""
 
-    def __init__(self, clock: IReactorTime, tick: float = TICK) -> None:
+    def __init__(self, clock: IReactorTime, tick: float = TICK, slice: int = SLICE) -> None:
         self.clock = clock
         self.tick = tick
+        self.slice = slice
         self._buckets: Dict[str, Bucket] = {}
         self._refilling: Dict[str, Bucket] = {}
+        self._pass: List[str] = []  # names still to visit in the current pass
         self._loop = task.LoopingCall(self.refill)
         self._loop.clock = clock
 
@@ -69,10 +78,12 @@ class Buckets:
     def take(self, name: str, capacity: int, rate: float) -> Optional[Bucket]:
         """Spend one token: the bucket if there was one, None if empty."""
         bucket = self.bucket(name, capacity, rate)
+        now = self.clock.seconds()
+        self.refill_one(name, bucket, now)
         if bucket.level < 1.0:
             return None
         if name not in self._refilling:
-            bucket.since = self.clock.seconds()
+            bucket.since = now
             self._refilling[name] = bucket
         bucket.level -= 1.0
         return bucket
@@ -109,24 +120,34 @@ class Buckets:
             bucket.level = level
 
     def refill(self) -> None:
-        """One tick: credit every bucket that is not full.
+        """One tick: credit the next :data:`SLICE` buckets that are not full.
 
         The crediting of :meth:`refill_one` is inlined here on purpose: this
-        loop runs over every non-full bucket each tick, and it is the figure
-        the refill benchmark measures; a method call per bucket would add to it.
+        loop is the figure the refill benchmark measures; a method call per
+        bucket would add to it.
         """
+        if not self._pass:
+            self._pass = list(self._refilling)
+        names = self._pass[-self.slice:]
+        del self._pass[-self.slice:]
         now = self.clock.seconds()
-        full = []
-        for name, bucket in self._refilling.items():
+        refilling = self._refilling
+        for name in names:
+            bucket = refilling.get(name)
+            if bucket is None:  # filled up (or changed) since the pass began
+                continue
             level = bucket.level + bucket.rate * (now - bucket.since)
             bucket.since = now
             if level >= bucket.capacity:
                 bucket.level = float(bucket.capacity)
-                full.append(name)
+                del refilling[name]
             else:
                 bucket.level = level
-        for name in full:
-            del self._refilling[name]
+
+    @property
+    def pass_remaining(self) -> int:
+        """Buckets the current refill pass has still to visit."""
+        return len(self._pass)
 
     @property
     def refilling(self) -> int:

@@ -92,3 +92,25 @@ def test_tick_cost_scales_with_non_full_buckets_only() -> None:
     per_tick = (time.perf_counter() - started) / 10
     assert buckets.refilling == 100
     assert per_tick < 0.005, per_tick  # 100 live buckets, whatever the idle ones
+
+
+def test_a_tick_visits_at_most_a_slice_and_take_credits_the_rest() -> None:
+    clock = Clock()
+    buckets = Buckets(clock, 0.05, slice=1000)
+    for i in range(2500):
+        buckets.take(f"u{i}", 1, 10.0)  # each now empty
+    clock.advance(0.05)
+    buckets.refill()
+    visited = sum(buckets.bucket(f"u{i}", 1, 10.0).since == 0.05 for i in range(2500))
+    assert visited == 1000
+    # a bucket not visited yet still has what it earned when it is used
+    waiting = next(f"u{i}" for i in range(2500) if buckets.bucket(f"u{i}", 1, 10.0).since == 0.0)
+    clock.advance(0.05)  # 0.1 s at 10/s: one token
+    assert buckets.take(waiting, 1, 10.0) is not None
+    buckets.refill()  # second slice: a full token each, so out of the set
+    buckets.refill()  # the last 500, except the one just spent
+    assert buckets.refilling == 1000 + 1  # the first slice, half full, waits for the next pass
+    clock.advance(0.1)
+    buckets.refill()
+    buckets.refill()
+    assert buckets.refilling == 0
