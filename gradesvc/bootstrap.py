@@ -7,8 +7,7 @@ in the broker works per chunk at one-second precision and the peer may lag its
 own stream, so resuming by time can skip writes that were in flight.
 
 A peer that fails half-way (dies, stalls for ``idle_timeout`` seconds, sends
-garbage) leaves only
-correctly versioned rows behind, which the last-writer-wins merge makes
+garbage) leaves only correctly versioned rows behind, which the last-writer-wins merge makes
 harmless; the loader moves on to the next peer, and with no peer left it
 starts from the beginning of the stream.
 """
@@ -104,13 +103,12 @@ class Bootstrap:
         hlc: HybridLogicalClock,
         status: ReplicaStatus,
         peers: Sequence[str],
+        *,
+        clock: IReactorTime,
         http: Any = treq,
         connect_timeout: float = 5.0,
         idle_timeout: float = IDLE_TIMEOUT,
-        clock: Optional[IReactorTime] = None,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.store = store

@@ -66,10 +66,9 @@ class StreamConsumer:
         status: ReplicaStatus,
         registry: Registry,
         seconds: Callable[[], float] = time.time,
-        clock: Optional[IReactorTime] = None,
+        *,
+        clock: IReactorTime,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock = clock
         self.seconds = seconds
         self.store = store

@@ -123,18 +123,6 @@ class GradeStore:
             return False
         return all(grade.versions[FIELD_INDEX[f]] >= (timestamp, replica) for f in fields)
 
-    def row(self, user_id: str) -> Optional[Tuple[object, ...]]:
-        """``(user_id, 4 values, then timestamp and replica of each field)``."""
-        f = self.packed(user_id)
-        if f is None:
-            return None
-        names = self._replicas
-        row: List[object] = [user_id, *f[:_N]]
-        for i in range(_N):
-            row.append(f[_N + i])
-            row.append(names[f[2 * _N + i]])
-        return tuple(row)
-
     def packed(self, user_id: str) -> Optional[Tuple[int, ...]]:
         """The raw record: 4 values, 4 timestamps, 4 indexes into :attr:`replica_names`.
 

@@ -25,9 +25,9 @@ from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
 from gradesvc.writeapi import SetResource, write_root
 from svckit.jsonweb import LimitedRequest
-from svckit.sites import make_site
 from svckit.metrics import Registry
 from svckit.options import EnvOptions, endpoint_description, positive_float
+from svckit.sites import make_site
 
 log = Logger()
 
@@ -161,7 +161,7 @@ def makeService(config: Any, reactor: Any = None) -> service.MultiService:
 
     top = service.MultiService()
     broker = BrokerService(reactor, config["amqp-url"], config["stream"], status)
-    consumer = StreamConsumer(store, hlc, replica_id, broker, status, registry, time.time)
+    consumer = StreamConsumer(store, hlc, replica_id, broker, status, registry, time.time, clock=reactor)
     broker.setServiceParent(top)
 
     backup = BackupResource(store, status, registry, replica_id)
@@ -176,7 +176,8 @@ def makeService(config: Any, reactor: Any = None) -> service.MultiService:
     write_site = make_site(guarded, LimitedRequest, config["access-log"])
     listen(reactor, config["set-endpoint"], write_site).setServiceParent(top)
 
-    bootstrap = Bootstrap(store, hlc, status, config["peer-list"], idle_timeout=config["peer-idle-timeout"])
+    bootstrap = Bootstrap(store, hlc, status, config["peer-list"], clock=reactor,
+                          idle_timeout=config["peer-idle-timeout"])
     BootstrapService(bootstrap, consumer).setServiceParent(top)
     log.info("gradesvc replica {replica} starting", replica=replica_id)
     return top

@@ -97,13 +97,14 @@ class Buckets:
     def change(self, name: str, capacity: int, rate: float) -> Bucket:
         """New limits, at once; the level is capped at the new capacity."""
         bucket = self.bucket(name, capacity, rate)
-        self.refill_one(name, bucket, self.clock.seconds())
+        now = self.clock.seconds()
+        self.refill_one(name, bucket, now)
         bucket.capacity, bucket.rate = capacity, rate
         if bucket.level >= capacity:
             bucket.level = float(capacity)
             self._refilling.pop(name, None)
         elif name not in self._refilling:
-            bucket.since = self.clock.seconds()
+            bucket.since = now
             self._refilling[name] = bucket
         return bucket
 

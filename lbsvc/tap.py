@@ -10,7 +10,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import client, resource, server
+from twisted.web import client, resource
 from twisted.web.iweb import IRequest
 
 from lbsvc import config as servers_config
@@ -21,9 +21,9 @@ from lbsvc.upstream import upstream_agent
 from lbsvc.userapi import ChangeLimits, CreateUser, Profile
 from lbsvc.users import UserStore
 from svckit.jsonweb import JSONResource, JSONResponse, LimitedRequest, NotFound
-from svckit.sites import ACCESS_LOG_OFF, make_site
 from svckit.metrics import MetricsResource, Registry
 from svckit.options import EnvOptions, endpoint_description
+from svckit.sites import ACCESS_LOG_OFF, make_site
 
 log = Logger()
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 
 from gradesvc.snapshot import HEADER, SnapshotError, SnapshotReader, snapshot_chunks
-from gradesvc.storage import GradeStore
+from gradesvc.storage import Grade, GradeStore
 
 AWKWARD = ["1", "a,b", 'quote"d', "new\nline", "cr\rlf\r\n", "ünïcødé 名", " spaced "]
 
@@ -108,6 +108,6 @@ def test_loading_a_row_follows_the_merge_rule() -> None:
     store.load("u", (1, 2, 3, 4), (10, 10, 0, 200), ("a", "a", "", "a"))
     assert store.values("u") == (1, 50, 0, 4)
     store.load("new", (1, 2, 3, 4), (10, 10, 10, 10), ("a", "b", "c", "d"))
-    assert store.row("new") == ("new", 1, 2, 3, 4, 10, "a", 10, "b", 10, "c", 10, "d")
+    assert store.get("new") == Grade("new", (1, 2, 3, 4), ((10, "a"), (10, "b"), (10, "c"), (10, "d")))
     store.load("partial", (1, 9, 0, 0), (10, 0, 0, 0), ("a", "", "", ""))
     assert store.values("partial") == (1, 0, 0, 0)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradesvc.storage import FIELDS, GradeStore
+from gradesvc.storage import FIELDS, Grade, GradeStore
 
 Write = Tuple[str, dict, int, str]
 
@@ -59,10 +59,10 @@ def test_idempotent_and_old_messages_change_nothing() -> None:
     assert not store.is_applied("u", ["spp"], 11, "a")
 
 
-def test_row_carries_versions() -> None:
+def test_grade_carries_versions() -> None:
     store = GradeStore()
     store.apply_patch("u", {"spp": 1}, 10, "a")
-    assert store.row("u") == ("u", 0, 1, 0, 0, 0, "", 10, "a", 0, "", 0, "")
+    assert store.get("u") == Grade("u", (0, 1, 0, 0), ((0, ""), (10, "a"), (0, ""), (0, "")))
 
 
 writes = st.lists(
