@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, http, lbsvc_with_user, machine, record, runtime, twistd_tac, wait_until  # noqa: E402
+from common import free_port, http, lbsvc_with_user, machine, record, runtime, twistd_tac, wait_until
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 CAPACITY, RATE = 10, 50

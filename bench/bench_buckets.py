@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, record, runtime  # noqa: E402
+from common import machine, record, runtime
+from twisted.internet.task import Clock
 
-from twisted.internet.task import Clock  # noqa: E402
-
-from lbsvc.buckets import SLICE, Buckets  # noqa: E402
+from lbsvc.buckets import SLICE, Buckets
 
 
 def main() -> None:

@@ -12,8 +12,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    GradeReplica, delete_stream, free_port, machine, record, runtime, twistd_tac, unique_stream, wrk,
+from common import (
+    GradeReplica,
+    delete_stream,
+    free_port,
+    machine,
+    record,
+    runtime,
+    twistd_tac,
+    unique_stream,
+    wrk,
 )
 
 USERS = int(os.environ.get("BENCH_USERS", "10000"))

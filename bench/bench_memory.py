@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, record, runtime  # noqa: E402
+from common import machine, record, runtime
 
-from gradesvc.storage import GradeStore  # noqa: E402
+from gradesvc.storage import GradeStore
 
 USERS = 1_000_000
 

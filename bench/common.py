@@ -16,7 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.integration.harness import (  # noqa: E402  (shared with the tests)
-    Daemon, GradeReplica, delete_stream, free_port, http, unique_stream, wait_until,
+    Daemon,
+    GradeReplica,
+    delete_stream,
+    free_port,
+    http,
+    unique_stream,
+    wait_until,
 )
 
 __all__ = ["Daemon", "GradeReplica", "delete_stream", "free_port", "http", "unique_stream",

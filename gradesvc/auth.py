@@ -1,29 +1,43 @@
 """HTTP Basic auth for the write port, built from ``twisted.cred``.
 
 A :class:`~twisted.cred.portal.Portal` with one constant-time
-username/password checker, and :class:`BasicAuthResource`, which decodes the
-header with ``twisted.web.guard.BasicCredentialFactory``.  (``guard``'s own
-``HTTPAuthSessionWrapper`` answers 401 with a plain-text body; the contract
-wants every error as JSON, so the wrapper here is ours and a dozen lines.)
+username/password checker; :func:`basic_auth_guard` decodes the header with
+``twisted.web.guard.BasicCredentialFactory`` and logs in through the portal
+as soon as a request's headers are in, so a request without valid
+credentials is answered 401 before its body is read.  (``guard``'s own
+``HTTPAuthSessionWrapper`` runs only once the body is in and answers in plain
+text; the contract wants every error as JSON.)
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Any, Tuple, Union
+from typing import Any, List, Tuple, Union
 
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
-from twisted.web import resource, server
+from twisted.python.failure import Failure
+from twisted.web import server
 from twisted.web.guard import BasicCredentialFactory
-from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
-from svckit.jsonweb import HTTPError, error_response, write_response
+from svckit.responses import HTTPError
+from svckit.web import Guard
 
 REALM = "gradesvc"
+
+
+class IAdmin(Interface):
+    """The avatar of a user allowed to write."""
+
+
+@implementer(IAdmin)
+class Admin:
+    """The one admin, by name."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
 
 
 @implementer(ICredentialsChecker)
@@ -36,7 +50,7 @@ class AdminChecker:
         self._username = username.encode("utf-8")
         self._password = password.encode("utf-8")
 
-    def requestAvatarId(self, creds: Any) -> "defer.Deferred[bytes]":
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[Union[bytes, Tuple[()]]]:
         """The username when both parts match, else ``UnauthorizedLogin``."""
         user_ok = hmac.compare_digest(creds.username, self._username)
         password_ok = hmac.compare_digest(creds.password, self._password)
@@ -46,66 +60,51 @@ class AdminChecker:
 
 
 @implementer(portal.IRealm)
-class SingleResourceRealm:
-    """Every authenticated user gets the same resource."""
-
-    def __init__(self, avatar: IResource) -> None:
-        self._avatar = avatar
+class AdminRealm:
+    """Every authenticated user is an :class:`Admin`."""
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Tuple[Any, Any, Any]:
-        """Return the protected resource for ``IResource``."""
-        if IResource in interfaces:
-            return IResource, self._avatar, lambda: None
+        """An :class:`Admin` for ``IAdmin``."""
+        if IAdmin in interfaces:
+            return IAdmin, Admin(avatarId), lambda: None
         raise NotImplementedError()
 
 
-def unauthorized(request: IRequest, message: str) -> bytes:
-    """A 401 JSON answer with the Basic challenge."""
-    return write_response(
-        request,
-        error_response(HTTPError(401, message, {"WWW-Authenticate": f'Basic realm="{REALM}"'})),
-    )
+def admin_portal(username: str, password: str) -> portal.Portal:
+    """A portal that lets in exactly one admin."""
+    return portal.Portal(AdminRealm(), [AdminChecker(username, password)])
 
 
-class BasicAuthResource(resource.Resource):
-    """Authenticate with Basic auth through ``portal``, then render its avatar."""
+def unauthorized(message: str) -> HTTPError:
+    """401 with the Basic challenge."""
+    return HTTPError(401, message, {"WWW-Authenticate": f'Basic realm="{REALM}"'})
 
-    isLeaf = True
 
-    def __init__(self, realm_portal: portal.Portal) -> None:
-        super().__init__()
-        self._portal = realm_portal
-        self._factory = BasicCredentialFactory(REALM)
+def basic_auth_guard(realm_portal: portal.Portal) -> Guard:
+    """A guard that logs a request in with its Basic credentials, or refuses it.
 
-    def render(self, request: IRequest) -> Union[bytes, int]:  # type: ignore[override]
-        """Log in, then let the avatar render the request."""
-        header = request.getHeader(b"authorization")
+    The portal must answer at once (the checker here does): a guard runs
+    while the request's headers are being handled, before its body.
+    """
+    factory = BasicCredentialFactory(REALM)
+
+    def guard(request: server.Request) -> None:
+        header = request.requestHeaders.getRawHeaders(b"authorization")
         if not header:
-            return unauthorized(request, "credentials required")
-        scheme, _, response = header.partition(b" ")
+            raise unauthorized("credentials required")
+        scheme, _, response = header[0].partition(b" ")
         if scheme.lower() != b"basic":
-            return unauthorized(request, "Basic credentials required")
+            raise unauthorized("Basic credentials required")
         try:
-            creds = self._factory.decode(response.strip(), request)
+            creds = factory.decode(response.strip(), request)
         except error.LoginFailed:
-            return unauthorized(request, "malformed Basic credentials")
-        d = self._portal.login(creds, None, IResource)
+            raise unauthorized("malformed Basic credentials") from None
+        outcome: List[Any] = []
+        realm_portal.login(creds, None, IAdmin).addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            if outcome:
+                outcome[0].trap(error.UnauthorizedLogin, error.UnhandledCredentials)
+            raise unauthorized("wrong username or password")
+        request.principal = outcome[0][1]  # type: ignore[attr-defined]
 
-        def render_avatar(result: Tuple[Any, IResource, Any]) -> None:
-            body = resource.getChildForRequest(result[1], request).render(request)
-            if body != server.NOT_DONE_YET and not request.finished:  # type: ignore[attr-defined]
-                request.write(body)
-                request.finish()
-
-        def denied(failure: Any) -> None:
-            failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
-            request.write(unauthorized(request, "wrong username or password"))
-            request.finish()
-
-        d.addCallbacks(render_avatar, denied)
-        return server.NOT_DONE_YET
-
-
-def admin_portal(protected: IResource, username: str, password: str) -> portal.Portal:
-    """A portal that gives ``protected`` to the one admin user."""
-    return portal.Portal(SingleResourceRealm(protected), [AdminChecker(username, password)])
+    return guard

@@ -9,59 +9,62 @@ back, so a slow reader never makes the daemon buffer the file.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from twisted.internet import task
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
-from gradesvc.readapi import not_ready
 from gradesvc.snapshot import snapshot_chunks
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
-from svckit.jsonweb import JSONResource
-from svckit.metrics import Registry
+from svckit.responses import STREAMED, Streamed
+from svckit.web import client_gone
 
 log = Logger()
 
 
 @implementer(IPushProducer)
-class _ChunkProducer:
-    """Writes an iterator of chunks to a request as a cooperative task."""
+class ChunkProducer:
+    """Writes an iterator of chunks to a request as a cooperative task.
+
+    :attr:`done` fires when every chunk is written; cancelling it (the
+    router does when the client goes away) stops the task.
+    """
 
     def __init__(
-        self, request: IRequest, chunks: Iterator[bytes], cooperator: Optional[task.Cooperator]
+        self, request: server.Request, chunks: Iterator[bytes], cooperator: Optional[task.Cooperator]
     ) -> None:
         self.request = request
         self.chunks = chunks
         coop: Any = cooperator or task  # the module's cooperate() is the global one
         self.task = coop.cooperate(self._steps())
         request.registerProducer(self, True)
-        request.notifyFinish().addErrback(self._client_gone)
-        self.task.whenDone().addCallbacks(self._done, self._failed)
+        self.done: defer.Deferred[None] = defer.Deferred(lambda _: self.stopProducing())
+        self.task.whenDone().addCallbacks(self._finished, self._failed)
 
     def _steps(self) -> Iterator[None]:
         for chunk in self.chunks:
             self.request.write(chunk)
             yield None
 
-    def _done(self, _: Any) -> None:
-        self.request.unregisterProducer()
-        self.request.finish()
+    def _finished(self, _: Any) -> None:
+        if not client_gone(self.request):
+            self.request.unregisterProducer()
+        if not self.done.called:
+            self.done.callback(None)
 
-    def _failed(self, failure: Any) -> None:
-        if not failure.check(task.TaskStopped):
-            log.failure("Backup failed while streaming", failure)
-        self.request.unregisterProducer()
-        if not self.request.finished:  # type: ignore[attr-defined]
-            self.request.loseConnection()
-
-    def _client_gone(self, failure: Any) -> None:
-        log.info("Backup client went away: {reason}", reason=failure.value)
-        self.stopProducing()
+    def _failed(self, failure: Failure) -> None:
+        if not client_gone(self.request):
+            self.request.unregisterProducer()
+        if failure.check(task.TaskStopped):
+            failure = Failure(defer.CancelledError("backup stopped"))
+        if not self.done.called:
+            self.done.errback(failure)
 
     def pauseProducing(self) -> None:
         """The client is slow: stop producing chunks."""
@@ -79,31 +82,30 @@ class _ChunkProducer:
             pass
 
 
-class BackupResource(JSONResource):
+class Backup:
     """``GET /backup``: a ``csv.gz`` snapshot; 503 until this replica is ready."""
 
     def __init__(
         self,
         store: GradeStore,
         status: ReplicaStatus,
-        registry: Registry,
+        registry: CollectorRegistry,
         replica_id: str,
+        wall: Callable[[], float],
         cooperator: Optional[task.Cooperator] = None,
     ) -> None:
-        super().__init__()
         self.store = store
         self.status = status
         self.replica_id = replica_id
+        self.wall = wall
         self.cooperator = cooperator
-        self._backups = registry.counter(
-            "gradesvc_backups_total", "GET /backup requests served."
-        )
+        self._backups = Counter("gradesvc_backups", "GET /backup requests served.", registry=registry)
 
-    def render_GET(self, request: IRequest) -> int:
-        """Start streaming the snapshot."""
+    async def __call__(self, request: server.Request) -> Streamed:
+        """Stream the snapshot; return once it is all written."""
         if not self.status.ready:
-            raise not_ready(self.status)
-        now = datetime.now(timezone.utc)
+            raise self.status.not_ready()
+        now = datetime.fromtimestamp(self.wall(), timezone.utc)
         offset = self.status.applied_offset
         name = f"gradesvc-{self.replica_id}-{now.strftime('%Y%m%dT%H%M%SZ')}.csv.gz"
         request.setHeader(b"content-type", b"application/gzip")
@@ -111,10 +113,13 @@ class BackupResource(JSONResource):
             b"content-disposition", f'attachment; filename="{name}"'.encode("ascii", "replace")
         )
         request.setHeader(b"x-stream-offset", str(offset).encode("ascii"))
-        log.info(
-            "Serving backup of {users} users at stream offset {offset}",
-            users=len(self.store), offset=offset,
-        )
+        users = len(self.store)
+        log.info("Serving backup of {users} users at stream offset {offset}", users=users, offset=offset)
         self._backups.inc()
-        _ChunkProducer(request, snapshot_chunks(self.store, offset, now), self.cooperator)
-        return server.NOT_DONE_YET
+        producer = ChunkProducer(request, snapshot_chunks(self.store, offset, now), self.cooperator)
+        try:
+            await producer.done
+        except defer.CancelledError:
+            log.info("Backup client went away before the end")
+            raise
+        return STREAMED

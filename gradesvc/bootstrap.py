@@ -14,10 +14,10 @@ starts from the beginning of the stream.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import treq
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -27,7 +27,7 @@ from twisted.web.client import ResponseDone
 
 from gradesvc.hlc import HybridLogicalClock
 from gradesvc.snapshot import SnapshotReader
-from gradesvc.status import LOADING_SNAPSHOT, ReplicaStatus
+from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
 
 log = Logger()
@@ -50,7 +50,7 @@ class _SnapshotBody(Protocol):
     def __init__(
         self,
         feed: Callable[[bytes], None],
-        done: "defer.Deferred[None]",
+        done: defer.Deferred[None],
         clock: IReactorTime,
         idle_timeout: float,
     ) -> None:
@@ -120,8 +120,8 @@ class Bootstrap:
 
     async def run(self) -> int:
         """Load a snapshot; return the stream offset to resume after (-1: none)."""
-        started = time.monotonic()
-        self.status.phase = LOADING_SNAPSHOT
+        started = self.clock.seconds()
+        self.status.loading_snapshot()
         for peer in self.peers:
             offset = await self._try_peer(peer.rstrip("/"))
             if offset is not None:
@@ -129,7 +129,7 @@ class Bootstrap:
                     "Loaded {rows} rows from {peer} in {seconds:.2f}s; resuming the"
                     " stream after offset {offset}",
                     rows=self.status.snapshot_rows, peer=peer, offset=offset,
-                    seconds=time.monotonic() - started,
+                    seconds=self.clock.seconds() - started,
                 )
                 return offset
         if self.peers:
@@ -159,7 +159,7 @@ class Bootstrap:
                     next_report += PROGRESS_EVERY
                     log.info("Snapshot from {peer}: {rows} rows loaded", peer=peer, rows=reader.rows)
 
-            body: "defer.Deferred[None]" = defer.Deferred()
+            body: defer.Deferred[None] = defer.Deferred()
             response.deliverBody(_SnapshotBody(chunk, body, self.clock, self.idle_timeout))
             await body
             offset = reader.finish()
@@ -176,3 +176,36 @@ class Bootstrap:
                 self.hlc.observe(reader.max_timestamp)
         self.status.snapshot_offset = offset
         return offset
+
+
+class BootstrapService(service.Service):
+    """Runs :class:`Bootstrap` once at start, then hands its offset to ``loaded``.
+
+    ``loaded`` (the stream consumer's) fires with the offset the snapshot
+    reflects; the consumer subscribes from the one after it.
+    """
+
+    def __init__(self, bootstrap: Bootstrap, loaded: defer.Deferred[int]) -> None:
+        self.bootstrap = bootstrap
+        self.loaded = loaded
+        self._running: Optional[defer.Deferred[None]] = None
+
+    def startService(self) -> None:
+        """Load the snapshot in the background."""
+        super().startService()
+        self._running = defer.ensureDeferred(self._run())
+        self._running.addErrback(self._failed)
+
+    async def _run(self) -> None:
+        self.loaded.callback(await self.bootstrap.run())
+
+    def _failed(self, failure: Failure) -> None:
+        if not failure.check(defer.CancelledError):
+            log.failure("Bootstrap failed; replaying the stream from its start", failure)
+            self.loaded.callback(-1)
+
+    def stopService(self) -> None:
+        """Abandon a bootstrap in progress."""
+        super().stopService()
+        if self._running is not None:
+            self._running.cancel()

@@ -10,14 +10,14 @@ fires only once the broker has confirmed the message.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, List, Optional
+from typing import Any, Awaitable, Callable, List, Optional, Protocol
 from urllib.parse import urlsplit
 
 import pika
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
+from pika.exceptions import ChannelClosedByBroker
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
-from pika.exceptions import ChannelClosedByBroker
 from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
@@ -33,15 +33,16 @@ class BrokerUnavailable(Exception):
     """The broker did not take a message (down, closed, nacked or timed out)."""
 
 
-def declare_stream(channel: TwistedChannel, stream: str) -> "defer.Deferred[Any]":
+def declare_stream(channel: TwistedChannel, stream: str) -> defer.Deferred[Any]:
     """Declare ``stream`` as a durable stream queue (idempotent)."""
-    return channel.queue_declare(
+    declared: defer.Deferred[Any] = channel.queue_declare(
         queue=stream,
         durable=True,
         exclusive=False,
         auto_delete=False,
         arguments=STREAM_ARGUMENTS,
     )
+    return declared
 
 
 def broker_endpoint(reactor: Any, url: str, timeout: float = 5.0) -> Any:
@@ -50,6 +51,13 @@ def broker_endpoint(reactor: Any, url: str, timeout: float = 5.0) -> Any:
     return endpoints.HostnameEndpoint(
         reactor, parts.hostname or "127.0.0.1", parts.port or 5672, timeout=timeout
     )
+
+
+class Publisher(Protocol):
+    """Something that publishes to the stream and returns once confirmed."""
+
+    async def publish(self, body: bytes, properties: pika.BasicProperties) -> None:
+        """Publish ``body``; raise :class:`BrokerUnavailable` unless confirmed."""
 
 
 ConnectHook = Callable[[TwistedProtocolConnection], Awaitable[None]]
@@ -101,11 +109,12 @@ class BrokerService(service.Service):
         log.info("Connecting to the broker for stream {stream}", stream=self.stream)
         self._client.startService()
 
-    def stopService(self) -> "defer.Deferred[None]":
+    def stopService(self) -> defer.Deferred[None]:
         """Close the connection and stop reconnecting."""
         super().stopService()
         self._lost("service stopping")
-        return self._client.stopService()  # type: ignore[no-any-return]
+        stopped: defer.Deferred[None] = self._client.stopService()
+        return stopped
 
     async def _setup(self, connection: TwistedProtocolConnection) -> None:
         await connection.ready
@@ -133,21 +142,31 @@ class BrokerService(service.Service):
         for hook in self.on_connect:
             await hook(connection)
 
-    def _prepare(self, connection: TwistedProtocolConnection) -> "defer.Deferred[None]":
+    def _prepare(self, connection: TwistedProtocolConnection) -> defer.Deferred[None]:
         d = defer.ensureDeferred(self._setup(connection))
 
-        def failed(failure: Any) -> "defer.Deferred[None]":
-            # Keep the broken connection for a back-off delay, then close it:
-            # ClientService sees a connection that ended and makes a new one.
-            self._failures += 1
-            delay = min(5.0, 0.2 * 2 ** self._failures)
-            log.warn(
-                "Broker connection set-up failed: {error!r}; reconnecting in {delay:.1f}s",
-                error=failure.value, delay=delay,
-            )
-            return task.deferLater(self.clock, delay, self._close, connection)
+        def failed(failure: Any) -> defer.Deferred[None]:
+            log.warn("Broker connection set-up failed: {error!r}", error=failure.value)
+            return self.reconnect_later(connection)
 
         return d.addErrback(failed)
+
+    def reconnect_later(
+        self, connection: Optional[TwistedProtocolConnection] = None, delay: Optional[float] = None,
+    ) -> defer.Deferred[None]:
+        """After a failure: close the connection after a back-off delay.
+
+        ``ClientService`` then sees a connection that ended and makes a new
+        one; consecutive set-up failures double the delay (at most 5 s).
+        """
+        connection = connection or self._connection
+        if delay is None:
+            self._failures += 1
+            delay = min(5.0, 0.2 * 2 ** self._failures)
+        log.info("Reconnecting to the broker in {delay:.1f}s", delay=delay)
+        if connection is None:
+            return defer.succeed(None)
+        return task.deferLater(self.clock, delay, self._close, connection)
 
     @staticmethod
     def _close(connection: TwistedProtocolConnection) -> None:
@@ -182,4 +201,4 @@ class BrokerService(service.Service):
             log.warn("Publish not confirmed: {error!r}", error=e)
             if channel.is_closed:
                 self.drop_connection()
-            raise BrokerUnavailable(f"the broker did not confirm the write: {e!r}")
+            raise BrokerUnavailable(f"the broker did not confirm the write: {e!r}") from e

@@ -12,9 +12,12 @@ import json
 from typing import Any, Dict, Mapping
 
 import attrs
+import pika
 
 from gradesvc.storage import FIELDS
 
+WRITE_TYPE = "write"
+MARKER_TYPE = "sync-marker"
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_USER_ID_LENGTH = 1024
@@ -59,7 +62,7 @@ class WriteMessage:
         return f"{self.replica}:{self.timestamp}"
 
     @classmethod
-    def decode(cls, body: bytes) -> "WriteMessage":
+    def decode(cls, body: bytes) -> WriteMessage:
         """Parse and validate a message body (``ValueError`` when malformed)."""
         obj = json.loads(body.decode("utf-8"))
         if not isinstance(obj, dict):
@@ -67,7 +70,7 @@ class WriteMessage:
         replica, timestamp = obj.get("replica"), obj.get("ts")
         if not isinstance(replica, str) or not replica:
             raise ValueError("message has no replica")
-        if not _is_int(timestamp) or timestamp <= 0:
+        if not isinstance(timestamp, int) or isinstance(timestamp, bool) or timestamp <= 0:
             raise ValueError("message has no timestamp")
         write = parse_write({"user_id": obj.get("user_id"), **(obj.get("patch") or {})})
         return cls(replica, timestamp, write)
@@ -98,3 +101,15 @@ def parse_write(body: Dict[str, Any]) -> Write:
             raise InvalidWrite(f"{name} is outside the signed 64-bit range")
         patch[name] = value
     return Write(user_id, patch)
+
+
+def write_properties(message: WriteMessage, wall_seconds: float) -> pika.BasicProperties:
+    """AMQP properties of a write message published at ``wall_seconds``."""
+    return pika.BasicProperties(
+        app_id=message.replica,
+        message_id=message.message_id,
+        content_type="application/json",
+        type=WRITE_TYPE,
+        timestamp=int(wall_seconds),
+        delivery_mode=2,
+    )

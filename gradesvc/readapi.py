@@ -1,103 +1,89 @@
-"""The read port: ``/get``, ``/``, ``/health``, ``/ready``, ``/metrics`` (and ``/backup``)."""
+"""The read port: ``/get``, ``/backup``, ``/``, ``/health``, ``/ready``, ``/metrics``."""
 
 from __future__ import annotations
 
-from twisted.web import resource
-from twisted.web.iweb import IRequest
+from typing import Any, Dict
+
+from prometheus_client import CollectorRegistry
+from twisted.web import server
 
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import FIELDS, GradeStore
-from svckit.jsonweb import HTTPError, JSONResource, JSONResponse, JSONRoot, dumps, query_arg
-from svckit.metrics import MetricsResource, Registry
+from svckit import metrics
+from svckit.responses import BytesResponse, HTTPError, JSONResponse, Response
+from svckit.web import Handler, Route, Router
 
-JSON_HEADER = b"application/json"
-
-
-def not_ready(status: ReplicaStatus) -> HTTPError:
-    """503 for a replica that is still starting, with ``Retry-After``."""
-    return HTTPError(
-        503, f"replica not ready (phase {status.phase})", {"Retry-After": "1"}
-    )
+NO_BODY = 1024
+"""Bytes of body tolerated (and ignored) on the read port, where nothing takes one."""
 
 
-class GetResource(JSONResource):
-    """``GET /get?user_id=ID``: one user's grade."""
+def query_arg(request: server.Request, name: str) -> str:
+    """The one value of query argument ``name`` as text ('' when absent)."""
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return ""
+    if len(values) > 1:
+        raise HTTPError(400, f"{name} given more than once")
+    try:
+        return values[0].decode("utf-8")  # type: ignore[no-any-return]
+    except UnicodeDecodeError:
+        raise HTTPError(400, f"{name} is not valid UTF-8") from None
 
-    def __init__(self, store: GradeStore, status: ReplicaStatus, registry: Registry) -> None:
-        super().__init__()
+
+class ReadAPI:
+    """The handlers of the read port."""
+
+    def __init__(self, store: GradeStore, status: ReplicaStatus, replica_id: str) -> None:
         self.store = store
         self.status = status
-        self._requests = registry.counter(
-            "gradesvc_get_requests_total", "GET /get requests by status code.", ("code",)
-        )
+        self.banner = BytesResponse(f"Server {replica_id} answer".encode())
 
-    def render_GET(self, request: IRequest) -> bytes:
-        """Look the user up; 400, 404 or 503 as the contract says."""
-        try:
-            if not self.status.serving_reads:
-                raise not_ready(self.status)
-            user_id = query_arg(request, "user_id")
-            if not user_id:
-                raise HTTPError(400, "user_id query argument is required")
-            values = self.store.values(user_id)
-            if values is None:
-                raise HTTPError(404, "user not found")
-        except HTTPError as e:
-            self._requests.inc(code=str(e.code))
-            raise
-        self._requests.inc(code="200")
-        result = {"user_id": user_id}
+    def get(self, request: server.Request) -> JSONResponse:
+        """``GET /get?user_id=ID``: one user's grade; 400, 404 or 503 otherwise."""
+        if not self.status.serving_reads:
+            raise self.status.not_ready()
+        user_id = query_arg(request, "user_id")
+        if not user_id:
+            raise HTTPError(400, "user_id query argument is required")
+        values = self.store.values(user_id)
+        if values is None:
+            raise HTTPError(404, "user not found")
+        result: Dict[str, Any] = {"user_id": user_id}
         result.update(zip(FIELDS, values))
-        request.setHeader(b"content-type", JSON_HEADER)
-        return dumps({"Result": result})
+        return JSONResponse({"Result": result})
 
+    def root(self, request: server.Request) -> BytesResponse:
+        """``GET /``: ``Server {replica_id} answer`` (what lbsvc's demo shows)."""
+        return self.banner
 
-class BannerResource(JSONResource):
-    """``GET /``: ``Server {replica_id} answer`` (what lbsvc's demo shows)."""
-
-    def __init__(self, replica_id: str) -> None:
-        super().__init__()
-        self.body = f"Server {replica_id} answer".encode("utf-8")
-
-    def render_GET(self, request: IRequest) -> bytes:
-        """The banner, as text."""
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return self.body
-
-
-class HealthResource(JSONResource):
-    """``GET /health``: 200 while the process runs."""
-
-    def render_GET(self, request: IRequest) -> JSONResponse:
-        """Always OK."""
+    def health(self, request: server.Request) -> JSONResponse:
+        """``GET /health``: 200 while the process runs."""
         return JSONResponse({"status": "ok"})
 
-
-class ReadyResource(JSONResource):
-    """``GET /ready``: 200 when caught up and connected, else 503 with the phase."""
-
-    def __init__(self, status: ReplicaStatus) -> None:
-        super().__init__()
-        self.status = status
-
-    def render_GET(self, request: IRequest) -> JSONResponse:
-        """The status report, with 200 or 503."""
+    def ready(self, request: server.Request) -> JSONResponse:
+        """``GET /ready``: 200 when caught up and connected, else 503 with the phase."""
         return JSONResponse(self.status.report(), 200 if self.status.ready else 503)
 
 
-def read_root(
-    store: GradeStore,
-    status: ReplicaStatus,
-    registry: Registry,
-    replica_id: str,
-    backup: resource.Resource,
-) -> resource.Resource:
-    """The whole read-port tree."""
-    root = JSONRoot()
-    root.putChild(b"", BannerResource(replica_id))
-    root.putChild(b"get", GetResource(store, status, registry))
-    root.putChild(b"health", HealthResource())
-    root.putChild(b"ready", ReadyResource(status))
-    root.putChild(b"metrics", MetricsResource(registry))
-    root.putChild(b"backup", backup)
-    return root
+def read_router(api: ReadAPI, backup: Handler, registry: CollectorRegistry) -> Router:
+    """The whole read port."""
+
+    def get(name: str, handler: Handler) -> Route:
+        return Route(name, {b"GET": handler}, max_body=NO_BODY)
+
+    def scrape(request: server.Request) -> Response:
+        return metrics.render(registry)
+
+    return Router(
+        {
+            b"/": get("root", api.root),
+            b"/get": get("get", api.get),
+            b"/backup": get("backup", backup),
+            b"/health": get("health", api.health),
+            b"/ready": get("ready", api.ready),
+            b"/metrics": get("metrics", scrape),
+        },
+        registry=registry,
+        prefix="gradesvc_read",
+        max_body=NO_BODY,
+    )

@@ -122,7 +122,7 @@ class SnapshotReader:
             self._undecoded = b""
         except UnicodeDecodeError as e:
             if len(raw) - e.start > 3:
-                raise SnapshotError("snapshot is not UTF-8")
+                raise SnapshotError("snapshot is not UTF-8") from None
             text, self._undecoded = raw[: e.start].decode("utf-8"), raw[e.start:]
         self._pending += text
         cut = self._pending.rfind("\n")

@@ -1,61 +1,98 @@
-"""Where a replica is in its life: phase, broker connection, bootstrap progress.
+"""Where a replica is in its life: its phase, broker connection, bootstrap progress.
 
-``/ready``, ``/get`` and ``/set`` all ask this one object, so what an operator
-sees and what clients get always agree.
+:class:`ReplicaStatus` is the one owner of the replica's :class:`Phase`: the
+start-up, the stream consumer and the broker connection change it only
+through its methods, and ``/ready``, ``/get``, ``/set`` and ``/backup`` all
+ask it, so what an operator sees and what clients get always agree.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Dict, Optional
 
 import attrs
 
-STARTING = "starting"
-LOADING_SNAPSHOT = "loading_snapshot"
-CATCHING_UP = "catching_up"
-READY = "ready"
-RETENTION_GAP = "retention_gap"
+from svckit.responses import HTTPError, unavailable
+
+
+class Phase(str, enum.Enum):
+    """The phases of a replica, in the order a healthy one passes them."""
+
+    STARTING = "starting"
+    LOADING_SNAPSHOT = "loading_snapshot"
+    CATCHING_UP = "catching_up"
+    READY = "ready"
+    RETENTION_GAP = "retention_gap"
 
 
 @attrs.define
 class ReplicaStatus:
-    """Mutable state of one replica, read by the web resources."""
+    """Mutable state of one replica, read by the web handlers and the metrics."""
 
-    phase: str = STARTING
+    phase: Phase = Phase.STARTING
     connected: bool = False
     ever_ready: bool = False
+    consumer_failures: int = 0
     snapshot_peer: Optional[str] = None
     snapshot_rows: int = 0
     snapshot_offset: int = -1
     applied_offset: int = -1
     lag_seconds: float = 0.0
+    """How old the newest applied write was when it was applied."""
     bootstrap_seconds: Optional[float] = None
     gap: Optional[Dict[str, int]] = None
-    """``lag_seconds``: how old the newest applied write was when it was applied."""
 
     @property
     def ready(self) -> bool:
         """Caught up and connected: safe to serve and to be a bootstrap peer."""
-        return self.phase == READY and self.connected
+        return self.phase is Phase.READY and self.connected
 
     @property
     def serving_reads(self) -> bool:
         """Whether ``/get`` answers: once caught up, reads survive broker outages."""
-        return self.ever_ready and self.phase != RETENTION_GAP
+        return self.ever_ready and self.phase is not Phase.RETENTION_GAP
 
-    def reached_ready(self) -> None:
-        """Caught up with the stream for the first time."""
-        self.phase = READY
+    def loading_snapshot(self) -> None:
+        """Start-up: loading a peer's snapshot."""
+        self.phase = Phase.LOADING_SNAPSHOT
+
+    def catching_up(self) -> None:
+        """Subscribed; replaying the stream up to its tail."""
+        if self.phase is not Phase.RETENTION_GAP:
+            self.phase = Phase.CATCHING_UP
+
+    def reached_ready(self, seconds: Optional[float] = None) -> None:
+        """Caught up with the stream."""
+        self.phase = Phase.READY
         self.ever_ready = True
+        if seconds is not None and self.bootstrap_seconds is None:
+            self.bootstrap_seconds = seconds
+
+    def retention_gap(self, wanted: int, first: int) -> None:
+        """The stream lost offsets this replica needed: never ready again."""
+        self.gap = {"wanted_offset": wanted, "first_available_offset": first}
+        self.phase = Phase.RETENTION_GAP
+
+    def consumer_failed(self) -> None:
+        """The stream consumer broke; it is restarted and must catch up again."""
+        self.consumer_failures += 1
+        self.catching_up()
+
+    def not_ready(self) -> HTTPError:
+        """503 for a replica that cannot answer now, with ``Retry-After``."""
+        broker = "up" if self.connected else "down"
+        return unavailable(f"replica not ready (phase {self.phase.value}, broker {broker})")
 
     def report(self) -> Dict[str, object]:
         """The JSON body of ``/ready``."""
         body: Dict[str, object] = {
             "ready": self.ready,
-            "phase": self.phase,
+            "phase": self.phase.value,
             "broker_connected": self.connected,
             "applied_offset": self.applied_offset,
             "lag_seconds": round(self.lag_seconds, 3),
+            "consumer_failures": self.consumer_failures,
             "snapshot": {
                 "peer": self.snapshot_peer,
                 "rows_loaded": self.snapshot_rows,

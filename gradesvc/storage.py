@@ -81,7 +81,7 @@ class GradeStore:
         record = self._records.get(user_id)
         if record is None:
             return None
-        return _RECORD.unpack_from(record)[:_N]  # type: ignore[no-any-return]
+        return _RECORD.unpack_from(record)[:_N]
 
     def merge(self, user_id: str, updates: Sequence[FieldUpdate]) -> int:
         """Apply the updates whose version beats the stored one.
@@ -131,7 +131,7 @@ class GradeStore:
         record = self._records.get(user_id)
         if record is None:
             return None
-        return _RECORD.unpack(record)  # type: ignore[no-any-return]
+        return _RECORD.unpack(record)
 
     @property
     def replica_names(self) -> Sequence[str]:

@@ -2,27 +2,30 @@
 
 A write is validated, stamped with the replica's hybrid logical clock, published
 to the stream, and applied locally only after the broker confirmed it; then the
-client gets ``200 {"Result":"OK"}`` and reads its write back at once.
+client gets ``200 {"Result":"OK"}`` and reads its write back at once.  Every
+path of this port needs the admin's credentials, checked before the body is
+read; only ``/set`` exists.
 """
 
 from __future__ import annotations
 
-from twisted.web import resource
-from twisted.web.iweb import IRequest
+from typing import Callable
 
-from gradesvc.broker import BrokerService, BrokerUnavailable
+from prometheus_client import CollectorRegistry
+from twisted.web import server
+
+from gradesvc.broker import BrokerUnavailable, Publisher
 from gradesvc.hlc import HybridLogicalClock
-from gradesvc.messages import InvalidWrite, WriteMessage, parse_write
-from gradesvc.replication import write_properties
+from gradesvc.messages import InvalidWrite, WriteMessage, parse_write, write_properties
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
-from svckit.jsonweb import HTTPError, JSONResource, JSONRoot, JSONResponse, read_json_object
-from svckit.metrics import Registry
+from svckit.responses import HTTPError, JSONResponse, unavailable
+from svckit.web import Guard, Route, Router, read_json
 
 MAX_BODY = 64 * 1024
 
 
-class SetResource(JSONResource):
+class WriteAPI:
     """``POST /set``: a partial, merged, replicated write."""
 
     def __init__(
@@ -30,49 +33,40 @@ class SetResource(JSONResource):
         store: GradeStore,
         hlc: HybridLogicalClock,
         replica_id: str,
-        broker: BrokerService,
+        broker: Publisher,
         status: ReplicaStatus,
-        registry: Registry,
+        wall: Callable[[], float],
     ) -> None:
-        super().__init__()
         self.store = store
         self.hlc = hlc
         self.replica_id = replica_id
         self.broker = broker
         self.status = status
-        self._writes = registry.counter(
-            "gradesvc_writes_total", "POST /set requests by outcome.", ("outcome",)
-        )
+        self.wall = wall
 
-    async def render_POST(self, request: IRequest) -> JSONResponse:
+    async def set(self, request: server.Request) -> JSONResponse:
         """Validate, publish with confirm, apply, answer."""
         try:
-            try:
-                write = parse_write(read_json_object(request, MAX_BODY))
-            except InvalidWrite as e:
-                raise HTTPError(400, str(e))
-            if not self.status.ready:
-                raise HTTPError(
-                    503,
-                    f"replica not ready (phase {self.status.phase},"
-                    f" broker {'up' if self.status.connected else 'down'})",
-                    {"Retry-After": "1"},
-                )
-            message = WriteMessage(self.replica_id, self.hlc.now(), write)
-            try:
-                await self.broker.publish(message.encode(), write_properties(message))
-            except BrokerUnavailable as e:
-                raise HTTPError(503, str(e), {"Retry-After": "1"})
-        except HTTPError as e:
-            self._writes.inc(outcome=str(e.code))
-            raise
+            write = parse_write(read_json(request))
+        except InvalidWrite as e:
+            raise HTTPError(400, str(e)) from None
+        if not self.status.ready:
+            raise self.status.not_ready()
+        message = WriteMessage(self.replica_id, self.hlc.now(), write)
+        try:
+            await self.broker.publish(message.encode(), write_properties(message, self.wall()))
+        except BrokerUnavailable as e:
+            raise unavailable(str(e)) from None
         self.store.apply_patch(write.user_id, write.patch, message.timestamp, self.replica_id)
-        self._writes.inc(outcome="200")
         return JSONResponse({"Result": "OK"})
 
 
-def write_root(set_resource: resource.Resource) -> resource.Resource:
-    """The resource tree behind authentication: just ``/set``."""
-    root = JSONRoot()
-    root.putChild(b"set", set_resource)
-    return root
+def write_router(api: WriteAPI, guard: Guard, registry: CollectorRegistry) -> Router:
+    """The write port: ``/set`` behind ``guard``, for every path."""
+    return Router(
+        {b"/set": Route("set", {b"POST": api.set}, max_body=MAX_BODY)},
+        registry=registry,
+        prefix="gradesvc_write",
+        guard=guard,
+        max_body=MAX_BODY,
+    )

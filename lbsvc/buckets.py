@@ -24,6 +24,8 @@ from twisted.internet.interfaces import IReactorTime
 
 TICK = 0.05
 SLICE = 20_000
+MAX_RESET = 10.0**12
+"""A bound on ``RateLimit-Reset`` (a full bucket of 10^9 at 0.001/s takes 10^12 s)."""
 
 
 class Bucket:
@@ -37,13 +39,14 @@ class Bucket:
         self.level = float(capacity)
         self.since = 0.0
 
-    def retry_after(self) -> int:
-        """Whole seconds until one token is there (at least 1)."""
-        return max(1, math.ceil((1.0 - self.level) / self.rate))
+    def retry_after(self) -> float:
+        """Seconds until one token is there."""
+        return (1.0 - self.level) / self.rate
 
     def reset_after(self) -> int:
         """Whole seconds until the bucket is full again."""
-        return max(0, math.ceil((self.capacity - self.level) / self.rate))
+        seconds = (self.capacity - self.level) / self.rate
+        return max(0, math.ceil(min(seconds, MAX_RESET)))
 
 
 class Buckets:
@@ -56,17 +59,18 @@ class Buckets:
         self._buckets: Dict[str, Bucket] = {}
         self._refilling: Dict[str, Bucket] = {}
         self._pass: List[str] = []  # names still to visit in the current pass
-        self._loop = task.LoopingCall(self.refill)
-        self._loop.clock = clock
+        self.loop = task.LoopingCall(self.refill)
+        """The refill loop; the daemon runs it under a supervisor."""
+        self.loop.clock = clock
 
     def start(self) -> None:
         """Start refilling every ``tick`` seconds."""
-        self._loop.start(self.tick, now=False)
+        self.loop.start(self.tick, now=False)
 
     def stop(self) -> None:
         """Stop refilling."""
-        if self._loop.running:
-            self._loop.stop()
+        if self.loop.running:
+            self.loop.stop()
 
     def bucket(self, name: str, capacity: int, rate: float) -> Bucket:
         """The bucket of ``name`` (a new one starts full)."""

@@ -13,7 +13,7 @@ Everything is validated when loaded; :class:`ConfigError` says what is wrong.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Set, Tuple
 from urllib.parse import urlsplit
 
 import attrs
@@ -93,8 +93,8 @@ def parse(document: Any) -> ServersConfig:
     servers = document.get("servers")
     if not isinstance(servers, list) or not servers:
         raise ConfigError("servers must be a non-empty list")
-    seen = set()
-    parsed = []
+    seen: Set[str] = set()
+    parsed: List[Server] = []
     for i, entry in enumerate(servers):
         if not isinstance(entry, dict) or set(entry) - {"name", "url"}:
             raise ConfigError(f"servers[{i}] must be a mapping with name and url")
@@ -104,13 +104,15 @@ def parse(document: Any) -> ServersConfig:
         if name in seen:
             raise ConfigError(f"duplicate server name {name!r}")
         seen.add(name)
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        if not isinstance(url, str):
+            raise ConfigError(f"servers[{i}].url must be an http(s) URL, not {url!r}")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"servers[{i}].url must be an http(s) URL, not {url!r}")
         try:
-            parts.port
+            _ = parts.port
         except ValueError:
-            raise ConfigError(f"servers[{i}].url has a bad port: {url!r}")
+            raise ConfigError(f"servers[{i}].url has a bad port: {url!r}") from None
         parsed.append(Server(name, url.rstrip("/")))
     timeout = _number("", "upstream_timeout", document.get("upstream_timeout", 30.0), 0.01)
     return ServersConfig(algorithm, health, tuple(parsed), float(timeout))
@@ -122,10 +124,10 @@ def load(path: str) -> ServersConfig:
         with open(path, encoding="utf-8") as f:
             document = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}")
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}")
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
     try:
         return parse(document)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}")
+        raise ConfigError(f"{path}: {e}") from None

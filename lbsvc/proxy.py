@@ -1,34 +1,37 @@
-"""Proxying: API key, one token, a healthy backend, bodies streamed both ways.
+"""Proxying: one token, a healthy backend, bodies streamed both ways.
 
-The request body (already received by ``twisted.web``) is streamed upstream
-from its buffer with ``FileBodyProducer``; the response body is relayed as it
-arrives, with the client's transport pushing back on the backend's, so a slow
-client never makes the gateway buffer a large response.  Backends are reached
-through one persistent ``HTTPConnectionPool``.
+The key was checked when the headers arrived (:func:`lbsvc.keys.key_guard`);
+the handler spends a token, picks a backend and forwards.  The request body
+(already received, within ``--max-body``) is streamed upstream from its
+buffer with ``FileBodyProducer``; the response body is relayed as it arrives,
+with the client's transport pushing back on the backend's, so a slow client
+never makes the gateway buffer a large response.  A client that goes away
+cancels the handler: the upstream connection is closed and nothing more is
+read from it.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Set, Union
 
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IRequest, IResponse
+from twisted.web.iweb import IAgent, IResponse
 
 from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
 from lbsvc.buckets import Buckets
-from lbsvc.keys import authenticate
-from lbsvc.users import UserStore
-from svckit.jsonweb import HTTPError, error_response, write_response
-from svckit.metrics import Registry
+from lbsvc.keys import user_of
+from svckit.responses import STREAMED, BytesResponse, HTTPError, Streamed, retry_after
+from svckit.web import client_gone
 
 log = Logger()
 
@@ -40,14 +43,14 @@ NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length"}
 CONNECT_ERRORS = (error.ConnectError, error.ConnectingCancelledError)
 
 
-def _hop_by_hop(headers: Headers) -> set:
-    named = set()
+def _hop_by_hop(headers: Headers) -> Set[bytes]:
+    named: Set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", []):
         named.update(v.strip().lower() for v in value.split(b","))
     return named
 
 
-def upstream_headers(request: IRequest) -> Headers:
+def upstream_headers(request: server.Request) -> Headers:
     """The request's headers minus hop-by-hop and the API key, plus X-Forwarded-*."""
     drop = NOT_FORWARDED | _hop_by_hop(request.requestHeaders)
     headers = Headers()
@@ -67,127 +70,115 @@ def upstream_headers(request: IRequest) -> Headers:
 
 
 class _BodyRelay(Protocol):
-    """Writes a backend's response body to the client request as it arrives."""
+    """Writes a backend's response body to the client request as it arrives.
 
-    def __init__(self, request: IRequest, done: "defer.Deferred[None]") -> None:
+    ``done`` fires when the body is complete; cancelling it (the client went
+    away) closes the upstream connection.
+    """
+
+    def __init__(self, request: server.Request) -> None:
         self.request = request
-        self.done = done
+        self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _: Any) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.request.finished:  # type: ignore[attr-defined]
+        if client_gone(self.request):
+            self._cancel(None)
+        else:
             self.request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if client_gone(self.request):
+            if not self.done.called:
+                self.done.errback(defer.CancelledError("client went away"))
+            return
         self.request.unregisterProducer()
-        if not self.request.finished:  # type: ignore[attr-defined]
-            if reason.check(ResponseDone, PotentialDataLoss):
-                self.request.finish()
-            else:
-                log.warn("Upstream body broke off: {reason}", reason=reason.value)
-                self.request.loseConnection()
-        self.done.callback(None)
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            # The status is out: the router can only cut the client's
+            # connection, which it does for a cancelled handler.
+            log.warn("Upstream body broke off: {reason}", reason=reason.value)
+            self.done.errback(defer.CancelledError("upstream body broke off"))
 
 
-def text_error(request: IRequest, code: int, message: str) -> bytes:
-    """A plain-text gateway error (``503 No available servers`` and friends)."""
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    return message.encode("utf-8")
+def text(code: int, message: str) -> BytesResponse:
+    """A plain-text gateway answer (``503 No available servers`` and friends)."""
+    return BytesResponse(message.encode("utf-8"), code)
 
 
-class ProxyResource(resource.Resource):
-    """Every path outside ``/user/``: authenticate, rate-limit, forward."""
-
-    isLeaf = True
+class Proxy:
+    """The handler of every path outside ``/user/``: rate-limit, forward."""
 
     def __init__(
         self,
-        users: UserStore,
         buckets: Buckets,
         pool: BackendPool,
         agent: IAgent,
         clock: IReactorTime,
-        registry: Registry,
+        registry: CollectorRegistry,
         cooperator: Optional[task.Cooperator] = None,
     ) -> None:
-        super().__init__()
         self.cooperator: Any = cooperator or task  # the module's cooperate() is the global one
-        self.users = users
         self.buckets = buckets
         self.pool = pool
         self.agent = agent
         self.clock = clock
-        self._requests = registry.counter(
-            "lbsvc_proxied_requests_total", "Proxied requests by status code.", ("code",)
-        )
-        self._upstream = registry.counter(
-            "lbsvc_upstream_requests_total", "Requests sent upstream by backend and outcome.",
-            ("backend", "outcome"),
+        self._upstream = Counter(
+            "lbsvc_upstream_requests", "Requests sent upstream by backend and outcome.",
+            ["backend", "outcome"], registry=registry,
         )
 
-    def render(self, request: IRequest) -> Any:
-        """Admit the request or answer 401/429, then forward it."""
-        try:
-            user = authenticate(request, self.users)
-        except HTTPError as e:
-            self._requests.inc(code=str(e.code))
-            return write_response(request, error_response(e))
+    def __call__(self, request: server.Request) -> Any:
+        """Spend a token (429 without one), then forward."""
+        user = user_of(request)
         bucket = self.buckets.take(user.name, user.capacity, user.rate_per_sec)
         if bucket is None:
             bucket = self.buckets.peek(user.name, user.capacity, user.rate_per_sec)
-            self._requests.inc(code="429")
-            return write_response(request, error_response(HTTPError(429, "rate limit exceeded", {
-                "Retry-After": str(bucket.retry_after()),
+            raise HTTPError(429, "rate limit exceeded", {
+                "Retry-After": retry_after(bucket.retry_after()),
                 "RateLimit-Limit": str(user.capacity),
                 "RateLimit-Remaining": str(int(bucket.level)),
                 "RateLimit-Reset": str(bucket.reset_after()),
-            })))
-        d = defer.ensureDeferred(self._forward(request))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addErrback(self._unexpected, request)
-        return server.NOT_DONE_YET
+            })
+        return self._forward(request)
 
-    def _finish(self, request: IRequest, code: int, message: str) -> None:
-        self._requests.inc(code=str(code))
-        if not request.finished:  # type: ignore[attr-defined]
-            request.write(text_error(request, code, message))
-            request.finish()
-
-    def _unexpected(self, failure: Failure, request: IRequest) -> None:
-        if failure.check(defer.CancelledError):
-            return
-        log.failure("Proxying failed", failure)
-        self._finish(request, 502, "Bad gateway")
-
-    async def _forward(self, request: IRequest) -> None:
+    async def _forward(self, request: server.Request) -> Union[Streamed, BytesResponse]:
         headers = upstream_headers(request)
         tried: List[Backend] = []
-        has_body = request.getHeader(b"content-length") not in (None, b"0") or request.getHeader(b"transfer-encoding") is not None
+        has_body = request.getHeader(b"content-length") not in (None, b"0") \
+            or request.getHeader(b"transfer-encoding") is not None
         while True:
             backend = self.pool.choose(tried)
             if backend is None:
-                self._finish(request, 503, "No available servers")
-                return
+                return text(503, "No available servers")
             tried.append(backend)
             response = await self._attempt(request, backend, headers, has_body)
             if response is not None:
                 break
-        if response is False:
-            return
+        if isinstance(response, BytesResponse):
+            return response
         backend.in_flight += 1
         try:
             await self._relay(request, response)
         finally:
             backend.in_flight -= 1
+        return STREAMED
 
-    async def _attempt(self, request: IRequest, backend: Backend, headers: Headers, has_body: bool) -> Any:
-        """One backend: the response, None to try the next, False when answered."""
+    async def _attempt(self, request: server.Request, backend: Backend, headers: Headers,
+                       has_body: bool) -> Union[None, IResponse, BytesResponse]:
+        """One backend: its response, None to try the next, or the gateway's answer."""
         body: Optional[FileBodyProducer] = None
         if has_body:
-            request.content.seek(0)
+            request.content.seek(0)  # type: ignore[union-attr]
             body = FileBodyProducer(request.content, cooperator=self.cooperator)
         url = backend.url.encode("utf-8") + request.uri
         d = self.agent.request(request.method, url, headers, body)
@@ -196,35 +187,35 @@ class ProxyResource(resource.Resource):
         try:
             response: IResponse = await d
         except CONNECT_ERRORS as e:
-            self._upstream.inc(backend=backend.name, outcome="connect_error")
+            if client_gone(request):
+                raise defer.CancelledError() from None
+            self._upstream.labels(backend.name, "connect_error").inc()
             log.info("Backend {name} unreachable ({error}); trying the next", name=backend.name, error=e)
             self.pool.connect_failed(backend)
             return None
         except defer.TimeoutError:
-            self._upstream.inc(backend=backend.name, outcome="timeout")
-            self._finish(request, 504, "Gateway timeout")
-            return False
+            self._upstream.labels(backend.name, "timeout").inc()
+            return text(504, "Gateway timeout")
         except defer.CancelledError:
             raise
         except Exception as e:
-            self._upstream.inc(backend=backend.name, outcome="error")
+            self._upstream.labels(backend.name, "error").inc()
             log.warn("Backend {name} failed: {error!r}", name=backend.name, error=e)
-            self._finish(request, 502, "Bad gateway")
-            return False
+            return text(502, "Bad gateway")
         finally:
             backend.in_flight -= 1
-        self._upstream.inc(backend=backend.name, outcome=str(response.code))
+        self._upstream.labels(backend.name, str(response.code)).inc()
         return response
 
-    async def _relay(self, request: IRequest, response: IResponse) -> None:
-        self._requests.inc(code=str(response.code))
+    async def _relay(self, request: server.Request, response: IResponse) -> None:
         request.setResponseCode(response.code, response.phrase)
+        request.defaultContentType = None  # only what the backend sent
         drop = HOP_BY_HOP | _hop_by_hop(response.headers) | {b"content-length"}
         for name, values in response.headers.getAllRawHeaders():
             if name.lower() not in drop:
                 request.responseHeaders.setRawHeaders(name, values)
         if isinstance(response.length, int):
             request.setHeader(b"content-length", str(response.length).encode("ascii"))
-        done: "defer.Deferred[None]" = defer.Deferred()
-        response.deliverBody(_BodyRelay(request, done))
-        await done
+        relay = _BodyRelay(request)
+        response.deliverBody(relay)
+        await relay.done

@@ -62,6 +62,7 @@ def upstream_agent(reactor: Any, persistent: bool = True, connect_timeout: float
     """An agent for backends, with a persistent pool when ``persistent``."""
     pool = client.HTTPConnectionPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = 64
-    return client.Agent.usingEndpointFactory(
+    agent: IAgent = client.Agent.usingEndpointFactory(
         reactor, NoDelayEndpointFactory(reactor, connect_timeout), pool=pool
     )
+    return agent

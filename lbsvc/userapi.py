@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Union
 
-from twisted.web.iweb import IRequest
+from twisted.web import server
 
 from lbsvc.buckets import Buckets
-from lbsvc.keys import authenticate
-from lbsvc.users import DuplicateUser, User, UserStore, valid_name
-from svckit.jsonweb import HTTPError, JSONResource, JSONResponse, read_json_object
+from lbsvc.keys import user_of
+from lbsvc.users import DuplicateUser, StorageUnavailable, User, UserStore, valid_name
+from svckit.responses import HTTPError, JSONResponse, unavailable
+from svckit.web import read_json
 
 MAX_BODY = 16 * 1024
+MAX_CAPACITY = 1_000_000_000
+MIN_RATE = 0.001
+MAX_RATE = 1_000_000
 
 
-def _rate(value: float) -> Any:
+def _rate(value: float) -> Union[int, float]:
     return int(value) if float(value).is_integer() else value
 
 
@@ -29,69 +33,69 @@ def profile(user: User, buckets: Buckets) -> Dict[str, Any]:
     }
 
 
-class CreateUser(JSONResource):
-    """``POST /user/create {"name": ...}`` → 201 with the API key (shown once)."""
+def _fields(body: Dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
 
-    def __init__(self, users: UserStore) -> None:
-        super().__init__()
+
+def parse_capacity(value: Any) -> int:
+    """An integer 1 … 1,000,000,000."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CAPACITY:
+        raise HTTPError(400, f"capacity must be an integer from 1 to {MAX_CAPACITY}")
+    return value
+
+
+def parse_rate(value: Any) -> float:
+    """A number 0.001 … 1,000,000."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not MIN_RATE <= value <= MAX_RATE:
+        raise HTTPError(400, f"rate_per_sec must be a number from {MIN_RATE} to {MAX_RATE}")
+    return float(value)
+
+
+class UserAPI:
+    """The handlers of ``/user/...``."""
+
+    def __init__(self, users: UserStore, buckets: Buckets) -> None:
         self.users = users
+        self.buckets = buckets
 
-    async def render_POST(self, request: IRequest) -> JSONResponse:
-        """Create the user."""
-        body = read_json_object(request, MAX_BODY)
-        unknown = set(body) - {"name"}
-        if unknown:
-            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    async def create(self, request: server.Request) -> JSONResponse:
+        """``POST /user/create {"name": ...}`` → 201 with the API key (shown once)."""
+        body = read_json(request)
+        _fields(body, {"name"})
         name = body.get("name")
-        if not valid_name(name):
+        if not isinstance(name, str) or not valid_name(name):
             raise HTTPError(400, "name must be 1-64 characters of letters, digits, _ . @ -")
         try:
             user, key = await self.users.create(name)
         except DuplicateUser:
-            raise HTTPError(409, f"user {name!r} already exists")
+            raise HTTPError(409, f"user {name!r} already exists") from None
+        except StorageUnavailable as e:
+            raise unavailable(str(e)) from None
         return JSONResponse(
             {"name": user.name, "capacity": user.capacity,
              "rate_per_sec": _rate(user.rate_per_sec), "api_key": key},
             201,
         )
 
+    def profile(self, request: server.Request) -> JSONResponse:
+        """``GET /user/tokens/profile``: limits and tokens left; costs no token."""
+        return JSONResponse(profile(user_of(request), self.buckets))
 
-class Profile(JSONResource):
-    """``GET /user/tokens/profile``: limits and tokens left; costs no token."""
-
-    def __init__(self, users: UserStore, buckets: Buckets) -> None:
-        super().__init__()
-        self.users = users
-        self.buckets = buckets
-
-    def render_GET(self, request: IRequest) -> JSONResponse:
-        """The caller's profile."""
-        return JSONResponse(profile(authenticate(request, self.users), self.buckets))
-
-
-class ChangeLimits(JSONResource):
-    """``POST /user/tokens/change {"capacity": C, "rate_per_sec": R}`` (either or both)."""
-
-    def __init__(self, users: UserStore, buckets: Buckets) -> None:
-        super().__init__()
-        self.users = users
-        self.buckets = buckets
-
-    async def render_POST(self, request: IRequest) -> JSONResponse:
-        """Validate, store, apply at once."""
-        user = authenticate(request, self.users)
-        body = read_json_object(request, MAX_BODY)
-        unknown = set(body) - {"capacity", "rate_per_sec"}
-        if unknown:
-            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    async def change(self, request: server.Request) -> JSONResponse:
+        """``POST /user/tokens/change {"capacity": C, "rate_per_sec": R}`` (either or both)."""
+        user = user_of(request)
+        body = read_json(request)
+        _fields(body, {"capacity", "rate_per_sec"})
         if not body:
             raise HTTPError(400, "give capacity, rate_per_sec or both")
-        capacity = body.get("capacity", user.capacity)
-        rate = body.get("rate_per_sec", user.rate_per_sec)
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= 10**9:
-            raise HTTPError(400, "capacity must be an integer from 1 to 1000000000")
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 10**9:
-            raise HTTPError(400, "rate_per_sec must be a number greater than 0 (at most 1000000000)")
-        await self.users.change(user, capacity, float(rate))
-        self.buckets.change(user.name, capacity, float(rate))
+        capacity = parse_capacity(body.get("capacity", user.capacity))
+        rate = parse_rate(body["rate_per_sec"]) if "rate_per_sec" in body else user.rate_per_sec
+        try:
+            await self.users.change(user, capacity, rate)
+        except StorageUnavailable as e:
+            raise unavailable(str(e)) from None
+        self.buckets.change(user.name, capacity, rate)
         return JSONResponse(profile(user, self.buckets))

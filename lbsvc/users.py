@@ -1,30 +1,47 @@
-"""Users and API keys, kept in SQL through ``twisted.enterprise.adbapi``.
+"""Users and API keys, kept in SQLite through ``twisted.enterprise.adbapi``.
 
-The embedded default is SQLite (one file; users survive restarts).  The SQL
-is plain and portable, with the parameter style chosen per driver, so a
-PostgreSQL DSN can follow.  API keys are UUID4s shown once at creation and
-stored only as their SHA-256 (a random 122-bit secret needs no salt or slow
-hash).  All users are loaded into memory at start, so authenticating a
-proxied request never touches the database.
+API keys are UUID4s shown once at creation and stored only as their SHA-256
+(a random 122-bit secret needs no salt or slow hash).  All users are loaded
+into memory at start, so authenticating a proxied request never touches the
+database.
+
+Storage faults are loud, never silent:
+
+* every database call has a deadline (:data:`DEADLINE`, with SQLite's own
+  busy timeout shorter still): a locked or stuck database answers
+  :class:`StorageUnavailable` (503 with ``Retry-After``) within two seconds,
+  and the reactor never waits on it (calls run in adbapi's thread);
+* :func:`check_database` opens the file synchronously at start, so a path
+  that cannot be opened stops the daemon with a one-line reason;
+* :meth:`UserStore.watch` notices the file being deleted or replaced while
+  the daemon runs (writes would go to a file nobody reads): writes are then
+  refused with 503 and ``/ready`` says why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sqlite3
 import uuid
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 DEFAULT_CAPACITY = 5
 DEFAULT_RATE = 1.0
+DEADLINE = 1.5
+"""Seconds a database call may take before the request is answered 503."""
+BUSY_TIMEOUT = 1.0
+"""Seconds SQLite waits for a lock before giving up."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -35,9 +52,15 @@ CREATE TABLE IF NOT EXISTS users (
 )
 """
 
+T = TypeVar("T")
+
 
 class DuplicateUser(Exception):
     """A user with that name exists."""
+
+
+class StorageUnavailable(Exception):
+    """The user database cannot be used now (locked, gone, too slow)."""
 
 
 @attrs.define
@@ -52,12 +75,12 @@ class User:
 
 def hash_key(api_key: str) -> str:
     """The stored form of an API key."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+    return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def valid_name(name: Any) -> bool:
-    """1-64 letters, digits, and ``_ . @ -``."""
-    return isinstance(name, str) and NAME_PATTERN.match(name) is not None
+    """1-64 letters, digits, and ``_ . @ -`` (nothing else, no trailing newline)."""
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 
 def _sqlite_setup(connection: Any) -> None:
@@ -66,34 +89,99 @@ def _sqlite_setup(connection: Any) -> None:
     connection.execute("PRAGMA journal_mode=WAL").close()
 
 
+def _file_identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_database(path: str) -> None:
+    """Open ``path`` and create the table now; ``StorageUnavailable`` saying why."""
+    try:
+        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT)
+        try:
+            connection.execute(SCHEMA).close()
+            connection.execute("SELECT count(*) FROM users").close()
+            connection.commit()
+        finally:
+            connection.close()
+    except sqlite3.Error as e:
+        raise StorageUnavailable(f"cannot open the user database {path}: {e}") from None
+
+
 class UserStore:
     """Users in SQL, mirrored in memory for the request path."""
 
-    def __init__(self, pool: adbapi.ConnectionPool, paramstyle: str = "qmark") -> None:
+    def __init__(self, pool: adbapi.ConnectionPool, clock: IReactorTime, path: Optional[str] = None) -> None:
         self.pool = pool
-        self._p = "?" if paramstyle == "qmark" else "%s"
+        self.clock = clock
+        self.path = path
+        self.problem: Optional[str] = None
+        """Why writes are refused (the file is gone), or None."""
+        self._identity: Optional[Tuple[int, int]] = None
         self._by_name: Dict[str, User] = {}
         self._by_key: Dict[str, User] = {}
 
     @classmethod
-    def sqlite(cls, path: str) -> "UserStore":
+    def sqlite(cls, path: str, clock: IReactorTime) -> UserStore:
         """A store in the SQLite file ``path`` (one connection, one thread)."""
         pool = adbapi.ConnectionPool(
             "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1,
-            cp_openfun=_sqlite_setup,
+            cp_openfun=_sqlite_setup, timeout=BUSY_TIMEOUT,
         )
-        return cls(pool)
+        return cls(pool, clock, path)
 
     def __len__(self) -> int:
         return len(self._by_name)
 
+    async def _call(self, what: str, call: Callable[[], defer.Deferred[T]]) -> T:
+        """One database call, bounded by :data:`DEADLINE`; faults → ``StorageUnavailable``."""
+        d = call()
+        d.addTimeout(DEADLINE, self.clock)
+        try:
+            return await d
+        except sqlite3.IntegrityError:
+            raise
+        except defer.TimeoutError:
+            log.error("User database: {what} took more than {deadline}s", what=what, deadline=DEADLINE)
+            raise StorageUnavailable("the user database is not answering") from None
+        except sqlite3.OperationalError as e:
+            log.error("User database: {what} failed: {error}", what=what, error=e)
+            raise StorageUnavailable(f"the user database is unavailable ({e})") from None
+        except sqlite3.DatabaseError as e:
+            log.error("User database: {what} failed: {error}", what=what, error=e)
+            raise StorageUnavailable("the user database failed") from None
+
     async def open(self) -> None:
         """Create the table if needed and load every user."""
-        await self.pool.runOperation(SCHEMA)
-        rows = await self.pool.runQuery("SELECT name, key_hash, capacity, rate_per_sec FROM users")
+        self._identity = _file_identity(self.path) if self.path else None
+        await self._call("create table", lambda: self.pool.runOperation(SCHEMA))
+        rows = await self._call("load users", lambda: self.pool.runQuery(
+            "SELECT name, key_hash, capacity, rate_per_sec FROM users"))
         for name, key_hash, capacity, rate in rows:
             self._remember(User(name, key_hash, int(capacity), float(rate)))
         log.info("Loaded {count} users", count=len(rows))
+
+    def watch(self) -> None:
+        """Check that the database file is still the one opened (run every second)."""
+        if self.path is None or self._identity is None:
+            return
+        now = _file_identity(self.path)
+        if now == self._identity:
+            return
+        problem = (f"the user database file {self.path} was deleted" if now is None
+                   else f"the user database file {self.path} was replaced")
+        if problem != self.problem:
+            log.error("{problem} while running: refusing writes; restart lbsvc after"
+                      " restoring it", problem=problem)
+        self.problem = problem
+
+    def _writable(self) -> None:
+        self.watch()
+        if self.problem is not None:
+            raise StorageUnavailable(self.problem)
 
     def _remember(self, user: User) -> None:
         self._by_name[user.name] = user
@@ -105,28 +193,30 @@ class UserStore:
 
     async def create(self, name: str) -> Tuple[User, str]:
         """A new user with default limits, and its API key (shown only now)."""
+        self._writable()
         if name in self._by_name:
             raise DuplicateUser(name)
         api_key = str(uuid.uuid4())
         user = User(name, hash_key(api_key), DEFAULT_CAPACITY, DEFAULT_RATE)
-        p = self._p
         try:
-            await self.pool.runOperation(
-                f"INSERT INTO users (name, key_hash, capacity, rate_per_sec) VALUES ({p}, {p}, {p}, {p})",
+            await self._call("insert user", lambda: self.pool.runOperation(
+                "INSERT INTO users (name, key_hash, capacity, rate_per_sec) VALUES (?, ?, ?, ?)",
                 (user.name, user.key_hash, user.capacity, user.rate_per_sec),
-            )
+            ))
         except sqlite3.IntegrityError:
-            raise DuplicateUser(name)
+            raise DuplicateUser(name) from None
+        self._writable()
         self._remember(user)
         return user, api_key
 
     async def change(self, user: User, capacity: int, rate: float) -> User:
         """Store new limits for ``user``."""
-        p = self._p
-        await self.pool.runOperation(
-            f"UPDATE users SET capacity = {p}, rate_per_sec = {p} WHERE name = {p}",
+        self._writable()
+        await self._call("update limits", lambda: self.pool.runOperation(
+            "UPDATE users SET capacity = ?, rate_per_sec = ? WHERE name = ?",
             (capacity, rate, user.name),
-        )
+        ))
+        self._writable()
         user.capacity, user.rate_per_sec = capacity, rate
         return user
 

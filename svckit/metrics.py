@@ -1,169 +1,88 @@
-"""A small Prometheus text-format registry and the ``/metrics`` resource.
+"""Prometheus metrics through ``prometheus_client``, one registry per daemon.
 
-Only what the daemons need: counters and gauges with labels, gauges whose
-value is read from a callable at scrape time, and unlabelled histograms.
+Counters, gauges and histograms are ``prometheus_client``'s own, registered in
+the :class:`~prometheus_client.CollectorRegistry` each daemon creates (never
+the global one, so tests and two daemons in one process stay apart).
+:class:`CallbackGauges` adds gauges read from the daemon's state at scrape
+time, and :func:`render` is what ``/metrics`` answers.  Values are written
+exactly (``prometheus_client`` prints every digit of a float), and the output
+parses with ``prometheus_client.parser``.
 """
 
 from __future__ import annotations
 
-import bisect
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterable, Mapping, Sequence, Tuple, Union
 
-from twisted.web import resource
-from twisted.web.iweb import IRequest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-LabelValues = Tuple[str, ...]
+from svckit.responses import BytesResponse
+
+# ``*_created`` samples (a timestamp per counter) tell operators nothing the
+# process start time does not; leave them out.
+disable_created_metrics()
+
+Reading = Union[float, Mapping[Tuple[str, ...], float]]
+"""A callback gauge's value: a number, or ``{label values: number}``."""
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def new_registry() -> CollectorRegistry:
+    """A registry of one daemon's metrics."""
+    return CollectorRegistry(auto_describe=True)
 
 
-class _Metric:
-    kind = "untyped"
+class _CallbackGauge(Collector):
+    """One gauge whose value is read at scrape time."""
 
-    def __init__(self, name: str, help: str, labelnames: Tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, help: str, read: Callable[[], Reading], labelnames: Sequence[str]) -> None:
         self.name = name
         self.help = help
-        self.labelnames = labelnames
-        self.values: Dict[LabelValues, float] = {}
-
-    def _key(self, labels: Dict[str, str]) -> LabelValues:
-        return tuple(str(labels[n]) for n in self.labelnames)
-
-    def samples(self) -> List[Tuple[LabelValues, float]]:
-        return sorted(self.values.items())
-
-    def render(self) -> List[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        for key, value in self.samples():
-            if key:
-                labels = ",".join(
-                    f'{n}="{_escape(v)}"' for n, v in zip(self.labelnames, key)
-                )
-                lines.append(f"{self.name}{{{labels}}} {value:g}")
-            else:
-                lines.append(f"{self.name} {value:g}")
-        return lines
-
-
-class Counter(_Metric):
-    """A monotonically increasing count."""
-
-    kind = "counter"
-
-    def inc(self, amount: float = 1, **labels: str) -> None:
-        """Add ``amount`` to the sample named by ``labels``."""
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0) + amount
-
-
-class Gauge(_Metric):
-    """A value that goes up and down, set directly or read from a callable."""
-
-    kind = "gauge"
-
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labelnames: Tuple[str, ...] = (),
-        read: Optional[Callable[[], Any]] = None,
-    ) -> None:
-        super().__init__(name, help, labelnames)
         self.read = read
+        self.labelnames = list(labelnames)
 
-    def set(self, value: float, **labels: str) -> None:
-        """Set the sample named by ``labels``."""
-        self.values[self._key(labels)] = value
+    def describe(self) -> Iterable[Metric]:
+        """The gauge without a value (for the registry's duplicate check)."""
+        return [GaugeMetricFamily(self.name, self.help, labels=self.labelnames)]
 
-    def samples(self) -> List[Tuple[LabelValues, float]]:
-        if self.read is None:
-            return super().samples()
+    def collect(self) -> Iterable[Metric]:
+        """The gauge with its current value(s)."""
+        family = GaugeMetricFamily(self.name, self.help, labels=self.labelnames)
         value = self.read()
-        if isinstance(value, dict):  # labelled: {label values: value}
-            return sorted((k, float(v)) for k, v in value.items())
-        return [((), float(value))]
+        if isinstance(value, Mapping):
+            for labels, number in sorted(value.items()):
+                family.add_metric(list(labels), float(number))
+        else:
+            family.add_metric([], float(value))
+        return [family]
 
 
-class Histogram(_Metric):
-    """Observations counted into fixed buckets (cumulative on output)."""
+class CallbackGauges:
+    """Adds gauges whose values are read from callables at each scrape."""
 
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: Sequence[float]) -> None:
-        super().__init__(name, help)
-        self.bounds = sorted(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        """Count one observation."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def render(self) -> List[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        total = 0
-        for bound, count in zip([*map(repr, self.bounds), "+Inf"], self.counts):
-            total += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {total}')
-        lines.append(f"{self.name}_sum {self.sum:g}")
-        lines.append(f"{self.name}_count {total}")
-        return lines
-
-
-_M = TypeVar("_M", bound=_Metric)
-
-
-class Registry:
-    """The metrics of one daemon."""
-
-    def __init__(self) -> None:
-        self._metrics: List[_Metric] = []
-
-    def _add(self, metric: _M) -> _M:
-        if any(m.name == metric.name for m in self._metrics):
-            raise ValueError(f"metric {metric.name} is registered twice")
-        self._metrics.append(metric)
-        return metric
-
-    def counter(self, name: str, help: str, labelnames: Tuple[str, ...] = ()) -> Counter:
-        """Register and return a counter."""
-        return self._add(Counter(name, help, labelnames))
-
-    def gauge(
-        self,
-        name: str,
-        help: str,
-        labelnames: Tuple[str, ...] = (),
-        read: Optional[Callable[[], Any]] = None,
-    ) -> Gauge:
-        """Register and return a gauge (``read`` makes it a callback gauge)."""
-        return self._add(Gauge(name, help, labelnames, read))
-
-    def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
-        """Register and return a histogram with these bucket upper bounds."""
-        return self._add(Histogram(name, help, buckets))
-
-    def render(self) -> bytes:
-        """All metrics in the Prometheus text exposition format."""
-        lines: List[str] = []
-        for metric in self._metrics:
-            lines.extend(metric.render())
-        return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-class MetricsResource(resource.Resource):
-    """``GET /metrics``: the registry as Prometheus text."""
-
-    isLeaf = True
-
-    def __init__(self, registry: Registry) -> None:
-        super().__init__()
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
 
-    def render_GET(self, request: IRequest) -> bytes:
-        """Render the registry."""
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self.registry.render()
+    def add(
+        self,
+        name: str,
+        help: str,
+        read: Callable[[], Reading],
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        """A gauge ``name`` whose value is ``read()`` at scrape time.
+
+        ``ValueError`` when the registry already has that name.
+        """
+        self.registry.register(_CallbackGauge(name, help, read, labelnames))
+
+
+def render(registry: CollectorRegistry) -> BytesResponse:
+    """The ``/metrics`` answer: the registry in the Prometheus text format."""
+    return BytesResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.encode("ascii"))
+
+
+def sample_value(registry: CollectorRegistry, name: str, labels: Dict[str, str] | None = None) -> float:
+    """The current value of one sample (0 when absent): for tests and probes."""
+    value = registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value

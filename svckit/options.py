@@ -37,12 +37,20 @@ def endpoint_description(value: str) -> str:
     return value
 
 
+def access_log_destination(value: str) -> str:
+    """``-`` (the daemon's log), ``off``, or a file path that must not be empty."""
+    value = value.strip()
+    if not value:
+        raise usage.UsageError("--access-log must be -, off or a file path")
+    return value
+
+
 def positive_float(name: str, value: str) -> float:
     """Parse ``value`` as a number > 0, or raise ``UsageError`` naming ``name``."""
     try:
         number = float(value)
     except ValueError:
-        raise usage.UsageError(f"{name} must be a number, not {value!r}")
-    if not number > 0:
-        raise usage.UsageError(f"{name} must be greater than 0")
+        raise usage.UsageError(f"{name} must be a number, not {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise usage.UsageError(f"{name} must be a finite number greater than 0")
     return number

@@ -115,7 +115,7 @@ class Daemon:
         self.process: Optional[subprocess.Popen] = None
         self.log_path = workdir / f"{name}.log"
 
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         env = dict(os.environ)
         env.update(self.env)
         log = open(self.log_path, "ab")
@@ -183,14 +183,14 @@ class GradeReplica(Daemon):
     def write_url(self) -> str:
         return f"http://127.0.0.1:{self.set_port}"
 
-    def restart(self) -> "GradeReplica":
+    def restart(self) -> GradeReplica:
         self.start()
         return self
 
     def ready(self) -> Dict[str, Any]:
         return json.loads(http("GET", self.read_url + "/ready")[2])
 
-    def wait_ready(self, timeout: float = 60.0) -> "GradeReplica":
+    def wait_ready(self, timeout: float = 60.0) -> GradeReplica:
         def check() -> bool:
             assert self.alive(), f"{self.name} exited:\n{self.log()[-3000:]}"
             return http("GET", self.read_url + "/ready")[0] == 200
@@ -212,7 +212,7 @@ class GradeReplica(Daemon):
     def metric(self, name: str) -> float:
         text = http("GET", self.read_url + "/metrics")[2].decode()
         for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith((name + " ", name + "{")):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 

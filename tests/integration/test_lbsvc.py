@@ -100,7 +100,7 @@ class Gateway(Daemon):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self) -> "Gateway":
+    def wait_ready(self) -> Gateway:
         def ready() -> bool:
             assert self.alive(), self.log()[-3000:]
             return http("GET", f"http://127.0.0.1:{self.admin_port}/ready")[0] == 200

@@ -209,7 +209,7 @@ class HalfBackupPeer(BaseHTTPRequestHandler):
 
     payload = b""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/gzip")
         self.end_headers()

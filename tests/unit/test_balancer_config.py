@@ -10,8 +10,9 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from lbsvc import config
-from lbsvc.backends import BackendPool, HealthChecker
+from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend, IBalancer, LeastConnections, RoundRobin
+from lbsvc.healthcheck import HealthChecker
 
 GOOD = {
     "algorithm": "round_robin",

@@ -26,7 +26,7 @@ def make(feed=lambda data: None) -> tuple:  # type: ignore[no-untyped-def]
     return clock, done, transport, body
 
 
-def outcome(done: "defer.Deferred[None]") -> List[object]:
+def outcome(done: defer.Deferred[None]) -> List[object]:
     out: List[object] = []
     done.addBoth(out.append)
     return out

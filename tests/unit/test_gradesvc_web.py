@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet import defer
 
-from gradesvc.auth import BasicAuthResource, admin_portal
-from gradesvc.backup import BackupResource
+from gradesvc.auth import admin_portal, basic_auth_guard
+from gradesvc.backup import Backup
 from gradesvc.broker import BrokerUnavailable
+from gradesvc.gauges import replica_gauges
 from gradesvc.hlc import HybridLogicalClock
 from gradesvc.messages import WriteMessage
-from gradesvc.readapi import read_root
-from gradesvc.status import READY, ReplicaStatus
+from gradesvc.readapi import ReadAPI, read_router
+from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
-from gradesvc.writeapi import SetResource, write_root
-from svckit.metrics import Registry
+from gradesvc.writeapi import WriteAPI, write_router
+from svckit.metrics import new_registry
 from tests.unit.fired import fired
 
 
@@ -27,38 +29,45 @@ class MemoryBroker:
 
     def __init__(self) -> None:
         self.published: List[WriteMessage] = []
+        self.properties: List[Any] = []
         self.down = False
 
     async def publish(self, body: bytes, properties: Any) -> None:
         if self.down:
             raise BrokerUnavailable("not connected to the broker")
-        assert properties.app_id == "r1" and properties.delivery_mode == 2
-        assert properties.content_type == "application/json"
+        self.properties.append(properties)
         self.published.append(WriteMessage.decode(body))
 
 
 class Replica:
     def __init__(self, ready: bool = True) -> None:
         self.store = GradeStore()
-        self.status = ReplicaStatus(phase=READY if ready else "starting", connected=True)
-        self.status.ever_ready = ready
+        self.status = ReplicaStatus(phase=Phase.READY if ready else Phase.STARTING, connected=True,
+                                    ever_ready=ready)
         self.broker = MemoryBroker()
-        registry = Registry()
-        hlc = HybridLogicalClock(lambda: 1000.0)
-        setter = SetResource(self.store, hlc, "r1", self.broker, self.status, registry)  # type: ignore[arg-type]
-        guarded = BasicAuthResource(admin_portal(write_root(setter), "admin", "s3cret"))
-        backup = BackupResource(self.store, self.status, registry, "r1")
-        self.read = StubTreq(read_root(self.store, self.status, registry, "r1", backup))
-        self.write = StubTreq(guarded)
+        self.registry = new_registry()
+        replica_gauges(self.registry, self.store, self.status)
+        wall = lambda: 1000.0  # noqa: E731
+        writes = WriteAPI(self.store, HybridLogicalClock(wall), "r1", self.broker, self.status, wall)
+        guard = basic_auth_guard(admin_portal("admin", "s3cret"))
+        backup = Backup(self.store, self.status, self.registry, "r1", wall)
+        self.read = StubTreq(read_router(ReadAPI(self.store, self.status, "r1"), backup, self.registry))
+        self.write = StubTreq(write_router(writes, guard, self.registry))
 
-    def set(self, body: Any, auth: Optional[tuple] = ("admin", "s3cret"), **kw: Any) -> Any:
+    def set(self, body: Any, auth: Optional[Tuple[str, str]] = ("admin", "s3cret"), **kw: Any) -> Any:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return self.write.post("http://w/set", data=data, auth=auth, **kw)
 
+    def metric(self, name: str, **labels: str) -> float:
+        _, data = call(self.read, self.read.get("http://r/metrics"))
+        for family in text_string_to_metric_families(data.decode()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
 
-
-def call(replica_treq: StubTreq, d: "defer.Deferred[Any]") -> tuple:
+def call(replica_treq: StubTreq, d: defer.Deferred[Any]) -> tuple:
     response = fired(d)
     body = fired(response.content())
     replica_treq.flush()
@@ -71,12 +80,13 @@ def replica() -> Replica:
 
 
 def test_set_then_get_and_partial_merge(replica: Replica) -> None:
-    r, body = call(replica.write, replica.set({"user_id": "1", "postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 29}))
+    first = {"user_id": "1", "postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 29}
+    r, body = call(replica.write, replica.set(first))
     assert (r.code, json.loads(body)) == (200, {"Result": "OK"})
     call(replica.write, replica.set({"user_id": "1", "return_fee": 0}))
     r, body = call(replica.read, replica.read.get("http://r/get", params={"user_id": "1"}))
     assert r.code == 200
-    assert json.loads(body) == {"Result": {"user_id": "1", "postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 0}}
+    assert json.loads(body) == {"Result": {**first, "return_fee": 0}}
     assert [m.write.patch for m in replica.broker.published] == [
         {"postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 29},
         {"return_fee": 0},
@@ -96,11 +106,23 @@ def test_set_then_get_and_partial_merge(replica: Replica) -> None:
         ({"user_id": "1", "spp": 2**63}, 400),
         (b"\xff\xfe", 400),
         (json.dumps({"user_id": "1", "pad": "x" * 70000}).encode(), 413),
+        (b'{"\\udc80": 1}', 400),
+        (b'{"user_id": "\\udc80", "spp": 1}', 400),
+        (b'{"user_id": "a\\ud800b", "spp": 1}', 400),
+        (b"[" * 10000 + b"]" * 10000, 400),
+        (b'{"user_id": "1", "x": ' + b"[" * 100 + b"]" * 100 + b"}", 400),
+        (b'{"user_id": "1", "spp": NaN}', 400),
+        (b'{"user_id": "1", "spp": 1e400}', 400),
+        (b'{"user_id": "1", "spp": ' + b"9" * 5000 + b"}", 400),
+        (b'{"user_id": "1", "spp": -9223372036854775809}', 400),
+        (b'{"user_id": "1", "spp": null}', 400),
+        (b'{"user_id": 1, "spp": 1}', 400),
+        (b"", 400),
     ],
 )
 def test_bad_writes_store_nothing(replica: Replica, body: Any, code: int) -> None:
     r, data = call(replica.write, replica.set(body))
-    assert r.code == code
+    assert r.code == code, data
     assert r.headers.getRawHeaders("content-type") == ["application/json"]
     assert set(json.loads(data)) == {"Error"}
     assert len(replica.store) == 0 and replica.broker.published == []
@@ -117,8 +139,38 @@ def test_credentials(replica: Replica, auth: Any) -> None:
 
 def test_malformed_authorization_header(replica: Replica) -> None:
     for header in (b"Basic !!!notbase64", b"Bearer abc", b"Basic " + b"YWRtaW4="):
-        r, data = call(replica.write, replica.write.post("http://w/set", data=b"{}", headers={b"Authorization": header}))
+        d = replica.write.post("http://w/set", data=b"{}", headers={b"Authorization": header})
+        r, data = call(replica.write, d)
         assert r.code == 401, header
+
+
+@pytest.mark.parametrize("path", ["/set/x", "//set", "/set/", "/SET", "/set%00", "/"])
+def test_only_the_exact_write_path_exists(replica: Replica, path: str) -> None:
+    d = replica.write.post("http://w" + path, data=b'{"user_id": "1", "spp": 1}', auth=("admin", "s3cret"))
+    r, data = call(replica.write, d)
+    assert r.code == 404 and json.loads(data) == {"Error": "no such path"}
+    assert len(replica.store) == 0 and replica.broker.published == []
+
+
+@pytest.mark.parametrize("path", ["/get/x", "//get", "/get/", "/backup/x", "//backup", "/ready/", "/nope"])
+def test_only_exact_read_paths_exist(replica: Replica, path: str) -> None:
+    r, data = call(replica.read, replica.read.get("http://r" + path, params={"user_id": "1"}))
+    assert r.code == 404 and json.loads(data) == {"Error": "no such path"}
+
+
+def test_extreme_values_at_the_bounds_are_stored(replica: Replica) -> None:
+    body = {"user_id": "\U0001f600" * 10, "postpaid_limit": -(2**63), "spp": 2**63 - 1, "return_fee": 0}
+    r, data = call(replica.write, replica.set(body))
+    assert r.code == 200, data
+    r, data = call(replica.read, replica.read.get("http://r/get", params={"user_id": body["user_id"]}))
+    assert json.loads(data)["Result"] == {**body, "shipping_fee": 0}
+
+
+def test_get_with_a_bad_user_id(replica: Replica) -> None:
+    r, data = call(replica.read, replica.read.get(b"http://r/get?user_id=%ff%fe"))
+    assert r.code == 400 and "UTF-8" in json.loads(data)["Error"]
+    r, data = call(replica.read, replica.read.get(b"http://r/get?user_id=1&user_id=2"))
+    assert r.code == 400
 
 
 def test_wrong_method_and_unknown_path(replica: Replica) -> None:
@@ -165,6 +217,7 @@ def test_banner_health_ready_metrics(replica: Replica) -> None:
     r, data = call(replica.read, replica.read.get("http://r/ready"))
     assert r.code == 200 and json.loads(data)["ready"] is True
     call(replica.write, replica.set({"user_id": "1", "spp": 1}))
-    r, data = call(replica.read, replica.read.get("http://r/metrics"))
-    assert r.code == 200
-    assert 'gradesvc_writes_total{outcome="200"} 1' in data.decode()
+    call(replica.write, replica.set({"user_id": "1", "spp": "x"}))
+    assert replica.metric("gradesvc_write_http_requests_total", route="set", code="200") == 1
+    assert replica.metric("gradesvc_write_http_requests_total", route="set", code="400") == 1
+    assert replica.metric("gradesvc_users") == 1

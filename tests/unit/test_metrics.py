@@ -1,30 +1,43 @@
-"""The Prometheus text of svckit.metrics."""
+"""svckit.metrics: exact values, parseable output, one registry per daemon."""
 
 from __future__ import annotations
 
 import pytest
+from prometheus_client import Counter
+from prometheus_client.parser import text_string_to_metric_families
 
-from svckit.metrics import Registry
-
-
-def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
-    registry = Registry()
-    h = registry.histogram("lag_seconds", "Lag.", (0.01, 0.001))
-    for value in (0.0005, 0.001, 0.002, 5.0):
-        h.observe(value)
-    assert registry.render().decode().splitlines() == [
-        "# HELP lag_seconds Lag.",
-        "# TYPE lag_seconds histogram",
-        'lag_seconds_bucket{le="0.001"} 2',
-        'lag_seconds_bucket{le="0.01"} 3',
-        'lag_seconds_bucket{le="+Inf"} 4',
-        "lag_seconds_sum 5.0035",
-        "lag_seconds_count 4",
-    ]
+from svckit.metrics import CallbackGauges, new_registry, render
 
 
-def test_a_name_registers_once() -> None:
-    registry = Registry()
-    registry.gauge("x", "X.")
+def samples(registry: object) -> dict:
+    text = render(registry).body.decode()  # type: ignore[arg-type]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_large_values_are_exact_and_the_output_parses() -> None:
+    registry = new_registry()
+    count = Counter("things", "Things.", registry=registry)
+    count.inc(1_234_567)
+    gauges = CallbackGauges(registry)
+    gauges.add("offset", "An offset.", lambda: 9_007_199_254_740_991)
+    gauges.add("up", "Per backend.", lambda: {("a",): 1, ("b",): 0}, ["backend"])
+    values = samples(registry)
+    assert values[("things_total", ())] == 1_234_567
+    assert values[("offset", ())] == 9_007_199_254_740_991
+    assert values[("up", (("backend", "a"),))] == 1
+    assert values[("up", (("backend", "b"),))] == 0
+    assert not any(name.endswith("_created") for name, _ in values)
+
+
+def test_registries_are_separate_and_names_register_once() -> None:
+    one, two = new_registry(), new_registry()
+    Counter("x", "X.", registry=one).inc()
+    Counter("x", "X.", registry=two)
+    assert samples(one)[("x_total", ())] == 1 and samples(two)[("x_total", ())] == 0
+    gauges = CallbackGauges(one)
     with pytest.raises(ValueError):
-        registry.histogram("x", "X again.", (1.0,))
+        gauges.add("y", "Y.", lambda: 1)
+        gauges.add("y", "Y again.", lambda: 2)
+    with pytest.raises(ValueError):
+        CallbackGauges(one).add("x_total", "clash", lambda: 1)

@@ -9,18 +9,18 @@ from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer, error, task
 from twisted.internet.task import Clock
 from twisted.web import resource
-from twisted.web.iweb import IAgent, IRequest
+from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from lbsvc import config
-from tests.unit.fired import fired
 from lbsvc.backends import BackendPool
 from lbsvc.buckets import Buckets
-from lbsvc.proxy import ProxyResource
-from lbsvc.tap import GatewayRoot
-from lbsvc.userapi import Profile
+from lbsvc.gateway import gateway_router
+from lbsvc.proxy import Proxy
+from lbsvc.userapi import UserAPI
 from lbsvc.users import User, UserStore, hash_key
-from svckit.metrics import Registry
+from svckit.metrics import new_registry
+from tests.unit.fired import fired
 
 
 class Echo(resource.Resource):
@@ -33,7 +33,7 @@ class Echo(resource.Resource):
         self.name = name
         self.seen: List[Dict[str, Any]] = []
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: Any) -> bytes:
         self.seen.append({
             "method": request.method, "uri": request.uri, "body": request.content.read(),
             "headers": {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()},
@@ -70,14 +70,14 @@ def gateway(dead: bool = False, hang: bool = False) -> tuple:
         b"http://10.0.0.2:1": "hang" if hang else RequestTraversalAgent(b),
     }
     clock = Clock()
-    users = UserStore(pool=None)  # type: ignore[arg-type]
+    users = UserStore(pool=None, clock=clock)  # type: ignore[arg-type]
     users._remember(User("alice", hash_key("k-1"), 2, 1.0))
     buckets = Buckets(clock)
     pool = BackendPool(servers)
     coop = task.Cooperator(scheduler=lambda work: clock.callLater(0, work))
-    proxy = ProxyResource(users, buckets, pool, Backends(routes), clock, Registry(), coop)
-    root = GatewayRoot({b"/user/tokens/profile": Profile(users, buckets)}, proxy)
-    stub = StubTreq(root)
+    registry = new_registry()
+    proxy = Proxy(buckets, pool, Backends(routes), clock, registry, coop)
+    stub = StubTreq(gateway_router(users, UserAPI(users, buckets), proxy, 1024, registry))
     stub.backend_agents = [v for v in routes.values() if isinstance(v, RequestTraversalAgent)]
     return stub, (a, b), pool, clock
 
@@ -86,7 +86,8 @@ def gateway(dead: bool = False, hang: bool = False) -> tuple:
 
 def test_proxies_round_robin_strips_key_adds_forwarded() -> None:
     treq, (a, b), _, clock = gateway()
-    d = treq.post("http://gw.example/x?y=1", data=b"payload", headers={"Authorization": "Bearer k-1", "Connection": "keep-alive, x-drop", "X-Drop": "1"})
+    headers = {"Authorization": "Bearer k-1", "Connection": "keep-alive, x-drop", "X-Drop": "1"}
+    d = treq.post("http://gw.example/x?y=1", data=b"payload", headers=headers)
     for _ in range(5):
         clock.advance(0)
         for agent in treq.backend_agents:
@@ -115,7 +116,8 @@ def test_rate_limit_headers() -> None:
     assert r.headers.getRawHeaders("ratelimit-limit") == ["2"]
     assert r.headers.getRawHeaders("ratelimit-remaining") == ["0"]
     assert r.headers.getRawHeaders("ratelimit-reset") == ["2"]
-    profile = json.loads(fired(fired(treq.get("http://gw/user/tokens/profile", headers={"Authorization": "k-1"})).content()))
+    answer = fired(treq.get("http://gw/user/tokens/profile", headers={"Authorization": "k-1"}))
+    profile = json.loads(fired(answer.content()))
     assert profile["current_capacity"] == 0  # looking costs nothing
 
 

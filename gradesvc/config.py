@@ -1,0 +1,23 @@
+"""The typed configuration of one replica, as ``twistd gradesvc`` options give it."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import attrs
+
+
+@attrs.frozen
+class ReplicaConfig:
+    """Everything a replica needs to start (see the README's option table)."""
+
+    get_endpoint: str
+    set_endpoint: str
+    amqp_url: str
+    stream: str
+    replica_id: str
+    peers: Tuple[str, ...]
+    admin_user: str
+    admin_password: str = attrs.field(repr=False)
+    access_log: str = "-"
+    peer_idle_timeout: float = 30.0

@@ -1,0 +1,34 @@
+"""The gateway's routes: the user API under ``/user/``, every other path proxied."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from lbsvc.keys import key_guard
+from lbsvc.proxy import Proxy
+from lbsvc.userapi import MAX_BODY, UserAPI
+from lbsvc.users import UserStore
+from svckit.web import Route, Router
+
+
+def gateway_router(users: UserStore, api: UserAPI, proxy: Proxy, max_body: int,
+                   registry: CollectorRegistry) -> Router:
+    """``/user/create``, ``/user/tokens/profile``, ``/user/tokens/change``; the rest is proxied.
+
+    Other paths under ``/user/`` are 404: they are the gateway's, never a backend's.
+    """
+    keyed = key_guard(users)
+    return Router(
+        {
+            b"/user/create": Route("user_create", {b"POST": api.create}, max_body=MAX_BODY),
+            b"/user/tokens/profile": Route("user_profile", {b"GET": api.profile},
+                                           max_body=MAX_BODY, guard=keyed),
+            b"/user/tokens/change": Route("user_change", {b"POST": api.change},
+                                          max_body=MAX_BODY, guard=keyed),
+        },
+        fallback=Route("proxy", {}, max_body=max_body, guard=keyed, any_method=proxy),
+        reserved=(b"/user/",),
+        registry=registry,
+        prefix="lbsvc",
+        max_body=MAX_BODY,
+    )

@@ -1,0 +1,20 @@
+"""The typed configuration of a gateway, as ``twistd lbsvc`` options give it."""
+
+from __future__ import annotations
+
+import attrs
+
+from lbsvc.config import ServersConfig
+
+
+@attrs.frozen
+class GatewaySettings:
+    """Everything a gateway needs to start (see the README's option table)."""
+
+    endpoint: str
+    admin_endpoint: str
+    servers_path: str
+    servers: ServersConfig
+    database: str
+    access_log: str = "-"
+    max_body: int = 64 * 1024 * 1024

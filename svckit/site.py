@@ -1,0 +1,198 @@
+"""The HTTP server side: limits and credentials checked before a body is read.
+
+``twisted.web`` reads a whole request body (into memory, then a temporary
+file) before any resource sees the request.  The classes here move the
+decisions that need only the headers to the moment the headers are in:
+
+* :class:`GuardedRequest.gotLength` (called by the channel once the headers
+  are parsed, before any body byte is stored) asks the site's
+  :class:`~svckit.web.Router` to admit the request: guards check
+  credentials, and a ``Content-Length`` over the route's limit is refused with
+  413.  A chunked body is counted as it streams in and refused the moment it
+  passes the limit.  A refused request with a body is answered at once, its
+  body is never stored, and the connection is closed (the client may still
+  be sending); one without a body is answered normally, keeping the
+  connection.
+* :class:`GuardedChannel` answers a header block that is too large (or has too
+  many headers) with 431, a request line that is too long with 414, instead
+  of Twisted's bare ``400``/close, and times out idle connections.
+* :func:`make_site` builds the site for a router, with the buffered
+  :class:`~svckit.accesslog.AccessLog`, HTML form parsing off (every body here
+  is JSON or bytes to proxy).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.web import http, server
+
+from svckit.accesslog import AccessLog
+from svckit.responses import PHRASES, HTTPError, dumps
+from svckit.web import Router
+
+IDLE_TIMEOUT = 60.0
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class GuardedRequest(server.Request):
+    """A request that is admitted (or refused) as soon as its headers are in."""
+
+    admitted = False
+    rejection: Optional[HTTPError] = None
+    """An admission refusal answered through the router (requests without a body)."""
+    principal: object = None
+    """What a guard authenticated (the user of an API key, the admin)."""
+    _limit = 0
+    _received = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        """Admit the request before any of its body is stored."""
+        channel: GuardedChannel = self.channel  # type: ignore[assignment]
+        self.method, self.uri, self.clientproto = channel.request_line()
+        self.path = self.uri.split(b"?", 1)[0]
+        site: GuardedSite = channel.site
+        refusal: Optional[HTTPError] = None
+        try:
+            self._limit = site.router.admit(self)
+        except HTTPError as e:
+            refusal = e
+        else:
+            if length is not None and length > self._limit:
+                refusal = HTTPError(413, f"body larger than {self._limit} bytes")
+        self.admitted = True
+        if refusal is not None:
+            if length == 0:
+                self.rejection = refusal
+            else:
+                channel.refuse(self, refusal)
+                length = 0
+        super().gotLength(length)
+
+    def _guarded_channel(self) -> Optional[GuardedChannel]:
+        channel = self.channel
+        return channel if isinstance(channel, GuardedChannel) and not channel.refused else None
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Store a body chunk, unless the body has passed its limit."""
+        channel = self._guarded_channel()
+        if channel is None:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            channel.refuse(self, HTTPError(413, f"body larger than {self._limit} bytes"))
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Process the request, unless it was refused while its body arrived."""
+        if self._guarded_channel() is not None:
+            super().requestReceived(command, path, version)
+
+
+class GuardedChannel(http.HTTPChannel):
+    """An HTTP/1.1 connection that can refuse a request before its body."""
+
+    maxHeaders = MAX_HEADERS
+    totalHeadersSize = MAX_HEADER_BYTES
+    MAX_LENGTH = MAX_HEADER_BYTES
+    refused = False
+    site: GuardedSite
+
+    def request_line(self) -> tuple[bytes, bytes, bytes]:
+        """Method, request-target and version of the request being read."""
+        return (getattr(self, "_command", b"-"), getattr(self, "_path", b"-"),
+                getattr(self, "_version", b"HTTP/1.1"))
+
+    def refuse(self, request: Optional[server.Request], error: HTTPError) -> None:
+        """Answer ``error`` now, read nothing more, close the connection."""
+        if self.refused:
+            return
+        self.refused = True
+        if request is not None:
+            # No "100 Continue" after the answer: the body is not wanted.
+            request.requestHeaders.removeHeader(b"expect")
+        body = dumps({"Error": error.message})
+        head = [
+            b"HTTP/1.1 %d %s" % (error.code, PHRASES.get(error.code) or http.RESPONSES.get(error.code, b"Error")),
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+        ]
+        head += [f"{k}: {v}".encode("latin-1") for k, v in error.headers.items()]
+        if self.transport is not None:
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.site.refused(request, error.code, len(body))
+        self.loseConnection()
+
+    def _refuse_head(self, error: HTTPError) -> None:
+        request = self.requests[-1] if self.requests else None
+        if request is not None and request.method == b"(no method yet)":
+            request.method, request.uri, request.clientproto = self.request_line()
+            request.path = request.uri.split(b"?", 1)[0]
+        self.refuse(request, error)
+
+    def lineReceived(self, line: bytes) -> None:
+        """A request or header line: refuse header blocks that are too large."""
+        if self.refused:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse_head(HTTPError(431, f"request headers larger than {self.totalHeadersSize} bytes"))
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """One line longer than the limit: 414 for the request line, else 431."""
+        if getattr(self, "_command", None) is None:
+            self._refuse_head(HTTPError(414, f"request line longer than {self.MAX_LENGTH} bytes"))
+        else:
+            self._refuse_head(HTTPError(431, f"request header longer than {self.MAX_LENGTH} bytes"))
+
+    def headerReceived(self, line: bytes) -> bool:
+        """One header: refuse more than :data:`MAX_HEADERS`."""
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse_head(HTTPError(431, f"more than {self.maxHeaders} request headers"))
+            return False
+        return bool(super().headerReceived(line))
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Body bytes: ignored once the request was refused."""
+        if not self.refused:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        """The whole body is in: process it, unless it was refused."""
+        if not self.refused:
+            super().allContentReceived()
+
+
+class GuardedSite(server.Site):
+    """A site whose root is a :class:`Router` and whose log is an :class:`AccessLog`."""
+
+    protocol = GuardedChannel  # type: ignore[assignment]
+    requestFactory = GuardedRequest
+
+    def __init__(self, router: Router, access_log: AccessLog, timeout: float = IDLE_TIMEOUT) -> None:
+        super().__init__(router, logPath=None, timeout=timeout)
+        self._parsePOSTFormSubmission = False
+        self.router = router
+        self.access_log = access_log
+
+    def log(self, request: server.Request) -> None:  # type: ignore[override]
+        """Buffer the access log line of a finished request."""
+        self.access_log.record(request)
+
+    def refused(self, request: Optional[server.Request], code: int, length: int) -> None:
+        """Count and log a request refused before its body was read."""
+        path = getattr(request, "path", None)
+        route = self.router.route_for(path) if path is not None else None
+        self.router.count(route, code)
+        if request is not None:
+            request.sentLength = length
+            self.access_log.record(request, code)
+
+
+def make_site(router: Router, access_log: AccessLog) -> GuardedSite:
+    """The site serving ``router``."""
+    return GuardedSite(router, access_log)

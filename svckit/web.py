@@ -1,0 +1,258 @@
+"""The one web layer of both daemons: exact routes, plain handlers, one error path.
+
+A :class:`Router` is the root resource of a site.  It maps exact paths (no
+child resources, no trailing-slash or ``//`` variants) to :class:`Route`\\ s;
+a route maps HTTP methods to *handlers*: plain functions, sync or async,
+that take the ``twisted.web.server.Request`` and return a response from
+:mod:`svckit.responses` or raise :class:`~svckit.responses.HTTPError`.
+
+The router owns everything around the handler:
+
+* **admission** (:meth:`Router.admit`), which the site's channel calls as soon
+  as a request's headers are in, before any body byte is stored: the site's
+  and the route's guards (credentials) and the route's body limit;
+* **one error path**: an ``HTTPError`` becomes ``{"Error": message}`` with its
+  status and headers; any other exception is logged once, with the request,
+  and answered 500;
+* **disconnects**: when the client goes away the handler's Deferred is
+  cancelled, nothing more is written, and nothing is logged as unhandled;
+* **outcome metrics**: ``<prefix>_http_requests_total{route, code}`` for every
+  request, including those refused at admission; a client that left before its
+  answer counts as code ``499``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from svckit.jsonbody import parse_object
+from svckit.responses import (
+    JSON_TYPE,
+    PHRASES,
+    BytesResponse,
+    HTTPError,
+    JSONResponse,
+    Response,
+    Streamed,
+    dumps,
+)
+
+log = Logger()
+
+Handler = Callable[[server.Request], Union[Response, Awaitable[Response]]]
+"""A handler: the request in, a response (or an awaitable of one) out."""
+
+Guard = Callable[[server.Request], None]
+"""Checks a request's headers before its body is read; raises ``HTTPError``."""
+
+DEFAULT_MAX_BODY = 64 * 1024
+CLIENT_GONE = 499  # nginx's code for "the client closed the connection"
+UNMATCHED = "unmatched"
+
+
+@attrs.frozen
+class Route:
+    """One exact path: its handlers by method, body limit and guard."""
+
+    name: str
+    methods: Mapping[bytes, Handler]
+    max_body: int = DEFAULT_MAX_BODY
+    guard: Optional[Guard] = None
+    any_method: Optional[Handler] = None
+    """The handler of every method not in ``methods`` (a proxy's)."""
+
+    def handler(self, method: bytes) -> Optional[Handler]:
+        """The handler of ``method`` (``HEAD`` falls back to ``GET``)."""
+        handler = self.methods.get(method)
+        if handler is None and method == b"HEAD":
+            handler = self.methods.get(b"GET")
+        return handler or self.any_method
+
+
+def write_head(request: server.Request, code: int, content_type: bytes,
+               headers: Mapping[str, str]) -> None:
+    """Set the status and headers of ``request``."""
+    request.setResponseCode(code, PHRASES.get(code))
+    request.setHeader(b"content-type", content_type)
+    for name, value in headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
+
+
+def encode(request: server.Request, response: Union[JSONResponse, BytesResponse]) -> bytes:
+    """Set status and headers for ``response``; return its body."""
+    if isinstance(response, JSONResponse):
+        write_head(request, response.code, JSON_TYPE, response.headers)
+        return dumps(response.body)
+    write_head(request, response.code, response.content_type, response.headers)
+    return response.body
+
+
+def read_json(request: server.Request) -> Dict[str, Any]:
+    """The request body as a JSON object (the router has bounded its size)."""
+    content = request.content
+    if content is None:
+        return parse_object(b"")
+    content.seek(0)
+    return parse_object(content.read())
+
+
+def client_gone(request: server.Request) -> bool:
+    """Whether the connection of ``request`` is gone."""
+    return bool(getattr(request, "_disconnected", False))
+
+
+class Router(resource.Resource):
+    """The root resource of a site: exact paths to routes.
+
+    ``fallback`` answers every path no route names (lbsvc's proxy), except
+    those under a ``reserved`` prefix; without it they are 404.  ``guard`` runs for every request of the site (gradesvc's
+    write port needs credentials whatever the path), before the route's own.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        routes: Mapping[bytes, Route],
+        *,
+        registry: CollectorRegistry,
+        prefix: str,
+        fallback: Optional[Route] = None,
+        reserved: Tuple[bytes, ...] = (),
+        guard: Optional[Guard] = None,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        super().__init__()
+        self.routes = dict(routes)
+        self.fallback = fallback
+        self.reserved = reserved
+        self.guard = guard
+        self.max_body = max_body
+        self._requests = Counter(
+            f"{prefix}_http_requests", "HTTP requests by route and status code"
+            " (499: the client went away first).", ["route", "code"], registry=registry,
+        )
+        self._children: Dict[Tuple[str, int], Any] = {}
+
+    def route_for(self, path: bytes) -> Optional[Route]:
+        """The route of exactly ``path``, else the fallback (or None)."""
+        route = self.routes.get(path)
+        if route is None and not (self.reserved and path.startswith(self.reserved)):
+            return self.fallback
+        return route
+
+    def count(self, route: Optional[Route], code: int) -> None:
+        """Count one request's outcome."""
+        key = (route.name if route is not None else UNMATCHED, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._requests.labels(key[0], str(code))
+        child.inc()
+
+    def admit(self, request: server.Request) -> int:
+        """Check a request whose headers are in; return its body limit.
+
+        Raises ``HTTPError`` (401, ...) from a guard.  Called by the site's
+        channel before any body byte is stored, and by :meth:`render` for
+        requests that did not come through such a channel.
+        """
+        route = self.route_for(request.path)
+        if self.guard is not None:
+            self.guard(request)
+        if route is None:
+            return self.max_body
+        if route.guard is not None:
+            route.guard(request)
+        return route.max_body
+
+    def render(self, request: server.Request) -> Union[bytes, int]:
+        """Dispatch to the handler and answer what it returns or raises."""
+        route = self.route_for(request.path)
+        try:
+            rejection: Optional[HTTPError] = getattr(request, "rejection", None)
+            if rejection is not None:
+                raise rejection
+            if not getattr(request, "admitted", False):
+                self._admit_here(request)
+            if route is None:
+                raise HTTPError(404, "no such path")
+            method = request.method
+            handler = route.handler(method)
+            if handler is None:
+                allowed = ", ".join(sorted(m.decode("ascii") for m in route.methods))
+                raise HTTPError(405, f"method {method.decode('latin-1')} not allowed",
+                                {"Allow": allowed})
+            result = handler(request)
+        except Exception:
+            result = self._failure_response(request, Failure())
+        if isinstance(result, (JSONResponse, BytesResponse)):
+            self.count(route, result.code)
+            return encode(request, result)
+        d: defer.Deferred[Response] = (
+            defer.succeed(result) if isinstance(result, Streamed)
+            else defer.ensureDeferred(result)  # type: ignore[arg-type]
+        )
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addBoth(self._answer, request, route)
+        return server.NOT_DONE_YET
+
+    def _admit_here(self, request: server.Request) -> None:
+        limit = self.admit(request)
+        content = request.content
+        if content is None:
+            return
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        if size > limit:
+            raise HTTPError(413, f"body larger than {limit} bytes")
+
+    def _failure_response(self, request: server.Request, failure: Failure) -> JSONResponse:
+        if isinstance(failure.value, HTTPError):
+            return failure.value.response()
+        log.failure(
+            "Unhandled error in {method} {uri}", failure,
+            method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"),
+        )
+        return JSONResponse({"Error": "internal error"}, 500)
+
+    def _answer(self, result: Union[Response, Failure], request: server.Request,
+                route: Optional[Route]) -> None:
+        if client_gone(request):
+            if isinstance(result, Failure) and not result.check(defer.CancelledError, HTTPError):
+                log.failure(
+                    "{method} {uri} failed after the client went away", result,
+                    method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"),
+                )
+            self.count(route, CLIENT_GONE)
+            return
+        if isinstance(result, Failure):
+            if request.startedWriting:
+                # Status and part of the body are out: all we can do is cut
+                # the connection so the client sees the answer is incomplete.
+                if not result.check(defer.CancelledError):
+                    log.failure(
+                        "{method} {uri} failed while streaming its answer", result,
+                        method=request.method.decode("latin-1"),
+                        uri=request.uri.decode("latin-1"),
+                    )
+                self.count(route, request.code)
+                request.loseConnection()
+                return
+            result = self._failure_response(request, result)
+        if isinstance(result, Streamed):
+            self.count(route, request.code)
+        else:
+            self.count(route, result.code)
+            body = encode(request, result)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+        if not request.finished:
+            request.finish()
