@@ -1,12 +1,17 @@
-"""GET /get throughput of one gradesvc replica vs a bare twisted.web resource.
+"""GET /get throughput of gradesvc, with each access log choice, vs a bare twisted.web resource.
 
-Both run under twistd on this runtime, on loopback, serving the same 10,000
-users; wrk (one thread, 32 connections) measures each in turn.
+Replica ``log`` keeps the default access log (``-``: batched into the daemon's
+log), ``file`` writes it to a file, ``off`` writes none; the last two load
+their users from the first one's snapshot.  A bare ``twisted.web`` resource
+under twistd (with Twisted's own access log) serves the same 10,000 users.
+Every server runs on core 0, wrk on core 1 (when there are two), and each is
+warmed up before it is timed (``BENCH_WARMUP`` seconds; 20 on PyPy, for its JIT).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +22,7 @@ from common import (
     delete_stream,
     free_port,
     machine,
+    pin_server,
     record,
     runtime,
     twistd_tac,
@@ -24,36 +30,62 @@ from common import (
     wrk,
 )
 
-USERS = int(os.environ.get("BENCH_USERS", "10000"))
+USERS = int(os.environ.get("BENCH_USERS_GET", "10000"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if platform.python_implementation() == "PyPy" else "3"))
 HERE = Path(__file__).resolve().parent
 
 
 def load(replica: GradeReplica) -> None:
     for i in range(USERS):
-        code, _ = replica.set({"user_id": str(i), "postpaid_limit": i, "spp": 2 * i, "shipping_fee": 20, "return_fee": 29})
+        code, _ = replica.set({"user_id": str(i), "postpaid_limit": i, "spp": 2 * i, "shipping_fee": 20,
+                               "return_fee": 29})
         assert code == 200
+
+
+def measure(url: str) -> float:
+    script = str(HERE / "get_random.lua")
+    wrk(url, WARMUP, script=script)
+    return wrk(url, SECONDS, script=script)
 
 
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-get-"))
     stream = unique_stream()
-    replica = GradeReplica(workdir, stream, "bench").start()
+    logged = GradeReplica(workdir, stream, "log").start()
     port = free_port()
-    bare = twistd_tac(HERE / "bare_get.tac", workdir, "bare", {"BENCH_PORT": str(port), "BENCH_USERS": str(USERS)}).start()
+    bare = twistd_tac(HERE / "bare_get.tac", workdir, "bare", {"BENCH_PORT": str(port), "BENCH_USERS": str(USERS)})
+    others = []
     try:
-        replica.wait_ready()
-        load(replica)
-        script = str(HERE / "get_random.lua")
-        env_users = {"BENCH_USERS": str(USERS)}
-        os.environ.update(env_users)
-        ours = wrk(f"{replica.read_url}/get", SECONDS, script=script)
-        base = wrk(f"http://127.0.0.1:{port}/get", SECONDS, script=script)
-        record([["GET /get req/s (gradesvc vs bare twisted.web)", f"{ours:,.0f}", f"{base:,.0f}",
-                 f"{ours / base:.2f}x", runtime(), machine()]])
+        logged.wait_ready()
+        load(logged)
+        others = [
+            GradeReplica(workdir, stream, "file", [logged.read_url],
+                         extra_env={"GRADESVC_ACCESS_LOG": str(workdir / "access.log")}).start(),
+            GradeReplica(workdir, stream, "off", [logged.read_url], extra_env={"GRADESVC_ACCESS_LOG": "off"}).start(),
+        ]
+        for replica in others:
+            replica.wait_ready()
+        bare.start()
+        os.environ["BENCH_USERS"] = str(USERS)
+        for daemon in [logged, bare, *others]:
+            pin_server(daemon)
+        base = measure(f"http://127.0.0.1:{port}/get")
+        to_log = measure(f"{logged.read_url}/get")
+        to_file = measure(f"{others[0].read_url}/get")
+        off = measure(f"{others[1].read_url}/get")
+        rows = [
+            ["GET /get req/s (gradesvc, default access log, vs bare twisted.web)", f"{to_log:,.0f}", f"{base:,.0f}",
+             f"{to_log / base:.2f}x", runtime(), machine()],
+            ["GET /get req/s, access log to the daemon's log vs off (goal >= 0.90)", f"{to_log:,.0f}", f"{off:,.0f}",
+             f"{to_log / off:.2f}x", runtime(), machine()],
+            ["GET /get req/s, access log to a file vs off (goal >= 0.90)", f"{to_file:,.0f}", f"{off:,.0f}",
+             f"{to_file / off:.2f}x", runtime(), machine()],
+        ]
+        record(rows)
     finally:
-        replica.stop()
-        bare.stop()
+        for daemon in [logged, bare, *others]:
+            daemon.stop()
         delete_stream(stream)
 
 

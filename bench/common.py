@@ -26,7 +26,18 @@ from tests.integration.harness import (  # noqa: E402  (shared with the tests)
 )
 
 __all__ = ["Daemon", "GradeReplica", "delete_stream", "free_port", "http", "unique_stream",
-           "wait_until", "wrk", "runtime", "machine", "record", "twistd_tac", "lbsvc_with_user"]
+           "wait_until", "wrk", "runtime", "machine", "record", "twistd_tac", "lbsvc_with_user", "pin_server"]
+
+
+SERVER_CPUS = {0}
+CLIENT_CPUS = ["taskset", "-c", "1"] if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else []
+"""Servers on core 0, the load generator on core 1, where the machine has two."""
+
+
+def pin_server(daemon: Daemon) -> None:
+    """Keep a server process on :data:`SERVER_CPUS` (when the load generator has its own core)."""
+    if CLIENT_CPUS and daemon.process is not None:
+        os.sched_setaffinity(daemon.process.pid, SERVER_CPUS)
 
 
 def runtime() -> str:
@@ -52,7 +63,7 @@ def wrk(url: str, seconds: int = 5, connections: int = 32, header: Optional[str]
     """Requests per second that ``wrk`` measured (non-2xx answers fail the run)."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    command = [*CLIENT_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if header:
         command += ["-H", header]
     if script:

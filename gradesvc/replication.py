@@ -24,6 +24,7 @@ from pika.adapters.twisted_connection import TwistedProtocolConnection
 from pika.exceptions import AMQPError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -143,7 +144,8 @@ class StreamConsumer:
         while True:
             try:
                 message = await queue.get()
-            except (AMQPError, defer.CancelledError) as e:
+            except (AMQPError, ConnectionClosed, defer.CancelledError) as e:
+                # The channel or connection closed: a new connection subscribes again.
                 log.info("Stream consumer stopped: {error!r}", error=e)
                 return
             batch = [message, *queue.pending]

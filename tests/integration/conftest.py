@@ -8,7 +8,13 @@ from typing import Callable, Iterator, List
 
 import pytest
 
-from tests.integration.harness import BROKER_URL, GradeReplica, delete_stream, unique_stream
+from tests.integration.harness import (
+    BROKER_URL,
+    GradeReplica,
+    assert_no_logged_errors,
+    delete_stream,
+    unique_stream,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,3 +46,5 @@ def replicas(tmp_path: Path, stream: str) -> Iterator[Callable[..., GradeReplica
     yield make
     for replica in started:
         replica.stop()
+    assert_no_logged_errors(started)
+

@@ -19,9 +19,11 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import pika
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 BROKER_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -154,6 +156,25 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def logged_errors(self) -> List[str]:
+        """Lines of the log that report an unexpected error (tracebacks, unhandled errors).
+
+        Expected trouble is logged as plain warnings or errors without a
+        traceback; a traceback in a daemon's log is a bug, and fails the test.
+        """
+        if not self.log_path.exists():
+            return []
+        return [line for line in self.log().splitlines()
+                if "Traceback (most recent call last)" in line or "Unhandled" in line]
+
+
+def assert_no_logged_errors(daemons: Iterable[Daemon]) -> None:
+    """Fail the test when a daemon logged a traceback or an unhandled error."""
+    found = {d.name: d.logged_errors() for d in daemons}
+    found = {name: lines for name, lines in found.items() if lines}
+    if found:
+        pytest.fail(f"daemons logged unexpected errors: {found}")
+
 
 class GradeReplica(Daemon):
     """One gradesvc replica on free loopback ports."""
@@ -209,10 +230,15 @@ class GradeReplica(Daemon):
         code, _, out = http("GET", f"{self.read_url}/get?{query}")
         return code, json.loads(out)
 
-    def metric(self, name: str) -> float:
-        text = http("GET", self.read_url + "/metrics")[2].decode()
-        for line in text.splitlines():
-            if line.startswith((name + " ", name + "{")):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.read_url + "/metrics", name, **labels)
 
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of a daemon's ``/metrics``, parsed as Prometheus text (0 when absent)."""
+    text = http("GET", url)[2].decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

@@ -46,7 +46,8 @@ def test_partial_writes_zero_and_update(replica: GradeReplica) -> None:
 @pytest.mark.parametrize("user_id", ["with space", "com,ma", 'quo"te', "ünïcødé 名前", "new\nline"])
 def test_awkward_user_ids(replica: GradeReplica, user_id: str) -> None:
     assert replica.set({"user_id": user_id, "spp": 7})[0] == 200
-    assert replica.get(user_id) == (200, {"Result": {"user_id": user_id, "postpaid_limit": 0, "spp": 7, "shipping_fee": 0, "return_fee": 0}})
+    grade = {"user_id": user_id, "postpaid_limit": 0, "spp": 7, "shipping_fee": 0, "return_fee": 0}
+    assert replica.get(user_id) == (200, {"Result": grade})
 
 
 def test_every_error_stores_nothing(replica: GradeReplica) -> None:

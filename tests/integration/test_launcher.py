@@ -62,7 +62,8 @@ def test_appendix_examples_through_the_launcher(stack: Dict[str, str]) -> None:
   -d '{ "user_id": "1", "postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 29 }'""", stack, cwd)
     assert json.loads(out) == {"Result": "OK"}
     out = curl('curl -X GET "localhost:8070/get?user_id=1"', stack, cwd)
-    assert json.loads(out) == {"Result": {"user_id": "1", "postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 29}}
+    grade = {"user_id": "1", "postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 29}
+    assert json.loads(out) == {"Result": grade}
     curl("curl -o backup.csv.gz localhost:8070/backup", stack, cwd)
     first = gzip.decompress((Path(cwd) / "backup.csv.gz").read_bytes()).decode().split("\n")[0]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", first)

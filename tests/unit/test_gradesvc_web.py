@@ -9,6 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet import defer
+from twisted.internet import error as net_error
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
@@ -20,7 +24,9 @@ from gradesvc.readapi import ReadAPI, read_router
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
 from gradesvc.writeapi import WriteAPI, write_router
+from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
+from svckit.site import make_site
 from tests.unit.fired import fired
 
 
@@ -221,3 +227,26 @@ def test_banner_health_ready_metrics(replica: Replica) -> None:
     assert replica.metric("gradesvc_write_http_requests_total", route="set", code="200") == 1
     assert replica.metric("gradesvc_write_http_requests_total", route="set", code="400") == 1
     assert replica.metric("gradesvc_users") == 1
+
+
+def test_backup_client_gone_midway_stops_the_producer() -> None:
+    replica = Replica()
+    for i in range(5000):
+        replica.store.apply_patch(str(i), {"spp": i}, 1, "x")
+    clock = Clock()
+    coop = Cooperator(scheduler=lambda work: clock.callLater(0, work))
+    backup = Backup(replica.store, replica.status, new_registry(), "r1", lambda: 1000.0, coop)
+    router = read_router(ReadAPI(replica.store, replica.status, "r1"), backup, new_registry())
+    channel = make_site(router, AccessLog("off", clock)).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /backup HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(0)
+    clock.advance(0)
+    sent = len(transport.value())
+    assert transport.value().startswith(b"HTTP/1.1 200") and sent > 0
+    channel.connectionLost(Failure(net_error.ConnectionLost()))
+    for _ in range(10):
+        clock.advance(0)
+    assert len(transport.value()) == sent  # nothing more produced or written
+    assert not clock.getDelayedCalls()

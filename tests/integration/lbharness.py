@@ -1,0 +1,114 @@
+"""Real lbsvc processes and real HTTP backends on loopback, for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from tests.integration.harness import Daemon, free_port, http, wait_until
+
+
+class Backend:
+    """A backend answering ``Server NAME answer`` and recording what it saw."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: List[Dict[str, str]] = []
+        self.connections: set = set()
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                backend.connections.add(self.connection)
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                backend.seen.append({**{k.lower(): v for k, v in self.headers.items()},
+                                     "_path": self.path, "_body": body.decode()})
+                out = f"Server {backend.name} answer".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.port = free_port()
+        self.server: Optional[ThreadingHTTPServer] = None
+        self.handler = Handler
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        """Like a killed process: stop listening and drop every open connection."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(2)
+            except OSError:
+                pass
+        self.connections.clear()
+
+
+def write_servers(path: Path, backends: List[Backend], interval: float = 0.2) -> None:
+    servers = "\n".join(f'  - {{name: {b.name}, url: "{b.url}"}}' for b in backends)
+    path.write_text(
+        f"algorithm: round_robin\nhealth_check: {{path: /health, interval: {interval}, timeout: 0.5, fall: 1, rise: 1}}\n"
+        f"upstream_timeout: 5\nservers:\n{servers}\n"
+    )
+
+
+class Gateway(Daemon):
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        env = {
+            "LBSVC_ENDPOINT": f"tcp:{self.port}:interface=127.0.0.1",
+            "LBSVC_ADMIN_ENDPOINT": f"tcp:{self.admin_port}:interface=127.0.0.1",
+            "LBSVC_SERVERS": str(workdir / "servers.yaml"),
+            "LBSVC_DATABASE": str(workdir / "users.sqlite3"),
+        }
+        super().__init__("lbsvc", [], env, workdir, "lbsvc")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> Gateway:
+        def ready() -> bool:
+            assert self.alive(), self.log()[-3000:]
+            return http("GET", f"http://127.0.0.1:{self.admin_port}/ready")[0] == 200
+
+        wait_until(ready, 30, "lbsvc /ready")
+        return self
+
+    def call(self, method: str, path: str, body: Optional[dict] = None, key: Optional[str] = None,
+             raw: Optional[bytes] = None) -> tuple:
+        headers = {"Authorization": key} if key else {}
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        return http(method, self.url + path, data, headers)
+
+    def create(self, name: str) -> str:
+        code, _, body = self.call("POST", "/user/create", {"name": name})
+        assert code == 201, body
+        return str(json.loads(body)["api_key"])

@@ -1,0 +1,99 @@
+"""The command lines of both daemons: environment variables, precedence, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from twisted.python import usage
+
+from gradesvc import tap as gradesvc_tap
+from lbsvc import tap as lbsvc_tap
+from lbsvc.users import StorageUnavailable, check_database
+
+CREDENTIALS = {"GRADESVC_ADMIN_USER": "admin", "GRADESVC_ADMIN_PASSWORD": "pw"}
+
+
+def grades(args: List[str], env: Dict[str, str]) -> gradesvc_tap.Options:
+    options = gradesvc_tap.Options(environ=env)
+    options.parseOptions(args)
+    return options
+
+
+def test_gradesvc_defaults_come_from_the_contract() -> None:
+    config = grades([], CREDENTIALS).config
+    assert (config.get_endpoint, config.set_endpoint) == ("tcp:8070", "tcp:8071")
+    assert config.amqp_url == "amqp://guest:guest@127.0.0.1:5672/%2F"
+    assert (config.stream, config.peers, config.access_log) == ("user_grades", (), "-")
+    assert config.replica_id and config.peer_idle_timeout == 30.0
+    assert "pw" not in repr(config)
+
+
+def test_gradesvc_environment_then_command_line() -> None:
+    env = {**CREDENTIALS, "GRADESVC_GET_ENDPOINT": "9000", "GRADESVC_STREAM": "s1",
+           "GRADESVC_PEERS": "http://a:1/, http://b:2", "GRADESVC_REPLICA_ID": "r9"}
+    config = grades(["--stream", "s2"], env).config
+    assert config.get_endpoint == "tcp:9000"
+    assert config.stream == "s2"
+    assert config.peers == ("http://a:1", "http://b:2")
+    assert config.replica_id == "r9"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ([], {}, "credentials"),
+    ([], {"GRADESVC_ADMIN_USER": "admin"}, "credentials"),
+    (["--amqp-url", "http://x"], CREDENTIALS, "amqp://"),
+    (["--stream", ""], CREDENTIALS, "stream"),
+    (["--peers", "ftp://x"], CREDENTIALS, "peer"),
+    (["--peer-idle-timeout", "0"], CREDENTIALS, "greater than 0"),
+    (["--peer-idle-timeout", "inf"], CREDENTIALS, "finite"),
+    (["--peer-idle-timeout", "soon"], CREDENTIALS, "number"),
+    (["--get-endpoint", " "], CREDENTIALS, "empty"),
+    (["--access-log", ""], CREDENTIALS, "access-log"),
+])
+def test_gradesvc_refuses_bad_options(args: List[str], env: Dict[str, str], message: str) -> None:
+    with pytest.raises(usage.UsageError, match=message):
+        grades(args, env)
+
+
+def servers_file(tmp_path: Path) -> str:
+    path = tmp_path / "servers.yaml"
+    path.write_text('servers:\n  - {name: a, url: "http://127.0.0.1:1"}\n')
+    return str(path)
+
+
+def gateway(args: List[str], env: Dict[str, str]) -> lbsvc_tap.Options:
+    options = lbsvc_tap.Options(environ=env)
+    options.parseOptions(args)
+    return options
+
+
+def test_lbsvc_options(tmp_path: Path) -> None:
+    env = {"LBSVC_SERVERS": servers_file(tmp_path), "LBSVC_MAX_BODY": "1000", "LBSVC_ENDPOINT": "8081"}
+    settings = gateway(["--database", "x.sqlite3"], env).settings
+    assert (settings.endpoint, settings.max_body, settings.database) == ("tcp:8081", 1000, "x.sqlite3")
+    assert settings.admin_endpoint == "tcp:8079:interface=127.0.0.1"
+    assert [s.name for s in settings.servers.servers] == ["a"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--servers", "/nonexistent/servers.yaml"], "cannot read"),
+    (["--max-body", "lots"], "max-body"),
+    (["--max-body", "-1"], "max-body"),
+    (["--database", ""], "database"),
+])
+def test_lbsvc_refuses_bad_options(tmp_path: Path, args: List[str], message: str) -> None:
+    with pytest.raises(usage.UsageError, match=message):
+        gateway(args, {"LBSVC_SERVERS": servers_file(tmp_path)})
+
+
+def test_a_database_that_cannot_be_opened_stops_lbsvc_with_one_line(tmp_path: Path) -> None:
+    with pytest.raises(StorageUnavailable, match="cannot open the user database"):
+        check_database(str(tmp_path / "missing-dir" / "users.sqlite3"))
+    options = gateway(["--database", str(tmp_path / "missing-dir" / "users.sqlite3")],
+                      {"LBSVC_SERVERS": servers_file(tmp_path)})
+    with pytest.raises(SystemExit) as exit:
+        lbsvc_tap.makeService(options)
+    message = str(exit.value.code)
+    assert message.startswith("lbsvc: cannot open the user database") and "\n" not in message
