@@ -7,8 +7,6 @@ import time
 from typing import Any, Optional, Tuple
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -27,8 +25,7 @@ from gradesvc.writeapi import WriteAPI, write_router
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
 from svckit.options import EnvOptions, access_log_destination, endpoint_description, positive_float
-from svckit.site import make_site
-from svckit.web import Router
+from svckit.site import listen
 
 log = Logger()
 
@@ -102,13 +99,6 @@ class Options(EnvOptions):
         )
 
 
-def serve(reactor: Any, description: str, router: Router, access_log: AccessLog,
-          parent: service.MultiService) -> None:
-    """Listen on an endpoint string with a site for ``router``."""
-    site = make_site(router, access_log)
-    StreamServerEndpointService(endpoints.serverFromString(reactor, description), site).setServiceParent(parent)
-
-
 def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:
     """Wire one replica: broker connection, consumer, bootstrap, two web ports."""
     if reactor is None:
@@ -132,11 +122,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
                               wall=wall, clock=reactor)
 
     backup = Backup(store, status, registry, config.replica_id, wall)
-    serve(reactor, config.get_endpoint,
-          read_router(ReadAPI(store, status, config.replica_id), backup, registry), access_log, top)
+    reads = read_router(ReadAPI(store, status, config.replica_id), backup, registry)
+    listen(reactor, config.get_endpoint, reads, access_log).setServiceParent(top)
     writes = WriteAPI(store, hlc, config.replica_id, broker, status, wall)
     guard = basic_auth_guard(admin_portal(config.admin_user, config.admin_password))
-    serve(reactor, config.set_endpoint, write_router(writes, guard, registry), access_log, top)
+    listen(reactor, config.set_endpoint, write_router(writes, guard, registry), access_log).setServiceParent(top)
 
     bootstrap = Bootstrap(store, hlc, status, config.peers, clock=reactor,
                           idle_timeout=config.peer_idle_timeout)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints, task
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -26,9 +25,8 @@ from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
 from svckit.options import EnvOptions, access_log_destination, endpoint_description
 from svckit.readiness import Readiness
-from svckit.site import make_site
+from svckit.site import listen
 from svckit.supervisor import Supervisor
-from svckit.web import Router
 
 log = Logger()
 
@@ -83,13 +81,6 @@ class Options(EnvOptions):
         )
 
 
-def listen(reactor: Any, description: str, router: Router, access_log: AccessLog,
-           parent: service.MultiService) -> None:
-    """Serve ``router`` on an endpoint string."""
-    site = make_site(router, access_log)
-    StreamServerEndpointService(endpoints.serverFromString(reactor, description), site).setServiceParent(parent)
-
-
 def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:
     """Wire the gateway: users, buckets, backends and checks, two ports."""
     if reactor is None:
@@ -137,7 +128,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     gateway.setServiceParent(top)
     proxy = Proxy(buckets, pool, upstream_agent(reactor), reactor, registry)
     router = gateway_router(users, UserAPI(users, buckets), proxy, settings.max_body, registry)
-    listen(reactor, settings.endpoint, router, access_log, gateway)
-    listen(reactor, settings.admin_endpoint, admin_router(pool, readiness, registry),
-           AccessLog(OFF, reactor), top)
+    listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
+    admin = admin_router(pool, readiness, registry)
+    listen(reactor, settings.admin_endpoint, admin, AccessLog(OFF, reactor)).setServiceParent(top)
     return top

@@ -23,8 +23,11 @@ decisions that need only the headers to the moment the headers are in:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
 from twisted.web import http, server
 
 from svckit.accesslog import AccessLog
@@ -196,3 +199,9 @@ class GuardedSite(server.Site):
 def make_site(router: Router, access_log: AccessLog) -> GuardedSite:
     """The site serving ``router``."""
     return GuardedSite(router, access_log)
+
+
+def listen(reactor: Any, description: str, router: Router, access_log: AccessLog) -> service.Service:
+    """A service serving ``router`` on a Twisted endpoint string."""
+    endpoint = endpoints.serverFromString(reactor, description)
+    return StreamServerEndpointService(endpoint, make_site(router, access_log))
