@@ -21,12 +21,14 @@ from common import (
     GradeReplica,
     delete_stream,
     free_port,
+    http,
     machine,
     pin_server,
     record,
     runtime,
     twistd_tac,
     unique_stream,
+    wait_until,
     wrk,
 )
 
@@ -67,6 +69,7 @@ def main() -> None:
         for replica in others:
             replica.wait_ready()
         bare.start()
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{port}/get?user_id=1")[0] == 200, 30, "the bare resource")
         os.environ["BENCH_USERS"] = str(USERS)
         for daemon in [logged, bare, *others]:
             pin_server(daemon)

@@ -7,8 +7,8 @@ in the broker works per chunk at one-second precision and the peer may lag its
 own stream, so resuming by time can skip writes that were in flight.
 
 A peer that fails half-way (dies, stalls for ``idle_timeout`` seconds, sends
-garbage) leaves only correctly versioned rows behind, which the last-writer-wins merge makes
-harmless; the loader moves on to the next peer, and with no peer left it
+garbage) leaves only correctly versioned rows behind, which the merge rule
+(the later stream offset wins) makes harmless; the loader moves on to the next peer, and with no peer left it
 starts from the beginning of the stream.
 """
 
@@ -25,7 +25,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gradesvc.hlc import HybridLogicalClock
 from gradesvc.snapshot import SnapshotReader
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
@@ -100,7 +99,6 @@ class Bootstrap:
     def __init__(
         self,
         store: GradeStore,
-        hlc: HybridLogicalClock,
         status: ReplicaStatus,
         peers: Sequence[str],
         *,
@@ -112,19 +110,37 @@ class Bootstrap:
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.store = store
-        self.hlc = hlc
         self.status = status
         self.peers = list(peers)
         self.http = http
         self.connect_timeout = connect_timeout
 
     async def run(self) -> int:
-        """Load a snapshot; return the stream offset to resume after (-1: none)."""
+        """Load a snapshot at start; return the stream offset to resume after (-1: none)."""
+        offset = await self.load(-1)
+        if offset is not None:
+            return offset
+        if self.peers:
+            log.warn("No peer gave a snapshot; replaying the stream from its start")
+        else:
+            log.info("No peers configured; replaying the stream from its start")
+        return -1
+
+    async def load(self, needed: int) -> Optional[int]:
+        """Load the first peer snapshot reflecting offset ``needed`` or later.
+
+        Returns its offset, or None when no peer has one.  A snapshot that
+        is too old is still merged (harmless: the later offset wins per
+        field) and the next peer is tried.
+        """
         started = self.clock.seconds()
         self.status.loading_snapshot()
         for peer in self.peers:
             offset = await self._try_peer(peer.rstrip("/"))
-            if offset is not None:
+            if offset is not None and offset < needed:
+                log.warn("Snapshot of {peer} reflects offset {offset}, before {needed}; trying the next",
+                         peer=peer, offset=offset, needed=needed)
+            elif offset is not None:
                 log.info(
                     "Loaded {rows} rows from {peer} in {seconds:.2f}s; resuming the"
                     " stream after offset {offset}",
@@ -132,11 +148,7 @@ class Bootstrap:
                     seconds=self.clock.seconds() - started,
                 )
                 return offset
-        if self.peers:
-            log.warn("No peer gave a snapshot; replaying the stream from its start")
-        else:
-            log.info("No peers configured; replaying the stream from its start")
-        return -1
+        return None
 
     async def _try_peer(self, peer: str) -> Optional[int]:
         url = f"{peer}/backup"
@@ -171,9 +183,6 @@ class Bootstrap:
                 url=url, rows=reader.rows, error=e,
             )
             return None
-        finally:
-            if reader.max_timestamp:
-                self.hlc.observe(reader.max_timestamp)
         self.status.snapshot_offset = offset
         return offset
 

@@ -176,7 +176,7 @@ class BrokerService(service.Service):
     def _lost(self, reason: object) -> object:
         if self.status.connected:
             log.warn("Broker connection lost: {reason}", reason=reason)
-        self.status.connected = False
+        self.status.broker_lost()
         self._channel = None
         self._connection = None
         return reason

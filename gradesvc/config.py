@@ -21,3 +21,5 @@ class ReplicaConfig:
     admin_password: str = attrs.field(repr=False)
     access_log: str = "-"
     peer_idle_timeout: float = 30.0
+    write_timeout: float = 5.0
+    read_wait: float = 2.0

@@ -1,9 +1,9 @@
 """What a write is: validating ``POST /set`` bodies and the stream message.
 
-A message on the stream is UTF-8 JSON ``{"replica": ..., "ts": ..., "user_id":
-..., "patch": {...}}``: one partial write, versioned by the writer's hybrid
-logical clock timestamp and replica id.  The same object is applied locally,
-by other replicas, and on replay.
+A message on the stream is UTF-8 JSON ``{"replica": ..., "id": ..., "at": ...,
+"user_id": ..., "patch": {...}}``: one partial write.  Its version is the
+offset the stream gives it; every replica, the writer included, applies it
+when it consumes it.
 """
 
 from __future__ import annotations
@@ -37,10 +37,16 @@ class Write:
 
 @attrs.frozen
 class WriteMessage:
-    """A write as carried by the stream."""
+    """A write as carried by the stream.
+
+    ``write_id`` is unique per write (the writer waits for its own message by
+    it); ``written_at`` is the writer's wall clock in milliseconds, used only
+    to measure replication delay, never to order anything.
+    """
 
     replica: str
-    timestamp: int
+    write_id: str
+    written_at: int
     write: Write
 
     def encode(self) -> bytes:
@@ -48,7 +54,8 @@ class WriteMessage:
         return json.dumps(
             {
                 "replica": self.replica,
-                "ts": self.timestamp,
+                "id": self.write_id,
+                "at": self.written_at,
                 "user_id": self.write.user_id,
                 "patch": dict(self.write.patch),
             },
@@ -58,8 +65,8 @@ class WriteMessage:
 
     @property
     def message_id(self) -> str:
-        """A unique id of this write: replica and timestamp."""
-        return f"{self.replica}:{self.timestamp}"
+        """A unique id of this write: replica and write id."""
+        return f"{self.replica}:{self.write_id}"
 
     @classmethod
     def decode(cls, body: bytes) -> WriteMessage:
@@ -67,13 +74,18 @@ class WriteMessage:
         obj = json.loads(body.decode("utf-8"))
         if not isinstance(obj, dict):
             raise ValueError("message is not an object")
-        replica, timestamp = obj.get("replica"), obj.get("ts")
+        replica, write_id, written_at = obj.get("replica"), obj.get("id"), obj.get("at", 0)
         if not isinstance(replica, str) or not replica:
             raise ValueError("message has no replica")
-        if not isinstance(timestamp, int) or isinstance(timestamp, bool) or timestamp <= 0:
-            raise ValueError("message has no timestamp")
-        write = parse_write({"user_id": obj.get("user_id"), **(obj.get("patch") or {})})
-        return cls(replica, timestamp, write)
+        if not isinstance(write_id, str) or not write_id:
+            raise ValueError("message has no id")
+        if not isinstance(written_at, int) or isinstance(written_at, bool):
+            raise ValueError("message has a bad time")
+        patch = obj.get("patch", {})
+        if not isinstance(patch, dict):
+            raise ValueError("message has a bad patch")
+        write = parse_write({"user_id": obj.get("user_id"), **patch})
+        return cls(replica, write_id, written_at, write)
 
 
 def _is_int(value: Any) -> bool:
@@ -103,13 +115,13 @@ def parse_write(body: Dict[str, Any]) -> Write:
     return Write(user_id, patch)
 
 
-def write_properties(message: WriteMessage, wall_seconds: float) -> pika.BasicProperties:
-    """AMQP properties of a write message published at ``wall_seconds``."""
+def write_properties(message: WriteMessage) -> pika.BasicProperties:
+    """AMQP properties of a write message."""
     return pika.BasicProperties(
         app_id=message.replica,
         message_id=message.message_id,
         content_type="application/json",
         type=WRITE_TYPE,
-        timestamp=int(wall_seconds),
+        timestamp=message.written_at // 1000,
         delivery_mode=2,
     )

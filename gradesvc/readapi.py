@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Awaitable, Dict, Union
 
 from prometheus_client import CollectorRegistry
 from twisted.web import server
 
+from gradesvc.progress import StreamProgress
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import FIELDS, GradeStore
 from svckit import metrics
-from svckit.responses import BytesResponse, HTTPError, JSONResponse, Response
+from svckit.responses import BytesResponse, HTTPError, JSONResponse, Response, unavailable
 from svckit.web import Handler, Route, Router
 
+READ_WAIT = 2.0
+MAX_OFFSET = 2**63 - 1
 NO_BODY = 1024
 """Bytes of body tolerated (and ignored) on the read port, where nothing takes one."""
 
@@ -30,21 +33,52 @@ def query_arg(request: server.Request, name: str) -> str:
         raise HTTPError(400, f"{name} is not valid UTF-8") from None
 
 
+def parse_offset(text: str) -> int:
+    """A stream offset: a decimal integer 0 … 2^63 - 1."""
+    if not text.isdigit() or not text.isascii() or len(text) > 19 or int(text) > MAX_OFFSET:
+        raise HTTPError(400, "min_offset must be a stream offset (an integer from 0)")
+    return int(text)
+
+
 class ReadAPI:
     """The handlers of the read port."""
 
-    def __init__(self, store: GradeStore, status: ReplicaStatus, replica_id: str) -> None:
+    def __init__(self, store: GradeStore, status: ReplicaStatus, progress: StreamProgress,
+                 replica_id: str, read_wait: float = READ_WAIT) -> None:
         self.store = store
         self.status = status
+        self.progress = progress
+        self.read_wait = read_wait
         self.banner = BytesResponse(f"Server {replica_id} answer".encode())
 
-    def get(self, request: server.Request) -> JSONResponse:
-        """``GET /get?user_id=ID``: one user's grade; 400, 404 or 503 otherwise."""
+    def get(self, request: server.Request) -> Union[JSONResponse, Awaitable[JSONResponse]]:
+        """``GET /get?user_id=ID[&min_offset=N]``: one user's grade; 400, 404 or 503 otherwise.
+
+        With ``min_offset`` the answer waits (up to ``--read-wait``) until this
+        replica has applied offset N: the way to read one's own write, made on
+        another replica, from this one.
+        """
         if not self.status.serving_reads:
             raise self.status.not_ready()
         user_id = query_arg(request, "user_id")
         if not user_id:
             raise HTTPError(400, "user_id query argument is required")
+        wanted = query_arg(request, "min_offset")
+        if wanted:
+            offset = parse_offset(wanted)
+            if offset > self.status.applied_offset:
+                return self._get_after(user_id, offset)
+        return self._answer(user_id)
+
+    async def _get_after(self, user_id: str, offset: int) -> JSONResponse:
+        if not await self.progress.reached(offset, self.read_wait):
+            raise unavailable(f"offset {offset} is not applied on this replica yet"
+                              f" (applied: {self.status.applied_offset})")
+        if not self.status.serving_reads:
+            raise self.status.not_ready()
+        return self._answer(user_id)
+
+    def _answer(self, user_id: str) -> JSONResponse:
         values = self.store.values(user_id)
         if values is None:
             raise HTTPError(404, "user not found")

@@ -1,23 +1,32 @@
-"""Consuming the stream: apply other replicas' writes, track offsets, catch up.
+"""Consuming the stream: apply every write in stream order, find real gaps, catch up.
 
 On every broker connection :class:`StreamConsumer` subscribes from the last
-applied offset + 1 (never by time, never ``next``), applies each message with
-the storage's last-writer-wins rule, and records the message's
-``x-stream-offset``.  Acks are sent with ``multiple=True``, one per batch, as
-flow-control credit; the broker keeps messages regardless.
+applied offset + 1 (never by time, never ``next``) and applies each message
+with the storage's rule: the later offset wins, per field.  Acks are sent
+with ``multiple=True``, one per batch, as flow-control credit; the broker
+keeps messages regardless.
 
-Catching up: right after subscribing while not ready (at start, and after the
-consumer failed) the replica publishes a
-small *sync marker* carrying a random nonce.  Its offset is at or after the
-stream's tail when consuming began, so the replica is caught up exactly when
-its own marker comes back, with no guessing from timers or message counts.
+**Catching up.** After every (re)subscribe the replica is not ready: it
+publishes a small *sync marker* with a random nonce, whose offset is at or
+after the stream's tail when consuming began, and is ready exactly when its
+own marker comes back.
+
+**Gaps.** Every delivery's offset is compared with the last applied one.  A
+jump is not always a loss: the broker writes chunks that occupy offsets but
+are never delivered over AMQP (tracking and writer snapshots, typically at
+the start of a segment).  So on a jump the consumer asks the broker where the
+stream now begins (a short-lived consumer at ``first``): if the stream still
+holds the first offset that was skipped, the skipped offsets carried no
+message and nothing is lost; if retention has dropped it, messages are gone.
+Then the replica leaves ready and re-bootstraps from a peer whose snapshot
+reaches past the gap; with none, it stays in phase ``retention_gap``.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import pika
 from pika.adapters.twisted_connection import TwistedProtocolConnection
@@ -30,17 +39,31 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gradesvc.broker import BrokerService
-from gradesvc.hlc import HybridLogicalClock, physical_seconds
 from gradesvc.messages import MARKER_TYPE, WriteMessage
+from gradesvc.progress import StreamProgress
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
 
 log = Logger()
 
 PREFETCH = 1000
-SKIP_REASONS = ("duplicate", "malformed", "own", "marker")
+PROBE_TIMEOUT = 5.0
+SKIP_REASONS = ("duplicate", "malformed", "marker")
 LAG_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+Rebootstrap = Callable[[int], Awaitable[Optional[int]]]
+"""``rebootstrap(needed)``: load a peer snapshot reflecting offset ``needed`` or
+later; the snapshot's offset, or None when no peer has one."""
+
+
+class StreamGap(Exception):
+    """Offsets from ``wanted`` to ``first_available - 1`` held messages the stream has dropped."""
+
+    def __init__(self, wanted: int, first_available: int) -> None:
+        super().__init__(wanted, first_available)
+        self.wanted = wanted
+        self.first_available = first_available
 
 
 class StreamConsumer:
@@ -49,10 +72,10 @@ class StreamConsumer:
     def __init__(
         self,
         store: GradeStore,
-        hlc: HybridLogicalClock,
         replica_id: str,
         broker: BrokerService,
         status: ReplicaStatus,
+        progress: StreamProgress,
         registry: CollectorRegistry,
         *,
         wall: Callable[[], float],
@@ -61,14 +84,15 @@ class StreamConsumer:
         self.clock = clock
         self.wall = wall
         self.store = store
-        self.hlc = hlc
         self.replica_id = replica_id
         self.broker = broker
         self.status = status
+        self.progress = progress
+        self.rebootstrap: Optional[Rebootstrap] = None
         self.snapshot_loaded: defer.Deferred[int] = defer.Deferred()
         self.snapshot_loaded.addCallback(self._snapshot_offset)
         self._marker: Optional[str] = None
-        self._started_at = clock.seconds()
+        self._started_at = self._subscribed_at = clock.seconds()
         self._failures = 0
         self._applied = Counter(
             "gradesvc_stream_messages_applied", "Stream messages applied to the store.",
@@ -79,6 +103,15 @@ class StreamConsumer:
             ["reason"], registry=registry,
         )
         self._skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
+        self._jumps = Counter(
+            "gradesvc_stream_offset_jumps", "Offset jumps checked, by verdict"
+            " (empty: the skipped offsets held no message; gap: messages were lost).",
+            ["verdict"], registry=registry,
+        )
+        self._rebootstraps = Counter(
+            "gradesvc_rebootstraps", "Re-bootstraps from a peer after a gap in the stream.",
+            registry=registry,
+        )
         self._lag = Histogram(
             "gradesvc_replication_delay_seconds",
             "Time from another replica's write (its clock) to applying it here, once ready.",
@@ -90,8 +123,10 @@ class StreamConsumer:
         self.status.applied_offset = max(self.status.applied_offset, offset)
 
     async def subscribe(self, connection: TwistedProtocolConnection) -> None:
-        """Start consuming on a fresh connection once the snapshot is in."""
+        """Consume from the last applied offset + 1; ready once the marker is back."""
         await self.snapshot_loaded
+        if self.status.phase is Phase.RETENTION_GAP:
+            return
         channel = await connection.channel()
         await channel.basic_qos(prefetch_count=PREFETCH)
         start = self.status.applied_offset + 1
@@ -101,13 +136,24 @@ class StreamConsumer:
             arguments={"x-stream-offset": start},
         )
         log.info("Consuming stream {stream} from offset {offset}", stream=self.broker.stream, offset=start)
-        if self.status.phase is not Phase.READY:
-            self.status.catching_up()
-            self._marker = uuid.uuid4().hex
-            published = self._publish_marker()
-            published.addErrback(lambda f: log.warn("Sync marker not published: {f}", f=f.value))
-        consuming = defer.ensureDeferred(self._consume(channel, queue, start))
-        consuming.addErrback(self._consumer_failed, connection)
+        self.status.catching_up()
+        self._subscribed_at = self.clock.seconds()
+        self._marker = uuid.uuid4().hex
+        published = self._publish_marker()
+        published.addErrback(self._marker_failed, connection)
+        consuming = defer.ensureDeferred(self._consume(connection, channel, queue))
+        consuming.addErrback(self._consumer_stopped, connection)
+
+    def _marker_failed(self, failure: Failure, connection: TwistedProtocolConnection) -> None:
+        log.warn("Sync marker not published ({error}); reconnecting", error=failure.value)
+        self.broker.reconnect_later(connection)
+
+    def _consumer_stopped(self, failure: Failure, connection: TwistedProtocolConnection) -> defer.Deferred[None]:
+        if failure.check(StreamGap):
+            gap: StreamGap = failure.value  # type: ignore[assignment]
+            return defer.ensureDeferred(self._recover(connection, gap))
+        self._consumer_failed(failure, connection)
+        return defer.succeed(None)
 
     def _consumer_failed(self, failure: Failure, connection: TwistedProtocolConnection) -> None:
         """The consume loop broke: not ready, and a new subscription after a back-off."""
@@ -131,16 +177,16 @@ class StreamConsumer:
         )
         return defer.ensureDeferred(self.broker.publish(body, props))
 
-    async def _consume(self, channel: Any, queue: Any, start: int) -> None:
+    async def _consume(self, connection: TwistedProtocolConnection, channel: Any, queue: Any) -> None:
         """Apply deliveries in batches: one wait and one ack per batch.
 
         pika hands over every message of a socket read before returning to the
         reactor.  Waiting one reactor turn after each batch lets them collect
         in the queue's ``pending`` list, so a busy stream costs one Deferred and
         one ack per read, not per message; an idle one still wakes on the very
-        next delivery.
+        next delivery.  Raises :class:`StreamGap` on a real gap.
         """
-        expected: Optional[int] = start
+        status = self.status
         while True:
             try:
                 message = await queue.get()
@@ -155,23 +201,74 @@ class StreamConsumer:
                 if not isinstance(offset, int):
                     log.warn("Stream delivery without x-stream-offset; skipped")
                     continue
-                if expected is not None:
-                    if offset > expected:
-                        self._retention_gap(expected, offset)
-                    expected = None
+                expected = status.applied_offset + 1
+                if offset > expected:
+                    try:
+                        await self._check_jump(connection, expected, offset)
+                    except StreamGap:
+                        if channel.is_open:
+                            channel.close()
+                        raise
                 self.handle(offset, message.properties, message.body)
+            self.progress.advanced()
             if channel.is_open:
                 channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
             await task.deferLater(self.clock, 0, lambda: None)
 
-    def _retention_gap(self, wanted: int, first: int) -> None:
-        log.critical(
-            "Retention gap on stream {stream}: asked for offset {wanted}, the broker's"
-            " first delivery is offset {first}; messages {wanted}..{last} are gone."
-            " This replica is NOT in sync: restart it with peers that have the data.",
-            stream=self.broker.stream, wanted=wanted, first=first, last=first - 1,
+    async def _check_jump(self, connection: TwistedProtocolConnection, expected: int, delivered: int) -> None:
+        """Offsets ``expected`` .. ``delivered - 1`` were skipped: lost messages, or none?"""
+        first = await self.first_offset(connection)
+        if first is not None and first <= expected:
+            self._jumps.labels("empty").inc()
+            log.debug("Offsets {expected}..{last} hold no message (the stream starts at {first})",
+                      expected=expected, last=delivered - 1, first=first)
+            return
+        self._jumps.labels("gap").inc()
+        raise StreamGap(expected, delivered if first is None else first)
+
+    async def first_offset(self, connection: TwistedProtocolConnection) -> Optional[int]:
+        """The offset of the first message the stream still holds (None: unknown)."""
+        channel = await connection.channel()
+        try:
+            await channel.basic_qos(prefetch_count=1)
+            queue, tag = await channel.basic_consume(
+                queue=self.broker.stream, auto_ack=False, arguments={"x-stream-offset": "first"},
+            )
+            got = queue.get()
+            got.addTimeout(PROBE_TIMEOUT, self.clock)
+            try:
+                message = await got
+            except defer.TimeoutError:
+                return None
+            offset = (message.properties.headers or {}).get("x-stream-offset")
+            return offset if isinstance(offset, int) else None
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    async def _recover(self, connection: TwistedProtocolConnection, gap: StreamGap) -> None:
+        """A real gap: re-bootstrap from a peer past it, or stay in ``retention_gap``."""
+        log.error(
+            "Gap in stream {stream}: offsets {wanted}..{last} are gone (the stream now starts at"
+            " {first}); leaving ready to re-bootstrap from a peer",
+            stream=self.broker.stream, wanted=gap.wanted, last=gap.first_available - 1,
+            first=gap.first_available,
         )
-        self.status.retention_gap(wanted, first)
+        self.status.loading_snapshot()
+        offset = await self.rebootstrap(gap.first_available - 1) if self.rebootstrap is not None else None
+        if offset is not None:
+            self._rebootstraps.inc()
+            self.status.applied_offset = max(self.status.applied_offset, offset)
+            log.info("Re-bootstrapped to offset {offset}; resubscribing", offset=offset)
+            self.broker.reconnect_later(connection, 0.0)
+            return
+        log.critical(
+            "Retention gap on stream {stream}: messages {wanted}..{last} are gone and no peer has"
+            " a snapshot past them. This replica is NOT in sync and stays unready: restart it"
+            " with peers that have the data.",
+            stream=self.broker.stream, wanted=gap.wanted, last=gap.first_available - 1,
+        )
+        self.status.retention_gap(gap.wanted, gap.first_available)
 
     def handle(self, offset: int, properties: Any, body: bytes) -> None:
         """Apply one delivery at ``offset`` (idempotent; older offsets are ignored).
@@ -191,25 +288,21 @@ class StreamConsumer:
         status.applied_offset = offset
 
     def _apply(self, offset: int, body: bytes) -> None:
-        status = self.status
         try:
             message = WriteMessage.decode(body)
         except (ValueError, TypeError) as e:
             log.warn("Malformed stream message at offset {offset}: {error}", offset=offset, error=e)
             self._skipped["malformed"].inc()
             return
-        self.hlc.observe(message.timestamp)
-        lag = max(0.0, self.wall() - physical_seconds(message.timestamp))
-        status.lag_seconds = lag
+        lag = max(0.0, self.wall() - message.written_at / 1000.0)
+        self.status.lag_seconds = lag
         write = message.write
-        if message.replica == self.replica_id:
-            if self.store.is_applied(write.user_id, list(write.patch), message.timestamp, message.replica):
-                self._skipped["own"].inc()
-                return
-        elif status.ready:
-            self._lag.observe(lag)
-        self.store.apply_patch(write.user_id, write.patch, message.timestamp, message.replica)
+        self.store.apply_patch(write.user_id, write.patch, offset)
         self._applied.inc()
+        if message.replica == self.replica_id:
+            self.progress.write_applied(message.message_id, offset)
+        elif self.status.ready:
+            self._lag.observe(lag)
 
     def _on_marker(self, body: bytes) -> None:
         try:
@@ -224,6 +317,6 @@ class StreamConsumer:
             self._failures = 0
             self.status.reached_ready(self.clock.seconds() - self._started_at)
             log.info(
-                "Caught up with stream at offset {offset} after {seconds:.2f}s; ready",
-                offset=self.status.applied_offset, seconds=self.status.bootstrap_seconds,
+                "Caught up with stream at offset {offset}, {seconds:.2f}s after subscribing; ready",
+                offset=self.status.applied_offset, seconds=self.clock.seconds() - self._subscribed_at,
             )

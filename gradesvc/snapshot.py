@@ -4,11 +4,12 @@ A gzip'd CSV (RFC 4180 quoting, ``\\n`` line ends)::
 
     2026-11-23T12:00:00.123456Z                  generation time, RFC 3339 UTC
     stream_offset,41                             last stream offset applied (-1: none)
-    user_id,postpaid_limit,spp,shipping_fee,return_fee,postpaid_limit_ts,postpaid_limit_replica,...
-    1,254,2321,20,29,114...,replica-a,...        one row per user
+    user_id,postpaid_limit,spp,shipping_fee,return_fee,postpaid_limit_offset,...,return_fee_offset
+    1,254,2321,20,29,17,17,17,40                 one row per user
 
-The ``*_ts``/``*_replica`` columns are each field's version, so a loader merges
-rows with the same last-writer-wins rule as stream messages.
+The ``*_offset`` columns are each field's version (the stream offset of the
+message that wrote it; -1: never written), so a loader merges rows with the
+same rule as stream messages: the later offset wins.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from typing import Iterable, Iterator, List, Optional
 from gradesvc.storage import FIELDS, GradeStore
 
 OFFSET_KEY = "stream_offset"
-HEADER: List[str] = ["user_id", *FIELDS]
-for _name in FIELDS:
-    HEADER += [f"{_name}_ts", f"{_name}_replica"]
+HEADER: List[str] = ["user_id", *FIELDS, *(f"{name}_offset" for name in FIELDS)]
 ROWS_PER_CHUNK = 1000
 
 # Rows are formatted and parsed by hand rather than through the csv module:
@@ -54,20 +53,16 @@ def csv_field(text: str) -> str:
 
 def format_rows(store: GradeStore, user_ids: Iterable[str]) -> str:
     """The CSV lines of these users (users no longer present are left out)."""
-    names = [csv_field(name) for name in store.replica_names]
     packed = store.packed
     lines = []
     for user_id in user_ids:
         f = packed(user_id)
         if f is None:
             continue
-        v1, v2, v3, v4, t1, t2, t3, t4, r1, r2, r3, r4 = f
+        v1, v2, v3, v4, o1, o2, o3, o4 = f
         if not user_id.isalnum():  # most ids are; only the others need the regex
             user_id = csv_field(user_id)
-        lines.append(
-            f"{user_id},{v1},{v2},{v3},{v4},{t1},{names[r1]},{t2},{names[r2]},"
-            f"{t3},{names[r3]},{t4},{names[r4]}\n"
-        )
+        lines.append(f"{user_id},{v1},{v2},{v3},{v4},{o1},{o2},{o3},{o4}\n")
     return "".join(lines)
 
 
@@ -105,7 +100,6 @@ class SnapshotReader:
 
     def __init__(self, store: GradeStore) -> None:
         self.store = store
-        self.max_timestamp = 0
         self.generated: Optional[str] = None
         self.offset: Optional[int] = None
         self.rows = 0
@@ -161,14 +155,11 @@ class SnapshotReader:
         if len(r) != len(HEADER):
             raise SnapshotError(f"row of {len(r)} fields, not {len(HEADER)}: {r[:1]!r}")
         try:
-            timestamps = (int(r[5]), int(r[7]), int(r[9]), int(r[11]))
             values = (int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+            offsets = (int(r[5]), int(r[6]), int(r[7]), int(r[8]))
         except ValueError:
             raise SnapshotError(f"row with a non-integer value: {r[:1]!r}") from None
-        self.store.load(r[0], values, timestamps, (r[6], r[8], r[10], r[12]))
-        latest = max(timestamps)
-        if latest > self.max_timestamp:
-            self.max_timestamp = latest
+        self.store.load(r[0], values, offsets)
         self.rows += 1
 
     def finish(self) -> int:

@@ -50,8 +50,8 @@ class ReplicaStatus:
 
     @property
     def serving_reads(self) -> bool:
-        """Whether ``/get`` answers: once caught up, reads survive broker outages."""
-        return self.ever_ready and self.phase is not Phase.RETENTION_GAP
+        """Whether ``/get`` answers: only when caught up (never stale data)."""
+        return self.ready
 
     def loading_snapshot(self) -> None:
         """Start-up: loading a peer's snapshot."""
@@ -74,6 +74,12 @@ class ReplicaStatus:
         self.gap = {"wanted_offset": wanted, "first_available_offset": first}
         self.phase = Phase.RETENTION_GAP
 
+    def broker_lost(self) -> None:
+        """The broker connection is gone: not caught up any more until resubscribed."""
+        self.connected = False
+        if self.phase is Phase.READY:
+            self.phase = Phase.CATCHING_UP
+
     def consumer_failed(self) -> None:
         """The stream consumer broke; it is restarted and must catch up again."""
         self.consumer_failures += 1
@@ -91,6 +97,7 @@ class ReplicaStatus:
             "phase": self.phase.value,
             "broker_connected": self.connected,
             "applied_offset": self.applied_offset,
+            "lag": round(self.lag_seconds, 3),
             "lag_seconds": round(self.lag_seconds, 3),
             "consumer_failures": self.consumer_failures,
             "snapshot": {

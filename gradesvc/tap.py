@@ -16,7 +16,7 @@ from gradesvc.bootstrap import Bootstrap, BootstrapService
 from gradesvc.broker import BrokerService
 from gradesvc.config import ReplicaConfig
 from gradesvc.gauges import replica_gauges
-from gradesvc.hlc import HybridLogicalClock
+from gradesvc.progress import StreamProgress
 from gradesvc.readapi import ReadAPI, read_router
 from gradesvc.replication import StreamConsumer
 from gradesvc.status import ReplicaStatus
@@ -59,6 +59,10 @@ class Options(EnvOptions):
         ["access-log", None, "-", "Access log: - (this log), a file, or off [GRADESVC_ACCESS_LOG]."],
         ["peer-idle-timeout", None, "30", ("Seconds a peer's /backup may send nothing before the next"
          " peer is tried [GRADESVC_PEER_IDLE_TIMEOUT].")],
+        ["write-timeout", None, "5", ("Seconds POST /set waits for its confirmed message to be applied"
+         " here before answering 503 [GRADESVC_WRITE_TIMEOUT].")],
+        ["read-wait", None, "2", ("Seconds GET /get?min_offset=N waits for offset N"
+         " [GRADESVC_READ_WAIT].")],
     ]
     envVars = {
         "get-endpoint": "GRADESVC_GET_ENDPOINT",
@@ -71,6 +75,8 @@ class Options(EnvOptions):
         "admin-password": "GRADESVC_ADMIN_PASSWORD",
         "access-log": "GRADESVC_ACCESS_LOG",
         "peer-idle-timeout": "GRADESVC_PEER_IDLE_TIMEOUT",
+        "write-timeout": "GRADESVC_WRITE_TIMEOUT",
+        "read-wait": "GRADESVC_READ_WAIT",
     }
     config: ReplicaConfig
 
@@ -96,6 +102,8 @@ class Options(EnvOptions):
             admin_password=self["admin-password"],
             access_log=access_log_destination(self["access-log"]),
             peer_idle_timeout=positive_float("--peer-idle-timeout", str(self["peer-idle-timeout"])),
+            write_timeout=positive_float("--write-timeout", str(self["write-timeout"])),
+            read_wait=positive_float("--read-wait", str(self["read-wait"])),
         )
 
 
@@ -109,7 +117,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     wall = time.time
     status = ReplicaStatus()
     store = GradeStore()
-    hlc = HybridLogicalClock(wall)
     registry = new_registry()
     replica_gauges(registry, store, status)
 
@@ -118,18 +125,20 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     access_log.setServiceParent(top)
     broker = BrokerService(reactor, config.amqp_url, config.stream, status)
     broker.setServiceParent(top)
-    consumer = StreamConsumer(store, hlc, config.replica_id, broker, status, registry,
+    progress = StreamProgress(status, reactor)
+    consumer = StreamConsumer(store, config.replica_id, broker, status, progress, registry,
                               wall=wall, clock=reactor)
 
     backup = Backup(store, status, registry, config.replica_id, wall)
-    reads = read_router(ReadAPI(store, status, config.replica_id), backup, registry)
+    reads = read_router(ReadAPI(store, status, progress, config.replica_id, config.read_wait), backup, registry)
     listen(reactor, config.get_endpoint, reads, access_log).setServiceParent(top)
-    writes = WriteAPI(store, hlc, config.replica_id, broker, status, wall)
+    writes = WriteAPI(config.replica_id, broker, status, progress, wall, config.write_timeout)
     guard = basic_auth_guard(admin_portal(config.admin_user, config.admin_password))
     listen(reactor, config.set_endpoint, write_router(writes, guard, registry), access_log).setServiceParent(top)
 
-    bootstrap = Bootstrap(store, hlc, status, config.peers, clock=reactor,
+    bootstrap = Bootstrap(store, status, config.peers, clock=reactor,
                           idle_timeout=config.peer_idle_timeout)
+    consumer.rebootstrap = bootstrap.load
     BootstrapService(bootstrap, consumer.snapshot_loaded).setServiceParent(top)
     log.info("gradesvc replica {replica} starting", replica=config.replica_id)
     return top

@@ -117,7 +117,9 @@ def test_bad_paths_and_targets_on_the_read_port(replica: GradeReplica) -> None:
     # twisted.web answers the asterisk-form itself: only OPTIONS may use it.
     assert status(raw(replica.get_port, b"GET * HTTP/1.1\r\nHost: x\r\n\r\n")) == 405
     assert http("GET", replica.read_url + "/get?user_id=%ff")[0] == 400
-    assert http("GET", replica.read_url + "/get?user_id=1&min_offset=x")[0] == 200  # unknown args are ignored
+    assert http("GET", replica.read_url + "/get?user_id=1&other=x")[0] == 200  # unknown arguments are ignored
+    for bad in ("x", "-1", "1.0", "99999999999999999999", "1&min_offset=2"):
+        assert http("GET", replica.read_url + "/get?user_id=1&min_offset=" + bad)[0] == 400, bad
     assert http("POST", replica.read_url + "/get?user_id=1")[0] == 405
 
 

@@ -310,7 +310,7 @@ def test_retention_gap_is_reported(replicas: Make, stream: str) -> None:
         "x-stream-max-segment-size-bytes": 5_000,
     })
     channel.confirm_delivery()
-    body = json.dumps({"replica": "old", "ts": 1, "user_id": "g", "patch": {"spp": 1}}).encode()
+    body = json.dumps({"replica": "old", "id": "1", "at": 0, "user_id": "g", "patch": {"spp": 1}}).encode()
     for _ in range(2000):
         channel.basic_publish("", stream, body, pika.BasicProperties(type="write", delivery_mode=2))
     connection.close()

@@ -18,9 +18,10 @@ from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
 from gradesvc.broker import BrokerUnavailable
 from gradesvc.gauges import replica_gauges
-from gradesvc.hlc import HybridLogicalClock
-from gradesvc.messages import WriteMessage
+from gradesvc.messages import Write, WriteMessage, write_properties
+from gradesvc.progress import StreamProgress
 from gradesvc.readapi import ReadAPI, read_router
+from gradesvc.replication import StreamConsumer
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
 from gradesvc.writeapi import WriteAPI, write_router
@@ -31,18 +32,30 @@ from tests.unit.fired import fired
 
 
 class MemoryBroker:
-    """Stands in for the broker in memory: records or refuses publishes."""
+    """Stands in for the broker and the stream in memory.
+
+    A publish is confirmed and, unless ``stalled``, delivered at once to the
+    replica's real stream consumer at the next offset; ``down`` refuses it.
+    """
+
+    stream = "memory"
 
     def __init__(self) -> None:
         self.published: List[WriteMessage] = []
-        self.properties: List[Any] = []
+        self.on_connect: List[Any] = []
+        self.consumer: Optional[StreamConsumer] = None
+        self.offset = -1
         self.down = False
+        self.stalled = False
 
     async def publish(self, body: bytes, properties: Any) -> None:
         if self.down:
             raise BrokerUnavailable("not connected to the broker")
-        self.properties.append(properties)
         self.published.append(WriteMessage.decode(body))
+        self.offset += 1
+        if not self.stalled and self.consumer is not None:
+            self.consumer.handle(self.offset, properties, body)
+            self.consumer.progress.advanced()
 
 
 class Replica:
@@ -52,12 +65,17 @@ class Replica:
                                     ever_ready=ready)
         self.broker = MemoryBroker()
         self.registry = new_registry()
+        self.clock = Clock()
         replica_gauges(self.registry, self.store, self.status)
         wall = lambda: 1000.0  # noqa: E731
-        writes = WriteAPI(self.store, HybridLogicalClock(wall), "r1", self.broker, self.status, wall)
+        self.progress = StreamProgress(self.status, self.clock)
+        self.broker.consumer = StreamConsumer(self.store, "r1", self.broker, self.status,  # type: ignore[arg-type]
+                                              self.progress, self.registry, wall=wall, clock=self.clock)
+        writes = WriteAPI("r1", self.broker, self.status, self.progress, wall, write_timeout=5)
         guard = basic_auth_guard(admin_portal("admin", "s3cret"))
         backup = Backup(self.store, self.status, self.registry, "r1", wall)
-        self.read = StubTreq(read_router(ReadAPI(self.store, self.status, "r1"), backup, self.registry))
+        reads = ReadAPI(self.store, self.status, self.progress, "r1", read_wait=2)
+        self.read = StubTreq(read_router(reads, backup, self.registry))
         self.write = StubTreq(write_router(writes, guard, self.registry))
 
     def set(self, body: Any, auth: Optional[Tuple[str, str]] = ("admin", "s3cret"), **kw: Any) -> Any:
@@ -71,6 +89,13 @@ class Replica:
                 if sample.name == name and sample.labels == labels:
                     return float(sample.value)
         return 0.0
+
+
+def answered(d: defer.Deferred[Any]) -> bool:
+    """Whether ``d`` has a result (a chained Deferred that still waits counts as not)."""
+    out: List[Any] = []
+    d.addBoth(lambda result: out.append(result) or result)
+    return bool(out)
 
 
 def call(replica_treq: StubTreq, d: defer.Deferred[Any]) -> tuple:
@@ -203,7 +228,7 @@ def test_get_errors(replica: Replica) -> None:
 
 def test_not_ready_replica_refuses_reads_writes_and_backups() -> None:
     replica = Replica(ready=False)
-    replica.store.apply_patch("1", {"spp": 1}, 1, "x")
+    replica.store.apply_patch("1", {"spp": 1}, 1)
     for treq, d in (
         (replica.read, replica.read.get("http://r/get", params={"user_id": "1"})),
         (replica.read, replica.read.get("http://r/backup")),
@@ -232,11 +257,11 @@ def test_banner_health_ready_metrics(replica: Replica) -> None:
 def test_backup_client_gone_midway_stops_the_producer() -> None:
     replica = Replica()
     for i in range(5000):
-        replica.store.apply_patch(str(i), {"spp": i}, 1, "x")
+        replica.store.apply_patch(str(i), {"spp": i}, 1)
     clock = Clock()
     coop = Cooperator(scheduler=lambda work: clock.callLater(0, work))
     backup = Backup(replica.store, replica.status, new_registry(), "r1", lambda: 1000.0, coop)
-    router = read_router(ReadAPI(replica.store, replica.status, "r1"), backup, new_registry())
+    router = read_router(ReadAPI(replica.store, replica.status, replica.progress, "r1"), backup, new_registry())
     channel = make_site(router, AccessLog("off", clock)).buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
@@ -250,3 +275,51 @@ def test_backup_client_gone_midway_stops_the_producer() -> None:
         clock.advance(0)
     assert len(transport.value()) == sent  # nothing more produced or written
     assert not clock.getDelayedCalls()
+
+
+def test_a_write_answers_with_its_stream_offset_once_applied_here(replica: Replica) -> None:
+    r, _ = call(replica.write, replica.set({"user_id": "1", "spp": 1}))
+    assert r.code == 200 and r.headers.getRawHeaders("x-stream-offset") == ["0"]
+    r, _ = call(replica.write, replica.set({"user_id": "1", "return_fee": 2}))
+    assert r.headers.getRawHeaders("x-stream-offset") == ["1"]
+    assert replica.store.get("1").offsets == (-1, 0, -1, 1)  # type: ignore[union-attr]
+
+
+def test_a_confirmed_write_not_applied_in_time_is_503_durable(replica: Replica) -> None:
+    replica.broker.stalled = True
+    d = replica.set({"user_id": "1", "spp": 1})
+    replica.write.flush()
+    assert not answered(d)
+    replica.clock.advance(5)
+    replica.write.flush()
+    r, data = call(replica.write, d)
+    assert r.code == 503 and "durable" in json.loads(data)["Error"]
+    assert r.headers.getRawHeaders("retry-after") == ["1"]
+    assert replica.progress.waiting == 0
+
+
+def test_min_offset_waits_for_the_offset_then_answers(replica: Replica) -> None:
+    call(replica.write, replica.set({"user_id": "1", "spp": 1}))
+    r, data = call(replica.read, replica.read.get("http://r/get", params={"user_id": "1", "min_offset": "0"}))
+    assert r.code == 200 and json.loads(data)["Result"]["spp"] == 1
+    d = replica.read.get("http://r/get", params={"user_id": "1", "min_offset": "1"})
+    replica.read.flush()
+    assert not answered(d)
+    other = WriteMessage("r2", "x", 0, Write("1", {"spp": 2}))
+    replica.broker.consumer.handle(1, write_properties(other), other.encode())  # type: ignore[union-attr]
+    replica.progress.advanced()
+    replica.read.flush()
+    r, data = call(replica.read, d)
+    assert r.code == 200 and json.loads(data)["Result"]["spp"] == 2
+    d = replica.read.get("http://r/get", params={"user_id": "1", "min_offset": "7"})
+    replica.read.flush()
+    replica.clock.advance(2)
+    replica.read.flush()
+    r, data = call(replica.read, d)
+    assert r.code == 503 and r.headers.getRawHeaders("retry-after") == ["1"]
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5", "9223372036854775808", "1e3", "٣", " 1"])
+def test_bad_min_offset_is_400(replica: Replica, value: str) -> None:
+    r, data = call(replica.read, replica.read.get("http://r/get", params={"user_id": "1", "min_offset": value}))
+    assert r.code == 400 and "min_offset" in json.loads(data)["Error"]

@@ -1,4 +1,4 @@
-"""Hybrid logical clock and write validation."""
+"""Write validation and the stream message."""
 
 from __future__ import annotations
 
@@ -6,26 +6,7 @@ import json
 
 import pytest
 
-from gradesvc.hlc import HybridLogicalClock, physical_seconds
-from gradesvc.messages import INT64_MAX, INT64_MIN, InvalidWrite, Write, WriteMessage, parse_write
-
-
-def test_hlc_monotonic_when_wall_clock_stalls_or_goes_back() -> None:
-    now = [1000.0]
-    clock = HybridLogicalClock(lambda: now[0])
-    a = clock.now()
-    b = clock.now()
-    now[0] = 999.0
-    c = clock.now()
-    assert a < b < c
-    assert physical_seconds(a) == 1000.0
-
-
-def test_hlc_observe_orders_later_writes_after_remote_ones() -> None:
-    clock = HybridLogicalClock(lambda: 1.0)
-    remote = HybridLogicalClock(lambda: 500.0).now()
-    clock.observe(remote)
-    assert clock.now() > remote
+from gradesvc.messages import INT64_MAX, INT64_MIN, InvalidWrite, Write, WriteMessage, parse_write, write_properties
 
 
 @pytest.mark.parametrize(
@@ -55,9 +36,12 @@ def test_valid_partial_write_and_limits() -> None:
 
 
 def test_message_round_trip_and_rejects_garbage() -> None:
-    message = WriteMessage("a", 42, Write("u,\"1", {"spp": 3}))
+    message = WriteMessage("a", "w42", 1_800_000_000_123, Write("u,\"1", {"spp": 3}))
     assert WriteMessage.decode(message.encode()) == message
-    assert message.message_id == "a:42"
-    for bad in (b"[]", b"{}", json.dumps({"replica": "a", "ts": 0}).encode(), b"\xff"):
+    assert message.message_id == "a:w42"
+    assert write_properties(message).timestamp == 1_800_000_000
+    for bad in (b"[]", b"{}", json.dumps({"replica": "a", "id": ""}).encode(), b"\xff",
+                json.dumps({"replica": "a", "id": "x", "user_id": "u", "patch": []}).encode(),
+                json.dumps({"replica": "a", "id": "x", "at": 1.5, "user_id": "u"}).encode()):
         with pytest.raises(ValueError):
             WriteMessage.decode(bad)
