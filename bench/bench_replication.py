@@ -60,7 +60,7 @@ def publish(stream: str) -> None:
             # A channel's messages reach the stream in order: once this last
             # one is confirmed, every earlier one is stored too.
             channel.confirm_delivery()
-        body = json.dumps({"replica": "loader", "ts": (1 << 40) + i, "user_id": str(i),
+        body = json.dumps({"replica": "loader", "id": str(i), "at": 0, "user_id": str(i),
                            "patch": {"postpaid_limit": i, "spp": 2 * i, "shipping_fee": 20, "return_fee": 29}})
         channel.basic_publish("", stream, body.encode(), props)
     connection.close()
@@ -121,7 +121,7 @@ def lag_histogram(replica: GradeReplica) -> List[Tuple[float, int]]:
     for line in request(client(replica.read_url), "GET", "/metrics")[1].decode().splitlines():
         if line.startswith("gradesvc_replication_delay_seconds_bucket"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
-            out.append((float(bound), int(line.rsplit(" ", 1)[1])))
+            out.append((float(bound), int(float(line.rsplit(" ", 1)[1]))))
     return out
 
 

@@ -75,6 +75,11 @@ class WriteMessage:
         if not isinstance(obj, dict):
             raise ValueError("message is not an object")
         replica, write_id, written_at = obj.get("replica"), obj.get("id"), obj.get("at", 0)
+        stamp = obj.get("ts")
+        if write_id is None and isinstance(stamp, int) and not isinstance(stamp, bool):
+            # Written by the release before this one (hybrid-logical-clock
+            # stamped): still a write; its stream offset is its version too.
+            write_id, written_at = f"hlc-{stamp}", stamp >> 16
         if not isinstance(replica, str) or not replica:
             raise ValueError("message has no replica")
         if not isinstance(write_id, str) or not write_id:

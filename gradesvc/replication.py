@@ -94,6 +94,8 @@ class StreamConsumer:
         self._marker: Optional[str] = None
         self._started_at = self._subscribed_at = clock.seconds()
         self._failures = 0
+        self.applied_count = 0
+        """Writes applied since the counter was last brought up to date (once a batch)."""
         self._applied = Counter(
             "gradesvc_stream_messages_applied", "Stream messages applied to the store.",
             registry=registry,
@@ -211,6 +213,8 @@ class StreamConsumer:
                         raise
                 self.handle(offset, message.properties, message.body)
             self.progress.advanced()
+            self._applied.inc(self.applied_count)
+            self.applied_count = 0
             if channel.is_open:
                 channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
             await task.deferLater(self.clock, 0, lambda: None)
@@ -298,7 +302,7 @@ class StreamConsumer:
         self.status.lag_seconds = lag
         write = message.write
         self.store.apply_patch(write.user_id, write.patch, offset)
-        self._applied.inc()
+        self.applied_count += 1
         if message.replica == self.replica_id:
             self.progress.write_applied(message.message_id, offset)
         elif self.status.ready:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from typing import Callable, Container, Dict, Optional, Sequence
+from urllib.parse import urlsplit
 
 import attrs
 from zope.interface import Interface, implementer
@@ -21,6 +22,16 @@ class Backend:
     in_flight: int = 0
     successes: int = 0
     failures: int = 0
+    scheme: bytes = attrs.field(init=False)
+    host: bytes = attrs.field(init=False)
+    port: int = attrs.field(init=False)
+    """Where the backend is, parsed once from its configured URL."""
+
+    def __attrs_post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        self.scheme = (parts.scheme or "http").encode("ascii")
+        self.host = (parts.hostname or "").encode("idna")
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class IBalancer(Interface):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
+from twisted.web import server
 
 from lbsvc.keys import key_guard
 from lbsvc.proxy import Proxy
+from lbsvc.target import origin_target
 from lbsvc.userapi import MAX_BODY, UserAPI
 from lbsvc.users import UserStore
+from svckit.responses import HTTPError
 from svckit.web import Route, Router
 
 
@@ -18,6 +21,13 @@ def gateway_router(users: UserStore, api: UserAPI, proxy: Proxy, max_body: int,
     Other paths under ``/user/`` are 404: they are the gateway's, never a backend's.
     """
     keyed = key_guard(users)
+
+    def proxied(request: server.Request) -> None:
+        keyed(request)
+        path, _ = origin_target(request.uri)
+        if path.startswith(b"/user/"):  # an absolute-form target naming the gateway's own API
+            raise HTTPError(404, "no such path")
+
     return Router(
         {
             b"/user/create": Route("user_create", {b"POST": api.create}, max_body=MAX_BODY),
@@ -26,7 +36,7 @@ def gateway_router(users: UserStore, api: UserAPI, proxy: Proxy, max_body: int,
             b"/user/tokens/change": Route("user_change", {b"POST": api.change},
                                           max_body=MAX_BODY, guard=keyed),
         },
-        fallback=Route("proxy", {}, max_body=max_body, guard=keyed, any_method=proxy),
+        fallback=Route("proxy", {}, max_body=max_body, guard=proxied, any_method=proxy),
         reserved=(b"/user/",),
         registry=registry,
         prefix="lbsvc",

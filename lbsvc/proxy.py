@@ -30,6 +30,7 @@ from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
 from lbsvc.buckets import Buckets
 from lbsvc.keys import user_of
+from lbsvc.target import upstream_url
 from svckit.responses import STREAMED, BytesResponse, HTTPError, Streamed, retry_after
 from svckit.web import client_gone
 
@@ -180,7 +181,7 @@ class Proxy:
         if has_body:
             request.content.seek(0)  # type: ignore[union-attr]
             body = FileBodyProducer(request.content, cooperator=self.cooperator)
-        url = backend.url.encode("utf-8") + request.uri
+        url = upstream_url(backend.scheme, backend.host, backend.port, request.uri)
         d = self.agent.request(request.method, url, headers, body)
         d.addTimeout(self.pool.config.upstream_timeout, self.clock)
         backend.in_flight += 1

@@ -275,3 +275,40 @@ def test_a_database_that_cannot_be_opened_stops_lbsvc(tmp_path: Path) -> None:
     last = (result.stderr or result.stdout).strip().splitlines()[-1]
     assert last.startswith("lbsvc: cannot open the user database")
 
+
+
+def glued_port_target(backend_port: int, wanted: int) -> bytes:
+    """Digits that, glued onto ``backend_port`` as the old gateway did, wrap around to ``wanted``."""
+    for width in range(5, 9):  # digits d of this many places: backend_port * 10**width + d = wanted (mod 2**16)
+        d = (wanted - backend_port * 10**width) % 65536
+        while d < 10 ** (width - 1):
+            d += 65536
+        if d < 10**width:
+            assert int(f"{backend_port}{d}") % 65536 == wanted
+            return b"%d/secret" % d
+    raise AssertionError("no such digits")
+
+
+def test_no_request_target_reaches_anything_but_a_configured_backend(lb: Tuple[Gateway, Backend]) -> None:
+    gateway, backend = lb
+    key = gateway.create("prober").encode()
+    bystander = socket.create_server(("127.0.0.1", 0))
+    bystander.settimeout(0.2)
+    port = bystander.getsockname()[1]
+    targets = [b"*", b":%d/" % port, b"%d/" % port, b"@127.0.0.1:%d/" % port, b"0/",
+               glued_port_target(backend.port, port), b"127.0.0.1:%d" % port, b"x/y", b"/a#b", b"/\xff"]
+    try:
+        for target in targets:
+            answer = raw(gateway.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nAuthorization: " + key + b"\r\n\r\n")
+            assert status(answer) == 400, (target, answer[:200])
+        for target in (b"//127.0.0.1:%d/x" % port, b"http://127.0.0.1:%d/y" % port):
+            answer = raw(gateway.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nAuthorization: " + key + b"\r\n\r\n")
+            assert status(answer) in (200, 429), (target, answer[:200])  # the configured backend answered
+        with pytest.raises(socket.timeout):
+            bystander.accept()  # nothing ever connected to the unconfigured listener
+    finally:
+        bystander.close()
+    ready = json.loads(http("GET", f"http://127.0.0.1:{gateway.admin_port}/ready")[2])
+    assert ready["backends"] == {"one": True}  # no client's bad request took the backend out
+    paths = [s["_path"] for s in backend.seen if s["_path"] != "/health"]
+    assert paths == [f"//127.0.0.1:{port}/x", "/y"]

@@ -45,3 +45,9 @@ def test_message_round_trip_and_rejects_garbage() -> None:
                 json.dumps({"replica": "a", "id": "x", "at": 1.5, "user_id": "u"}).encode()):
         with pytest.raises(ValueError):
             WriteMessage.decode(bad)
+
+
+def test_messages_of_the_previous_release_are_still_writes() -> None:
+    body = json.dumps({"replica": "a", "ts": (1_800_000_000_123 << 16) | 5, "user_id": "u", "patch": {"spp": 1}})
+    message = WriteMessage.decode(body.encode())
+    assert (message.replica, message.written_at, message.write) == ("a", 1_800_000_000_123, Write("u", {"spp": 1}))
