@@ -14,7 +14,7 @@ starts from the beginning of the stream.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import treq
 from twisted.application import service
@@ -188,25 +188,35 @@ class Bootstrap:
 
 
 class BootstrapService(service.Service):
-    """Runs :class:`Bootstrap` once at start, then hands its offset to ``loaded``.
+    """At start: the local checkpoint if there is a usable one, else a peer's snapshot.
 
-    ``loaded`` (the stream consumer's) fires with the offset the snapshot
-    reflects; the consumer subscribes from the one after it.
+    ``loaded`` (the stream consumer's) fires with the offset the loaded state
+    reflects; the consumer subscribes from the one after it.  If the stream
+    no longer reaches it, the consumer finds the gap and re-bootstraps from
+    a peer.
     """
 
-    def __init__(self, bootstrap: Bootstrap, loaded: defer.Deferred[int]) -> None:
+    def __init__(self, bootstrap: Bootstrap, loaded: defer.Deferred[int],
+                 checkpoint: Optional[Callable[[], Awaitable[Optional[int]]]] = None) -> None:
         self.bootstrap = bootstrap
         self.loaded = loaded
+        self.checkpoint = checkpoint
         self._running: Optional[defer.Deferred[None]] = None
 
     def startService(self) -> None:
-        """Load the snapshot in the background."""
+        """Load the state in the background."""
         super().startService()
         self._running = defer.ensureDeferred(self._run())
         self._running.addErrback(self._failed)
 
     async def _run(self) -> None:
-        self.loaded.callback(await self.bootstrap.run())
+        offset = None
+        if self.checkpoint is not None:
+            self.bootstrap.status.loading_snapshot()
+            offset = await self.checkpoint()
+        if offset is None:
+            offset = await self.bootstrap.run()
+        self.loaded.callback(offset)
 
     def _failed(self, failure: Failure) -> None:
         if not failure.check(defer.CancelledError):

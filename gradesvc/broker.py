@@ -181,6 +181,11 @@ class BrokerService(service.Service):
         self._connection = None
         return reason
 
+    @property
+    def connection(self) -> Optional[TwistedProtocolConnection]:
+        """The current connection, once set up (None while disconnected)."""
+        return self._connection
+
     def drop_connection(self) -> None:
         """Close the current connection so that ``ClientService`` makes a new one."""
         if self._connection is not None:

@@ -22,4 +22,6 @@ class ReplicaConfig:
     access_log: str = "-"
     peer_idle_timeout: float = 30.0
     write_timeout: float = 5.0
+    data_dir: str = "gradesvc-data"
+    checkpoint_interval: float = 30.0
     read_wait: float = 2.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from gradesvc.checkpoint import Checkpoints
+from gradesvc.retention import RetentionWatch
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
 from svckit.metrics import CallbackGauges
@@ -29,3 +31,18 @@ def replica_gauges(registry: CollectorRegistry, store: GradeStore, status: Repli
                lambda: int(status.gap is not None))
     gauges.add("gradesvc_consumer_failures", "Times the stream consumer failed and was restarted.",
                lambda: status.consumer_failures)
+
+
+def checkpoint_gauges(registry: CollectorRegistry, checkpoints: Checkpoints, watch: RetentionWatch) -> None:
+    """Register the gauges of the checkpoints and of retention against them."""
+    gauges = CallbackGauges(registry)
+    gauges.add("gradesvc_checkpoint_offset", "Stream offset the newest checkpoint reflects (-1: none).",
+               lambda: checkpoints.offset)
+    gauges.add("gradesvc_checkpoint_seconds", "Seconds the newest checkpoint took to write.",
+               lambda: checkpoints.seconds)
+    gauges.add("gradesvc_retention_margin_offsets",
+               "Offsets between the stream's start and the checkpoint's resume point (-1: unknown).",
+               lambda: -1 if watch.margin is None else watch.margin)
+    gauges.add("gradesvc_retention_margin_intervals",
+               "That margin in checkpoint intervals of writes; below 3 retention is too short (-1: unknown).",
+               lambda: -1 if watch.intervals is None else watch.intervals)

@@ -230,6 +230,17 @@ class StreamConsumer:
         self._jumps.labels("gap").inc()
         raise StreamGap(expected, delivered if first is None else first)
 
+    async def stream_start(self) -> Optional[int]:
+        """The stream's first retained offset, over the current connection (None: unknown)."""
+        connection = self.broker.connection
+        if connection is None:
+            return None
+        try:
+            return await self.first_offset(connection)
+        except (AMQPError, ConnectionClosed) as e:
+            log.info("Could not ask where the stream starts: {error!r}", error=e)
+            return None
+
     async def first_offset(self, connection: TwistedProtocolConnection) -> Optional[int]:
         """The offset of the first message the stream still holds (None: unknown)."""
         channel = await connection.channel()

@@ -114,6 +114,10 @@ class GradeStore:
             user_id, [(i, values[i], offsets[i]) for i in range(_N) if offsets[i] != NEVER]
         )
 
+    def clear(self) -> None:
+        """Forget every user (a load that turned out to be unusable)."""
+        self._records.clear()
+
     def user_ids(self) -> List[str]:
         """A list of the user ids present now (for snapshots)."""
         return list(self._records)

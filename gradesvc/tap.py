@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from twisted.application import service
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -14,11 +16,13 @@ from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
 from gradesvc.bootstrap import Bootstrap, BootstrapService
 from gradesvc.broker import BrokerService
+from gradesvc.checkpoint import Checkpoints, checkpoint_and_watch
 from gradesvc.config import ReplicaConfig
-from gradesvc.gauges import replica_gauges
+from gradesvc.gauges import checkpoint_gauges, replica_gauges
 from gradesvc.progress import StreamProgress
 from gradesvc.readapi import ReadAPI, read_router
 from gradesvc.replication import StreamConsumer
+from gradesvc.retention import RetentionWatch
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
 from gradesvc.writeapi import WriteAPI, write_router
@@ -26,6 +30,7 @@ from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
 from svckit.options import EnvOptions, access_log_destination, endpoint_description, positive_float
 from svckit.site import listen
+from svckit.supervisor import Supervisor
 
 log = Logger()
 
@@ -63,6 +68,8 @@ class Options(EnvOptions):
          " here before answering 503 [GRADESVC_WRITE_TIMEOUT].")],
         ["read-wait", None, "2", ("Seconds GET /get?min_offset=N waits for offset N"
          " [GRADESVC_READ_WAIT].")],
+        ["data-dir", None, "gradesvc-data", "Directory of this replica's checkpoint [GRADESVC_DATA_DIR]."],
+        ["checkpoint-interval", None, "30", "Seconds between checkpoints [GRADESVC_CHECKPOINT_INTERVAL]."],
     ]
     envVars = {
         "get-endpoint": "GRADESVC_GET_ENDPOINT",
@@ -77,6 +84,8 @@ class Options(EnvOptions):
         "peer-idle-timeout": "GRADESVC_PEER_IDLE_TIMEOUT",
         "write-timeout": "GRADESVC_WRITE_TIMEOUT",
         "read-wait": "GRADESVC_READ_WAIT",
+        "data-dir": "GRADESVC_DATA_DIR",
+        "checkpoint-interval": "GRADESVC_CHECKPOINT_INTERVAL",
     }
     config: ReplicaConfig
 
@@ -91,6 +100,8 @@ class Options(EnvOptions):
             raise usage.UsageError("--amqp-url must be an amqp:// URL")
         if not self["stream"]:
             raise usage.UsageError("--stream must not be empty")
+        if not self["data-dir"]:
+            raise usage.UsageError("--data-dir must not be empty")
         self.config = ReplicaConfig(
             get_endpoint=endpoint_description(self["get-endpoint"]),
             set_endpoint=endpoint_description(self["set-endpoint"]),
@@ -104,6 +115,8 @@ class Options(EnvOptions):
             peer_idle_timeout=positive_float("--peer-idle-timeout", str(self["peer-idle-timeout"])),
             write_timeout=positive_float("--write-timeout", str(self["write-timeout"])),
             read_wait=positive_float("--read-wait", str(self["read-wait"])),
+            data_dir=self["data-dir"],
+            checkpoint_interval=positive_float("--checkpoint-interval", str(self["checkpoint-interval"])),
         )
 
 
@@ -139,6 +152,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     bootstrap = Bootstrap(store, status, config.peers, clock=reactor,
                           idle_timeout=config.peer_idle_timeout)
     consumer.rebootstrap = bootstrap.load
-    BootstrapService(bootstrap, consumer.snapshot_loaded).setServiceParent(top)
+    checkpoints = Checkpoints(store, status, Path(config.data_dir), config.replica_id, clock=reactor, wall=wall)
+    BootstrapService(bootstrap, consumer.snapshot_loaded, checkpoints.load).setServiceParent(top)
+    watch = RetentionWatch()
+    checkpoint_gauges(registry, checkpoints, watch)
+    periodic = task.LoopingCall(checkpoint_and_watch(checkpoints, consumer.stream_start, watch))
+    Supervisor.looping("checkpoints", periodic, config.checkpoint_interval, reactor).setServiceParent(top)
     log.info("gradesvc replica {replica} starting", replica=config.replica_id)
     return top
