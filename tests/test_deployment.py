@@ -91,3 +91,18 @@ def test_lbsvc_servers_point_at_replica_read_ports() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "docker/servers.yaml /app/servers.yaml" in dockerfile
     assert compose()["services"]["lbsvc"]["environment"]["LBSVC_SERVERS"] == "/app/servers.yaml"
+
+
+def test_each_replica_keeps_its_checkpoint_on_a_volume_of_its_own() -> None:
+    stack = compose()
+    volumes = {}
+    for name in ("gradesvc-a", "gradesvc-b", "gradesvc-c"):
+        service = stack["services"][name]
+        assert service["environment"]["GRADESVC_DATA_DIR"] == "/data"
+        mounts = [v for v in service.get("volumes", []) if v.endswith(":/data")]
+        assert len(mounts) == 1, name
+        volumes[name] = mounts[0].split(":")[0]
+        assert volumes[name] in stack["volumes"]
+    assert len(set(volumes.values())) == 3
+    run = (ROOT / "scripts" / "run").read_text()
+    assert 'GRADESVC_DATA_DIR="$RUN_DIR/gradesvc-$id"' in run
