@@ -10,7 +10,7 @@ fires only once the broker has confirmed the message.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, List, Optional, Protocol
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Sequence
 from urllib.parse import urlsplit
 
 import pika
@@ -19,8 +19,9 @@ from pika.exceptions import ChannelClosedByBroker
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, endpoints, protocol, task
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from gradesvc.status import ReplicaStatus
 
@@ -33,16 +34,66 @@ class BrokerUnavailable(Exception):
     """The broker did not take a message (down, closed, nacked or timed out)."""
 
 
-def declare_stream(channel: TwistedChannel, stream: str) -> defer.Deferred[Any]:
-    """Declare ``stream`` as a durable stream queue (idempotent)."""
+def declare_stream(channel: TwistedChannel, stream: str, cluster_size: int = 1) -> defer.Deferred[Any]:
+    """Declare ``stream`` as a durable stream queue (idempotent).
+
+    On a cluster (``cluster_size`` > 1) the stream is replicated to that many
+    nodes; RabbitMQ confirms a publish once a quorum of them has it.
+    """
+    arguments: Dict[str, Any] = dict(STREAM_ARGUMENTS)
+    if cluster_size > 1:
+        arguments["x-initial-cluster-size"] = cluster_size
     declared: defer.Deferred[Any] = channel.queue_declare(
         queue=stream,
         durable=True,
         exclusive=False,
         auto_delete=False,
-        arguments=STREAM_ARGUMENTS,
+        arguments=arguments,
     )
     return declared
+
+
+def node_urls(value: str) -> List[str]:
+    """The comma-separated ``amqp://`` URLs of one broker's nodes."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
+@implementer(IStreamClientEndpoint)
+class NodeRotation:
+    """Connects to one node of a cluster; after a failure or a loss, the next one."""
+
+    def __init__(self, reactor: Any, urls: Sequence[str], timeout: float = 5.0) -> None:
+        self.urls = list(urls)
+        self._endpoints = [broker_endpoint(reactor, url, timeout) for url in self.urls]
+        self.current = 0
+
+    @property
+    def url(self) -> str:
+        """The URL of the node connected to, or tried next."""
+        return self.urls[self.current]
+
+    def advance(self) -> None:
+        """Move to the next node."""
+        self.current = (self.current + 1) % len(self.urls)
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        """Connect to the current node; a failure moves to the next for the retry."""
+        d: defer.Deferred[Any] = self._endpoints[self.current].connect(factory)
+
+        def failed(failure: Any) -> Any:
+            log.info("Broker node {url} unreachable: {error}", url=redact(self.url), error=failure.value)
+            self.advance()
+            return failure
+
+        return d.addErrback(failed)
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 def broker_endpoint(reactor: Any, url: str, timeout: float = 5.0) -> Any:
@@ -82,14 +133,13 @@ class BrokerService(service.Service):
         self.status = status
         self.confirm_timeout = confirm_timeout
         self.on_connect: List[ConnectHook] = []
-        self._parameters = pika.URLParameters(url)
-        self._parameters.heartbeat = 10
+        self.nodes = NodeRotation(reactor, node_urls(url))
         self._channel: Optional[TwistedChannel] = None
         self._connection: Optional[TwistedProtocolConnection] = None
         self._failures = 0
         factory = protocol.Factory.forProtocol(self._build_protocol)
         self._client = ClientService(
-            endpoint or broker_endpoint(reactor, url),
+            endpoint or self.nodes,
             factory,
             retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
             clock=self.clock,
@@ -99,7 +149,9 @@ class BrokerService(service.Service):
         # Set-up runs beside ClientService rather than as its
         # prepareConnection: a connection that drops while being prepared
         # would otherwise wedge ClientService's state machine.
-        connection = TwistedProtocolConnection(self._parameters)
+        parameters = pika.URLParameters(self.nodes.url)
+        parameters.heartbeat = 10
+        connection = TwistedProtocolConnection(parameters)
         self._prepare(connection)
         return connection
 
@@ -131,14 +183,16 @@ class BrokerService(service.Service):
             if e.reply_code != 404:
                 raise
             channel = await connection.channel()
-            await declare_stream(channel, self.stream)
+            await declare_stream(channel, self.stream, len(self.nodes.urls))
         await channel.confirm_delivery()
         self._connection = connection
         self._channel = channel
         connection.closed.addBoth(self._lost)
         self.status.connected = True
         self._failures = 0
-        log.info("Connected to the broker; stream {stream} declared", stream=self.stream)
+        self.status.broker_node = redact(self.nodes.url)
+        log.info("Connected to the broker at {url}; stream {stream} declared",
+                 url=self.status.broker_node, stream=self.stream)
         for hook in self.on_connect:
             await hook(connection)
 
@@ -176,6 +230,8 @@ class BrokerService(service.Service):
     def _lost(self, reason: object) -> object:
         if self.status.connected:
             log.warn("Broker connection lost: {reason}", reason=reason)
+            if len(self.nodes.urls) > 1:
+                self.nodes.advance()
         self.status.broker_lost()
         self._channel = None
         self._connection = None

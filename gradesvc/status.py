@@ -32,6 +32,7 @@ class ReplicaStatus:
 
     phase: Phase = Phase.STARTING
     connected: bool = False
+    broker_node: Optional[str] = None
     ever_ready: bool = False
     consumer_failures: int = 0
     snapshot_peer: Optional[str] = None
@@ -96,6 +97,7 @@ class ReplicaStatus:
             "ready": self.ready,
             "phase": self.phase.value,
             "broker_connected": self.connected,
+            "broker_node": self.broker_node,
             "applied_offset": self.applied_offset,
             "lag": round(self.lag_seconds, 3),
             "lag_seconds": round(self.lag_seconds, 3),

@@ -15,7 +15,7 @@ from twisted.python import usage
 from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
 from gradesvc.bootstrap import Bootstrap, BootstrapService
-from gradesvc.broker import BrokerService
+from gradesvc.broker import BrokerService, node_urls
 from gradesvc.checkpoint import Checkpoints, checkpoint_and_watch
 from gradesvc.config import ReplicaConfig
 from gradesvc.gauges import checkpoint_gauges, replica_gauges
@@ -96,8 +96,9 @@ class Options(EnvOptions):
                 "the write port needs credentials: set --admin-user and"
                 " --admin-password (or GRADESVC_ADMIN_USER and GRADESVC_ADMIN_PASSWORD)"
             )
-        if not self["amqp-url"].startswith(("amqp://", "amqps://")):
-            raise usage.UsageError("--amqp-url must be an amqp:// URL")
+        urls = node_urls(self["amqp-url"])
+        if not urls or not all(url.startswith(("amqp://", "amqps://")) for url in urls):
+            raise usage.UsageError("--amqp-url must be an amqp:// URL, or a comma-separated list of them")
         if not self["stream"]:
             raise usage.UsageError("--stream must not be empty")
         if not self["data-dir"]:
