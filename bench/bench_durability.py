@@ -42,9 +42,10 @@ def checkpoint_and_restart(workdir: Path) -> List[List[str]]:
         publish(stream)
         a.start().wait_ready(timeout=1800)
         metrics = a.read_url + "/metrics"
+        ready_at = a.ready()["applied_offset"]
         latencies: List[tuple] = []
         conn = client(a.read_url)
-        while metric(metrics, "gradesvc_checkpoint_offset") < 0:
+        while metric(metrics, "gradesvc_checkpoint_offset") < ready_at:  # the first one written once ready
             t = time.monotonic()
             request(conn, "GET", "/get?user_id=1")
             latencies.append((t, time.monotonic() - t))
