@@ -45,9 +45,9 @@ class BackendPool:
         return self.balancer.choose(self.backends, exclude)
 
     def connect_failed(self, backend: Backend) -> None:
-        """Passive check: a refused connection takes the backend out now."""
+        """Passive check: a refused connection, or a timeout, takes the backend out now."""
         if backend.healthy:
-            log.warn("Backend {name} refused a connection; taking it out", name=backend.name)
+            log.warn("Backend {name} failed (refused, timed out or stalled); taking it out", name=backend.name)
         backend.healthy = False
         backend.successes = 0
 

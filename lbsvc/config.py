@@ -4,7 +4,7 @@
 
     algorithm: round_robin          # or least_connections
     health_check: {path: /ready, interval: 2.0, timeout: 1.0, fall: 2, rise: 1}
-    upstream_timeout: 30.0          # seconds for a backend to start answering
+    timeouts: {connect: 5.0, response: 30.0, body: 30.0}
     servers:
       - {name: replica-a, url: "http://127.0.0.1:8070"}
 
@@ -13,6 +13,7 @@ Everything is validated when loaded; :class:`ConfigError` says what is wrong.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Set, Tuple
 from urllib.parse import urlsplit
 
@@ -46,18 +47,30 @@ class Server:
 
 
 @attrs.frozen
+class Timeouts:
+    """Seconds the gateway waits on a backend; each one passed is a 504 and a passive failure."""
+
+    connect: float = 5.0
+    """To open a connection."""
+    response: float = 30.0
+    """From sending the request to the response's status and headers."""
+    body: float = 30.0
+    """Between two pieces of the response body (a body that stalls)."""
+
+
+@attrs.frozen
 class ServersConfig:
     """The whole file."""
 
     algorithm: str
     health_check: HealthCheck
     servers: Tuple[Server, ...]
-    upstream_timeout: float = 30.0
+    timeouts: Timeouts = Timeouts()
 
 
 def _number(section: str, key: str, value: Any, minimum: float, integer: bool = False) -> Any:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum:
         what = "an integer" if integer else "a number"
         raise ConfigError(f"{section}.{key} must be {what} >= {minimum}, not {value!r}")
     return value
@@ -67,7 +80,7 @@ def parse(document: Any) -> ServersConfig:
     """Validate a loaded YAML document."""
     if not isinstance(document, dict):
         raise ConfigError("servers.yaml must be a mapping")
-    unknown = set(document) - {"algorithm", "health_check", "servers", "upstream_timeout"}
+    unknown = set(document) - {"algorithm", "health_check", "servers", "timeouts", "upstream_timeout"}
     if unknown:
         raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
     algorithm = document.get("algorithm", "round_robin")
@@ -114,8 +127,24 @@ def parse(document: Any) -> ServersConfig:
         except ValueError:
             raise ConfigError(f"servers[{i}].url has a bad port: {url!r}") from None
         parsed.append(Server(name, url.rstrip("/")))
-    timeout = _number("", "upstream_timeout", document.get("upstream_timeout", 30.0), 0.01)
-    return ServersConfig(algorithm, health, tuple(parsed), float(timeout))
+    return ServersConfig(algorithm, health, tuple(parsed), _timeouts(document))
+
+
+def _timeouts(document: Dict[str, Any]) -> Timeouts:
+    """``timeouts: {connect, response, body}``; ``upstream_timeout`` is still read as ``response``."""
+    section: Any = document.get("timeouts") or {}
+    if not isinstance(section, dict):
+        raise ConfigError("timeouts must be a mapping")
+    unknown = set(section) - {"connect", "response", "body"}
+    if unknown:
+        raise ConfigError(f"unknown timeouts key(s): {', '.join(sorted(unknown))}")
+    default = Timeouts()
+    response = section.get("response", document.get("upstream_timeout", default.response))
+    return Timeouts(
+        connect=float(_number("timeouts", "connect", section.get("connect", default.connect), 0.01)),
+        response=float(_number("timeouts", "response", response, 0.01)),
+        body=float(_number("timeouts", "body", section.get("body", default.body), 0.01)),
+    )
 
 
 def load(path: str) -> ServersConfig:

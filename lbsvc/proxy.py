@@ -12,11 +12,11 @@ read from it.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Set, Union
+from typing import Any, Callable, List, Optional, Set, Union
 
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer, error, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,7 +41,7 @@ HOP_BY_HOP = {
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 }
 NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length"}
-CONNECT_ERRORS = (error.ConnectError, error.ConnectingCancelledError)
+CONNECT_ERRORS = (error.ConnectError, error.ConnectingCancelledError, error.TimeoutError)
 
 
 def _hop_by_hop(headers: Headers) -> Set[bytes]:
@@ -74,27 +74,46 @@ class _BodyRelay(Protocol):
     """Writes a backend's response body to the client request as it arrives.
 
     ``done`` fires when the body is complete; cancelling it (the client went
-    away) closes the upstream connection.
+    away) closes the upstream connection.  A body that sends nothing for
+    ``idle`` seconds is cut off and ``stalled`` is called (a passive failure
+    of the backend).
     """
 
-    def __init__(self, request: server.Request) -> None:
+    def __init__(self, request: server.Request, clock: IReactorTime, idle: float,
+                 stalled: Callable[[], None]) -> None:
         self.request = request
+        self.clock = clock
+        self.idle = idle
+        self.stalled = stalled
         self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
+        self._timer: Optional[IDelayedCall] = None
+        self._timed_out = False
 
     def _cancel(self, _: Any) -> None:
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
+    def _stalled(self) -> None:
+        self._timed_out = True
+        log.warn("Upstream body sent nothing for {idle}s; cutting it off", idle=self.idle)
+        self.stalled()
+        self._cancel(None)
+
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
+        self._timer = self.clock.callLater(self.idle, self._stalled)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.idle)
         if client_gone(self.request):
             self._cancel(None)
         else:
             self.request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         if client_gone(self.request):
             if not self.done.called:
                 self.done.errback(defer.CancelledError("client went away"))
@@ -102,7 +121,7 @@ class _BodyRelay(Protocol):
         self.request.unregisterProducer()
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss) and not self._timed_out:
             self.done.callback(None)
         else:
             # The status is out: the router can only cut the client's
@@ -169,7 +188,7 @@ class Proxy:
             return response
         backend.in_flight += 1
         try:
-            await self._relay(request, response)
+            await self._relay(request, response, backend)
         finally:
             backend.in_flight -= 1
         return STREAMED
@@ -183,7 +202,13 @@ class Proxy:
             body = FileBodyProducer(request.content, cooperator=self.cooperator)
         url = upstream_url(backend.scheme, backend.host, backend.port, request.uri)
         d = self.agent.request(request.method, url, headers, body)
-        d.addTimeout(self.pool.config.upstream_timeout, self.clock)
+        timed_out: List[bool] = []
+
+        def too_slow() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self.clock.callLater(self.pool.config.timeouts.response, too_slow)
         backend.in_flight += 1
         try:
             response: IResponse = await d
@@ -194,21 +219,26 @@ class Proxy:
             log.info("Backend {name} unreachable ({error}); trying the next", name=backend.name, error=e)
             self.pool.connect_failed(backend)
             return None
-        except defer.TimeoutError:
-            self._upstream.labels(backend.name, "timeout").inc()
-            return text(504, "Gateway timeout")
-        except defer.CancelledError:
-            raise
         except Exception as e:
+            if timed_out:
+                self._upstream.labels(backend.name, "timeout").inc()
+                log.warn("Backend {name} did not answer within {seconds}s; taking it out",
+                         name=backend.name, seconds=self.pool.config.timeouts.response)
+                self.pool.connect_failed(backend)
+                return text(504, "Gateway timeout")
+            if isinstance(e, defer.CancelledError) or client_gone(request):
+                raise defer.CancelledError() from None
             self._upstream.labels(backend.name, "error").inc()
             log.warn("Backend {name} failed: {error!r}", name=backend.name, error=e)
             return text(502, "Bad gateway")
         finally:
             backend.in_flight -= 1
+            if timer.active():
+                timer.cancel()
         self._upstream.labels(backend.name, str(response.code)).inc()
         return response
 
-    async def _relay(self, request: server.Request, response: IResponse) -> None:
+    async def _relay(self, request: server.Request, response: IResponse, backend: Backend) -> None:
         request.setResponseCode(response.code, response.phrase)
         request.defaultContentType = None  # only what the backend sent
         drop = HOP_BY_HOP | _hop_by_hop(response.headers) | {b"content-length"}
@@ -217,6 +247,7 @@ class Proxy:
                 request.responseHeaders.setRawHeaders(name, values)
         if isinstance(response.length, int):
             request.setHeader(b"content-length", str(response.length).encode("ascii"))
-        relay = _BodyRelay(request)
+        relay = _BodyRelay(request, self.clock, self.pool.config.timeouts.body,
+                           lambda: self.pool.connect_failed(backend))
         response.deliverBody(relay)
         await relay.done

@@ -98,7 +98,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     users = UserStore.sqlite(settings.database, reactor)
     buckets = Buckets(reactor)
     pool = BackendPool(settings.servers)
-    checker = HealthChecker(pool, http_probe(upstream_agent(reactor, persistent=False), reactor), reactor)
+    probes = upstream_agent(reactor, persistent=False, connect_timeout=settings.servers.timeouts.connect)
+    checker = HealthChecker(pool, http_probe(probes, reactor), reactor)
 
     gauges = CallbackGauges(registry)
     gauges.add("lbsvc_users", "Users known.", lambda: len(users))
@@ -126,7 +127,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 
     gateway = GatewayService(reactor, users, pool, checker, checks, settings.servers_path, readiness)
     gateway.setServiceParent(top)
-    proxy = Proxy(buckets, pool, upstream_agent(reactor), reactor, registry)
+    agent = upstream_agent(reactor, connect_timeout=settings.servers.timeouts.connect)
+    proxy = Proxy(buckets, pool, agent, reactor, registry)
     router = gateway_router(users, UserAPI(users, buckets), proxy, settings.max_body, registry)
     listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
     admin = admin_router(pool, readiness, registry)

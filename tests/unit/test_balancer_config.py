@@ -96,3 +96,13 @@ def test_health_thresholds_and_reload_keeps_state() -> None:
     pool.apply(config.parse({**GOOD, "servers": GOOD["servers"] + [{"name": "c", "url": "http://127.0.0.1:3"}]}))
     assert pool.backends[0] is a and not a.healthy and [x.name for x in pool.backends] == ["a", "b", "c"]
     checker.stop()
+
+
+def test_timeouts_are_configured_finite_and_upstream_timeout_still_reads() -> None:
+    parsed = config.parse({**GOOD, "timeouts": {"connect": 1.5, "response": 7, "body": 3}})
+    assert parsed.timeouts == config.Timeouts(connect=1.5, response=7.0, body=3.0)
+    assert config.parse({**GOOD, "upstream_timeout": 12}).timeouts.response == 12.0
+    assert config.parse(GOOD).timeouts == config.Timeouts()
+    for bad in ({"connect": float("inf")}, {"response": float("nan")}, {"body": 0}, {"idle": 1}, {"response": "1"}):
+        with pytest.raises(config.ConfigError):
+            config.parse({**GOOD, "timeouts": bad})

@@ -8,7 +8,9 @@ from typing import Any, Dict, List
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer, error, task
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.web import resource
+from twisted.web.client import ResponseDone
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
@@ -16,7 +18,7 @@ from lbsvc import config
 from lbsvc.backends import BackendPool
 from lbsvc.buckets import Buckets
 from lbsvc.gateway import gateway_router
-from lbsvc.proxy import Proxy
+from lbsvc.proxy import Proxy, _BodyRelay
 from lbsvc.userapi import UserAPI
 from lbsvc.users import User, UserStore, hash_key
 from svckit.metrics import new_registry
@@ -64,7 +66,7 @@ def gateway(dead: bool = False, hang: bool = False) -> tuple:
     a, b = Echo("a"), Echo("b")
     servers = config.parse({"servers": [
         {"name": "a", "url": "http://10.0.0.1:1"}, {"name": "b", "url": "http://10.0.0.2:1"}],
-        "upstream_timeout": 5})
+        "timeouts": {"response": 5}})
     routes = {
         b"http://10.0.0.1:1": None if dead else ("hang" if hang else RequestTraversalAgent(a)),
         b"http://10.0.0.2:1": "hang" if hang else RequestTraversalAgent(b),
@@ -143,10 +145,56 @@ def test_no_healthy_backend_is_503() -> None:
     assert (r.code, fired(r.content())) == (503, b"No available servers")
 
 
-def test_upstream_timeout_is_504() -> None:
-    treq, _, _, clock = gateway(hang=True)
+def test_upstream_timeout_is_504_and_takes_the_backend_out() -> None:
+    treq, _, pool, clock = gateway(hang=True)
     d = treq.get("http://gw/", headers={"Authorization": "k-1"})
     clock.advance(5.1)
     treq.flush()
     r = fired(d)
     assert (r.code, fired(r.content())) == (504, b"Gateway timeout")
+    assert [b.healthy for b in pool.backends] == [False, True]  # the one that timed out
+
+
+class FakeClient:
+    """The client side of a relay: what was written, and whether it left."""
+
+    _disconnected = False
+
+    def __init__(self) -> None:
+        self.written: List[bytes] = []
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class FakeUpstream:
+    stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def test_a_stalled_response_body_is_cut_off_and_the_backend_taken_out() -> None:
+    clock = Clock()
+    stalled: List[str] = []
+    client = FakeClient()
+    relay = _BodyRelay(client, clock, 2.0, lambda: stalled.append("out"))  # type: ignore[arg-type]
+    upstream = FakeUpstream()
+    relay.makeConnection(upstream)  # type: ignore[arg-type]
+    relay.dataReceived(b"part")
+    clock.advance(1.5)
+    relay.dataReceived(b"more")  # resets the idle timer
+    clock.advance(1.5)
+    assert stalled == [] and client.written == [b"part", b"more"]
+    clock.advance(0.6)
+    assert stalled == ["out"] and upstream.stopped
+    relay.connectionLost(Failure(ResponseDone()))
+    failures: List[Failure] = []
+    relay.done.addErrback(failures.append)
+    assert failures and failures[0].check(defer.CancelledError)
