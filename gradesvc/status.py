@@ -33,7 +33,6 @@ class ReplicaStatus:
     phase: Phase = Phase.STARTING
     connected: bool = False
     broker_node: Optional[str] = None
-    ever_ready: bool = False
     consumer_failures: int = 0
     snapshot_peer: Optional[str] = None
     snapshot_rows: int = 0
@@ -66,7 +65,6 @@ class ReplicaStatus:
     def reached_ready(self, seconds: Optional[float] = None) -> None:
         """Caught up with the stream."""
         self.phase = Phase.READY
-        self.ever_ready = True
         if seconds is not None and self.bootstrap_seconds is None:
             self.bootstrap_seconds = seconds
 

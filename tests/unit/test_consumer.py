@@ -50,8 +50,7 @@ class Harness:
     def __init__(self, ready: bool = True, first_offset: Optional[int] = 0) -> None:
         self.clock = task.Clock()
         self.store = GradeStore()
-        self.status = ReplicaStatus(phase=Phase.READY if ready else Phase.CATCHING_UP, connected=True,
-                                    ever_ready=ready)
+        self.status = ReplicaStatus(phase=Phase.READY if ready else Phase.CATCHING_UP, connected=True)
         self.registry = new_registry()
         self.broker = FakeBroker()
         self.progress = StreamProgress(self.status, self.clock)

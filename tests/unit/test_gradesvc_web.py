@@ -61,8 +61,7 @@ class MemoryBroker:
 class Replica:
     def __init__(self, ready: bool = True) -> None:
         self.store = GradeStore()
-        self.status = ReplicaStatus(phase=Phase.READY if ready else Phase.STARTING, connected=True,
-                                    ever_ready=ready)
+        self.status = ReplicaStatus(phase=Phase.READY if ready else Phase.STARTING, connected=True)
         self.broker = MemoryBroker()
         self.registry = new_registry()
         self.clock = Clock()
