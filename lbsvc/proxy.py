@@ -41,6 +41,7 @@ HOP_BY_HOP = {
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 }
 NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length"}
+VIA_NAME = b"lbsvc"
 CONNECT_ERRORS = (error.ConnectError, error.ConnectingCancelledError, error.TimeoutError)
 
 
@@ -67,7 +68,14 @@ def upstream_headers(request: server.Request) -> Headers:
     if host:
         headers.setRawHeaders(b"x-forwarded-host", [host])
     headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
+    headers.setRawHeaders(b"via", [*request.requestHeaders.getRawHeaders(b"via", []), via(request)])
     return headers
+
+
+def via(request: server.Request) -> bytes:
+    """This hop, as RFC 9110 section 7.6.3 writes it: ``1.1 lbsvc``."""
+    version = request.clientproto.rpartition(b"/")[2] or b"1.1"
+    return version + b" " + VIA_NAME
 
 
 class _BodyRelay(Protocol):
@@ -247,6 +255,8 @@ class Proxy:
                 request.responseHeaders.setRawHeaders(name, values)
         if isinstance(response.length, int):
             request.setHeader(b"content-length", str(response.length).encode("ascii"))
+        request.responseHeaders.setRawHeaders(
+            b"via", [*response.headers.getRawHeaders(b"via", []), b"1.1 " + VIA_NAME])
         relay = _BodyRelay(request, self.clock, self.pool.config.timeouts.body,
                            lambda: self.pool.connect_failed(backend))
         response.deliverBody(relay)

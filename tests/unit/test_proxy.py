@@ -104,6 +104,8 @@ def test_proxies_round_robin_strips_key_adds_forwarded() -> None:
     assert seen["headers"][b"x-forwarded-host"] == [b"gw.example"]
     assert seen["headers"][b"x-forwarded-proto"] == [b"http"]
     assert seen["headers"][b"x-forwarded-for"]
+    assert seen["headers"][b"via"] == [b"1.1 lbsvc"]
+    assert r1.headers.getRawHeaders("via") == ["1.1 lbsvc"]
     r2 = fired(treq.get("http://gw.example/", headers={"Authorization": "k-1"}))
     assert fired(r2.content()) == b"Server b answer"
 
