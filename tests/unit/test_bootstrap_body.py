@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import pytest
 from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gradesvc.bootstrap import PeerStalled, _SnapshotBody
+from gradesvc.bootstrap import BootstrapService, PeerStalled, _SnapshotBody
+from gradesvc.status import ReplicaStatus
+from gradesvc.storage import GradeStore
+from tests.unit.fired import fired
 
 
 class FakeTransport:
@@ -67,3 +70,45 @@ def test_end_of_body(reason: Exception, ok: bool) -> None:
     result = outcome(done)[0]
     assert (result is None) == ok
     assert not clock.getDelayedCalls() and transport.stopped == 0
+
+
+class StubBootstrap:
+    """Just what BootstrapService asks of a Bootstrap."""
+
+    def __init__(self, furthest: int, users: int) -> None:
+        self.store = GradeStore()
+        self.store.load_lines([f"{i},0,1,0,0,-1,{i},-1,-1" for i in range(users)])
+        self.status = ReplicaStatus()
+        self.peers = ["http://peer"]
+        self.furthest = furthest
+        self.loads: List[int] = []
+
+    async def furthest_peer(self) -> int:
+        return self.furthest
+
+    async def load(self, needed: int) -> Optional[int]:
+        self.loads.append(needed)
+        return self.furthest
+
+    async def run(self) -> int:
+        raise AssertionError("the checkpoint was usable")
+
+
+@pytest.mark.parametrize("furthest, users, loads", [
+    (1_000 + 10_000, 0, []),  # not worth a snapshot: replaying is quicker
+    (1_000 + 10_001, 0, [1_001]),
+    (1_000 + 20_000, 320_000, []),  # 320,000 users: worth it past 20,000 offsets
+    (1_000 + 20_001, 320_000, [1_001]),
+])
+def test_a_peer_snapshot_after_the_checkpoint_only_when_much_further_ahead(
+        furthest: int, users: int, loads: List[int]) -> None:
+    stub = StubBootstrap(furthest, users)
+
+    async def checkpoint() -> Optional[int]:
+        return 1_000
+
+    loaded: defer.Deferred[int] = defer.Deferred()
+    service = BootstrapService(stub, loaded, checkpoint)  # type: ignore[arg-type]
+    service.startService()
+    assert fired(loaded) == (furthest if loads else 1_000)
+    assert stub.loads == loads
