@@ -313,4 +313,5 @@ def test_no_request_target_reaches_anything_but_a_configured_backend(lb: Tuple[G
     ready = json.loads(http("GET", f"http://127.0.0.1:{gateway.admin_port}/ready")[2])
     assert ready["backends"] == {"one": True}  # no client's bad request took the backend out
     paths = [s["_path"] for s in backend.seen if s["_path"] != "/health"]
-    assert paths == [f"//127.0.0.1:{port}/x", "/y"]
+    # (Python's http.server folds a leading "//" into "/": what matters is who got it.)
+    assert [p.lstrip("/") for p in paths] == [f"127.0.0.1:{port}/x", "y"]
