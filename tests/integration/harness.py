@@ -168,6 +168,24 @@ class Daemon:
                 if "Traceback (most recent call last)" in line or "Unhandled" in line]
 
 
+def tiny_stream(stream: str, max_bytes: int, segment: int) -> None:
+    """Declare ``stream`` with small retention and segments, to make retention happen in a test."""
+    connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    connection.channel().queue_declare(stream, durable=True, arguments={
+        "x-queue-type": "stream", "x-max-length-bytes": max_bytes,
+        "x-stream-max-segment-size-bytes": segment,
+    })
+    connection.close()
+
+
+def set_with_offset(replica: GradeReplica, body: Any) -> int:
+    """``POST /set`` that must succeed; the write's ``X-Stream-Offset``."""
+    code, headers, out = http("POST", replica.write_url + "/set", json.dumps(body).encode(),
+                              {"Content-Type": "application/json", **basic("admin", "admin")})
+    assert code == 200, out
+    return int(headers["x-stream-offset"])
+
+
 def assert_no_logged_errors(daemons: Iterable[Daemon]) -> None:
     """Fail the test when a daemon logged a traceback or an unhandled error."""
     found = {d.name: d.logged_errors() for d in daemons}

@@ -10,22 +10,13 @@ from typing import Callable, Dict, List
 import pika
 import pytest
 
-from tests.integration.harness import BROKER_URL, GradeReplica, basic, http, wait_until
+from tests.integration.harness import BROKER_URL, GradeReplica, basic, http, set_with_offset, tiny_stream, wait_until
 from tests.integration.test_replication import expect_and_converge
 
 pytestmark = pytest.mark.integration
 
 Make = Callable[..., GradeReplica]
 FAST = {"GRADESVC_CHECKPOINT_INTERVAL": "0.5"}
-
-
-def tiny_stream(stream: str, max_bytes: int, segment: int) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
-    connection.channel().queue_declare(stream, durable=True, arguments={
-        "x-queue-type": "stream", "x-max-length-bytes": max_bytes,
-        "x-stream-max-segment-size-bytes": segment,
-    })
-    connection.close()
 
 
 def stream_start(stream: str) -> int:
@@ -41,13 +32,6 @@ def stream_start(stream: str) -> int:
         connection.close()
 
 
-def write(replica: GradeReplica, body: dict) -> int:
-    code, headers, out = http("POST", replica.write_url + "/set", json.dumps(body).encode(),
-                              {"Content-Type": "application/json", **basic("admin", "admin")})
-    assert code == 200, out
-    return int(headers["x-stream-offset"])
-
-
 def checkpointed(replica: GradeReplica, offset: int) -> bool:
     return replica.metric("gradesvc_checkpoint_offset") >= offset
 
@@ -61,7 +45,7 @@ def test_kill_all_replicas_at_once_past_retention(replicas: Make, stream: str) -
     acked: Dict[str, Dict[str, int]] = {}
     for i in range(1500):  # several times the retention: the first segments are gone
         user = f"u{i % 400}"
-        write(trio[i % 3], {"user_id": user, "spp": i})
+        set_with_offset(trio[i % 3], {"user_id": user, "spp": i})
         acked[user] = {"spp": i}
     assert stream_start(stream) > 0
     stop = threading.Event()
@@ -104,7 +88,7 @@ def test_a_replica_killed_comes_back_from_its_checkpoint_without_peers(replicas:
     solo = replicas("solo", extra_env=FAST).wait_ready()
     acked: Dict[str, Dict[str, int]] = {}
     for i in range(800):
-        offset = write(solo, {"user_id": f"s{i % 100}", "return_fee": i})
+        offset = set_with_offset(solo, {"user_id": f"s{i % 100}", "return_fee": i})
         acked[f"s{i % 100}"] = {"return_fee": i}
     assert stream_start(stream) > 0  # replaying from 0 alone could not rebuild it
     wait_until(lambda: checkpointed(solo, offset), 30, "a checkpoint")
@@ -118,7 +102,7 @@ def test_a_torn_checkpoint_is_ignored(replicas: Make, tmp_path: Path) -> None:
     b = replicas("b", [a], extra_env=FAST).wait_ready()
     acked: Dict[str, Dict[str, int]] = {}
     for i in range(200):
-        offset = write(a, {"user_id": f"t{i}", "spp": i})
+        offset = set_with_offset(a, {"user_id": f"t{i}", "spp": i})
         acked[f"t{i}"] = {"spp": i}
     wait_until(lambda: checkpointed(b, offset), 30, "b's checkpoint")
     b.stop()

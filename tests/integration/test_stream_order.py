@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pika
 import pytest
 
-from tests.integration.harness import BROKER_URL, GradeReplica, basic, http, wait_until
+from tests.integration.harness import BROKER_URL, GradeReplica, http, set_with_offset, tiny_stream, wait_until
 from tests.integration.relay import Relay
 from tests.integration.test_replication import assert_converged, expect_and_converge
 
@@ -37,13 +37,6 @@ def clock_of(replica: GradeReplica) -> float:
     """The replica's wall clock, from its Date header."""
     _, headers, _ = http("GET", replica.read_url + "/health")
     return email.utils.parsedate_to_datetime(headers["date"]).timestamp()
-
-
-def set_with_offset(replica: GradeReplica, body: dict) -> int:
-    code, headers, out = http("POST", replica.write_url + "/set", json.dumps(body).encode(),
-                              {"Content-Type": "application/json", **basic("admin", "admin")})
-    assert code == 200, out
-    return int(headers["x-stream-offset"])
 
 
 def test_clocks_skewed_both_ways_do_not_reorder_acknowledged_writes(replicas: Make) -> None:
@@ -122,15 +115,6 @@ def test_not_ready_while_replaying_a_backlog_after_a_reconnect(
         pytest.fail("b did not catch up")
     assert seen_catching_up, "the backlog was too small to watch b catch up"
     assert b.get("k499")[1]["Result"]["spp"] == -1
-
-
-def tiny_stream(stream: str, max_bytes: int = 60_000, segment: int = 4_000) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
-    connection.channel().queue_declare(stream, durable=True, arguments={
-        "x-queue-type": "stream", "x-max-length-bytes": max_bytes,
-        "x-stream-max-segment-size-bytes": segment,
-    })
-    connection.close()
 
 
 def test_no_false_gap_when_replicas_join_an_idle_stream_with_tiny_segments(replicas: Make, stream: str) -> None:
