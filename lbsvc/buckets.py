@@ -112,6 +112,11 @@ class Buckets:
             self._refilling[name] = bucket
         return bucket
 
+    def forget(self, name: str) -> None:
+        """Drop the bucket of a deleted user."""
+        self._buckets.pop(name, None)
+        self._refilling.pop(name, None)
+
     def refill_one(self, name: str, bucket: Bucket, now: float) -> None:
         """Credit one bucket for the time since it was last credited."""
         if name not in self._refilling:

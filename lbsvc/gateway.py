@@ -16,7 +16,7 @@ from svckit.web import Route, Router
 
 def gateway_router(users: UserStore, api: UserAPI, proxy: Proxy, max_body: int,
                    registry: CollectorRegistry) -> Router:
-    """``/user/create``, ``/user/tokens/profile``, ``/user/tokens/change``; the rest is proxied.
+    """The user API (create, profile, change, rotate, delete); the rest is proxied.
 
     Other paths under ``/user/`` are 404: they are the gateway's, never a backend's.
     """
@@ -35,6 +35,8 @@ def gateway_router(users: UserStore, api: UserAPI, proxy: Proxy, max_body: int,
                                            max_body=MAX_BODY, guard=keyed),
             b"/user/tokens/change": Route("user_change", {b"POST": api.change},
                                           max_body=MAX_BODY, guard=keyed),
+            b"/user/keys/rotate": Route("user_rotate", {b"POST": api.rotate}, max_body=MAX_BODY, guard=keyed),
+            b"/user/delete": Route("user_delete", {b"POST": api.delete}, max_body=MAX_BODY, guard=keyed),
         },
         fallback=Route("proxy", {}, max_body=max_body, guard=proxied, any_method=proxy),
         reserved=(b"/user/",),

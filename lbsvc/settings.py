@@ -18,3 +18,5 @@ class GatewaySettings:
     database: str
     access_log: str = "-"
     max_body: int = 64 * 1024 * 1024
+    max_capacity: int = 1_000_000_000
+    max_rate: float = 1_000_000.0

@@ -19,12 +19,13 @@ from lbsvc.proxy import Proxy
 from lbsvc.service import DATABASE, USERS, GatewayService, watch_database
 from lbsvc.settings import GatewaySettings
 from lbsvc.upstream import upstream_agent
-from lbsvc.userapi import UserAPI
+from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, UserAPI, parse_capacity, parse_rate
 from lbsvc.users import StorageUnavailable, UserStore, check_database
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
 from svckit.options import EnvOptions, access_log_destination, endpoint_description
 from svckit.readiness import Readiness
+from svckit.responses import HTTPError
 from svckit.site import listen
 from svckit.supervisor import Supervisor
 
@@ -45,6 +46,8 @@ class Options(EnvOptions):
          "Endpoint of the gateway's own /health, /ready, /metrics [LBSVC_ADMIN_ENDPOINT]."],
         ["access-log", None, "-", "Access log: - (this log), a file, or off [LBSVC_ACCESS_LOG]."],
         ["max-body", None, str(MAX_BODY), "Largest request body proxied, bytes [LBSVC_MAX_BODY]."],
+        ["max-capacity", None, str(MAX_CAPACITY), "Highest capacity a user may set [LBSVC_MAX_CAPACITY]."],
+        ["max-rate", None, str(MAX_RATE), "Highest rate_per_sec a user may set [LBSVC_MAX_RATE]."],
     ]
     envVars = {
         "endpoint": "LBSVC_ENDPOINT",
@@ -53,6 +56,8 @@ class Options(EnvOptions):
         "admin-endpoint": "LBSVC_ADMIN_ENDPOINT",
         "access-log": "LBSVC_ACCESS_LOG",
         "max-body": "LBSVC_MAX_BODY",
+        "max-capacity": "LBSVC_MAX_CAPACITY",
+        "max-rate": "LBSVC_MAX_RATE",
     }
     settings: GatewaySettings
 
@@ -70,6 +75,12 @@ class Options(EnvOptions):
             raise usage.UsageError("--max-body must not be negative")
         if not self["database"]:
             raise usage.UsageError("--database must not be empty")
+        try:
+            max_capacity = parse_capacity(int(self["max-capacity"]))
+            max_rate = parse_rate(float(self["max-rate"]))
+        except (ValueError, HTTPError) as e:
+            raise usage.UsageError(f"--max-capacity must be 1 ... {MAX_CAPACITY} and --max-rate"
+                                   f" {MIN_RATE} ... {MAX_RATE} ({e})") from None
         self.settings = GatewaySettings(
             endpoint=endpoint_description(self["endpoint"]),
             admin_endpoint=endpoint_description(self["admin-endpoint"]),
@@ -78,6 +89,8 @@ class Options(EnvOptions):
             database=self["database"],
             access_log=access_log_destination(self["access-log"]),
             max_body=max_body,
+            max_capacity=max_capacity,
+            max_rate=max_rate,
         )
 
 
@@ -129,7 +142,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     gateway.setServiceParent(top)
     agent = upstream_agent(reactor, connect_timeout=settings.servers.timeouts.connect)
     proxy = Proxy(buckets, pool, agent, reactor, registry)
-    router = gateway_router(users, UserAPI(users, buckets), proxy, settings.max_body, registry)
+    api = UserAPI(users, buckets, settings.max_capacity, settings.max_rate)
+    router = gateway_router(users, api, proxy, settings.max_body, registry)
     listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
     admin = admin_router(pool, readiness, registry)
     listen(reactor, settings.admin_endpoint, admin, AccessLog(OFF, reactor)).setServiceParent(top)

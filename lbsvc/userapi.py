@@ -16,6 +16,7 @@ MAX_BODY = 16 * 1024
 MAX_CAPACITY = 1_000_000_000
 MIN_RATE = 0.001
 MAX_RATE = 1_000_000
+MAX_GRACE = 86_400
 
 
 def _rate(value: float) -> Union[int, float]:
@@ -39,27 +40,52 @@ def _fields(body: Dict[str, Any], allowed: set[str]) -> None:
         raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
 
 
-def parse_capacity(value: Any) -> int:
-    """An integer 1 … 1,000,000,000."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CAPACITY:
-        raise HTTPError(400, f"capacity must be an integer from 1 to {MAX_CAPACITY}")
+def _limit(value: float) -> str:
+    return f"{value:g}" if value < 1e6 else str(int(value))
+
+
+def parse_capacity(value: Any, ceiling: int = MAX_CAPACITY) -> int:
+    """An integer 1 … ``ceiling`` (at most 1,000,000,000)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
+        raise HTTPError(400, f"capacity must be an integer from 1 to {ceiling}")
     return value
 
 
-def parse_rate(value: Any) -> float:
-    """A number 0.001 … 1,000,000."""
+def parse_rate(value: Any, ceiling: float = MAX_RATE) -> float:
+    """A number 0.001 … ``ceiling`` (at most 1,000,000)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not MIN_RATE <= value <= MAX_RATE:
-        raise HTTPError(400, f"rate_per_sec must be a number from {MIN_RATE} to {MAX_RATE}")
+            or not MIN_RATE <= value <= ceiling:
+        raise HTTPError(400, f"rate_per_sec must be a number from {MIN_RATE} to {_limit(ceiling)}")
     return float(value)
+
+
+def parse_grace(value: Any) -> float:
+    """Seconds 0 … 86,400."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_GRACE:
+        raise HTTPError(400, f"grace_seconds must be a number from 0 to {MAX_GRACE}")
+    return float(value)
+
+
+def optional_json(request: server.Request) -> Dict[str, Any]:
+    """The body as a JSON object, or ``{}`` when there is none."""
+    content = request.content
+    if content is None:
+        return {}
+    content.seek(0, 2)
+    empty = content.tell() == 0
+    content.seek(0)
+    return {} if empty else read_json(request)
 
 
 class UserAPI:
     """The handlers of ``/user/...``."""
 
-    def __init__(self, users: UserStore, buckets: Buckets) -> None:
+    def __init__(self, users: UserStore, buckets: Buckets, max_capacity: int = MAX_CAPACITY,
+                 max_rate: float = MAX_RATE) -> None:
         self.users = users
         self.buckets = buckets
+        self.max_capacity = max_capacity
+        self.max_rate = max_rate
 
     async def create(self, request: server.Request) -> JSONResponse:
         """``POST /user/create {"name": ...}`` → 201 with the API key (shown once)."""
@@ -91,11 +117,34 @@ class UserAPI:
         _fields(body, {"capacity", "rate_per_sec"})
         if not body:
             raise HTTPError(400, "give capacity, rate_per_sec or both")
-        capacity = parse_capacity(body.get("capacity", user.capacity))
-        rate = parse_rate(body["rate_per_sec"]) if "rate_per_sec" in body else user.rate_per_sec
+        capacity = parse_capacity(body["capacity"], self.max_capacity) if "capacity" in body else user.capacity
+        rate = parse_rate(body["rate_per_sec"], self.max_rate) if "rate_per_sec" in body else user.rate_per_sec
         try:
             await self.users.change(user, capacity, rate)
         except StorageUnavailable as e:
             raise unavailable(str(e)) from None
         self.buckets.change(user.name, capacity, rate)
         return JSONResponse(profile(user, self.buckets))
+
+    async def rotate(self, request: server.Request) -> JSONResponse:
+        """``POST /user/keys/rotate [{"grace_seconds": S}]``: a new key; the old ones last S more seconds."""
+        user = user_of(request)
+        body = optional_json(request)
+        _fields(body, {"grace_seconds"})
+        grace = parse_grace(body.get("grace_seconds", 0))
+        try:
+            key = await self.users.rotate(user, grace)
+        except StorageUnavailable as e:
+            raise unavailable(str(e)) from None
+        return JSONResponse({"name": user.name, "api_key": key, "previous_keys_valid_for": _rate(grace)})
+
+    async def delete(self, request: server.Request) -> JSONResponse:
+        """``POST /user/delete``: the user and every key of it are gone."""
+        user = user_of(request)
+        _fields(optional_json(request), set())
+        try:
+            await self.users.delete(user)
+        except StorageUnavailable as e:
+            raise unavailable(str(e)) from None
+        self.buckets.forget(user.name)
+        return JSONResponse({"deleted": user.name})

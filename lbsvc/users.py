@@ -24,8 +24,9 @@ import hashlib
 import os
 import re
 import sqlite3
+import time
 import uuid
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
@@ -51,6 +52,32 @@ CREATE TABLE IF NOT EXISTS users (
     rate_per_sec DOUBLE PRECISION NOT NULL
 )
 """
+MIGRATIONS = [
+    # 1: several keys per user, each with an optional expiry (rotation with a
+    # grace period); the users' existing keys become their first key.
+    [
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            key_hash CHAR(64) PRIMARY KEY,
+            name VARCHAR(64) NOT NULL REFERENCES users(name),
+            expires_at DOUBLE PRECISION
+        )""",
+        "INSERT OR IGNORE INTO api_keys (key_hash, name, expires_at) SELECT key_hash, name, NULL FROM users",
+    ],
+]
+"""Schema changes in order; ``PRAGMA user_version`` records how many are applied."""
+
+
+def migrate(cursor: Any) -> int:
+    """Create the schema and apply the migrations not applied yet; the version reached."""
+    cursor.execute(SCHEMA)
+    cursor.execute("PRAGMA user_version")
+    version = int(cursor.fetchone()[0])
+    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.execute(f"PRAGMA user_version = {number}")
+        log.info("User database migrated to version {number}", number=number)
+    return len(MIGRATIONS)
 
 T = TypeVar("T")
 
@@ -114,24 +141,28 @@ def check_database(path: str) -> None:
 class UserStore:
     """Users in SQL, mirrored in memory for the request path."""
 
-    def __init__(self, pool: adbapi.ConnectionPool, clock: IReactorTime, path: Optional[str] = None) -> None:
+    def __init__(self, pool: adbapi.ConnectionPool, clock: IReactorTime, path: Optional[str] = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.pool = pool
         self.clock = clock
+        self.wall = wall
+        """Wall-clock seconds: key expiry times are stored, so they outlive the process."""
         self.path = path
         self.problem: Optional[str] = None
         """Why writes are refused (the file is gone), or None."""
         self._identity: Optional[Tuple[int, int]] = None
         self._by_name: Dict[str, User] = {}
-        self._by_key: Dict[str, User] = {}
+        self._keys: Dict[str, Tuple[User, Optional[float]]] = {}
+        """Key hash → its user and when it stops working (None: never)."""
 
     @classmethod
-    def sqlite(cls, path: str, clock: IReactorTime) -> UserStore:
+    def sqlite(cls, path: str, clock: IReactorTime, wall: Callable[[], float] = time.time) -> UserStore:
         """A store in the SQLite file ``path`` (one connection, one thread)."""
         pool = adbapi.ConnectionPool(
             "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1,
             cp_openfun=_sqlite_setup, timeout=BUSY_TIMEOUT,
         )
-        return cls(pool, clock, path)
+        return cls(pool, clock, path, wall)
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -155,14 +186,20 @@ class UserStore:
             raise StorageUnavailable("the user database failed") from None
 
     async def open(self) -> None:
-        """Create the table if needed and load every user."""
+        """Create or migrate the schema, then load every user and key."""
         self._identity = _file_identity(self.path) if self.path else None
-        await self._call("create table", lambda: self.pool.runOperation(SCHEMA))
+        await self._call("migrate", lambda: self.pool.runInteraction(migrate))
         rows = await self._call("load users", lambda: self.pool.runQuery(
             "SELECT name, key_hash, capacity, rate_per_sec FROM users"))
         for name, key_hash, capacity, rate in rows:
-            self._remember(User(name, key_hash, int(capacity), float(rate)))
-        log.info("Loaded {count} users", count=len(rows))
+            self._by_name[name] = User(name, key_hash, int(capacity), float(rate))
+        keys = await self._call("load keys", lambda: self.pool.runQuery(
+            "SELECT key_hash, name, expires_at FROM api_keys"))
+        for key_hash, name, expires_at in keys:
+            user = self._by_name.get(name)
+            if user is not None:
+                self._keys[key_hash] = (user, None if expires_at is None else float(expires_at))
+        log.info("Loaded {count} users and {keys} keys", count=len(rows), keys=len(self._keys))
 
     def watch(self) -> None:
         """Check that the database file is still the one opened (run every second)."""
@@ -178,6 +215,10 @@ class UserStore:
                       " restoring it", problem=problem)
         self.problem = problem
 
+    def users(self) -> List[User]:
+        """Every user (for tests and tools)."""
+        return list(self._by_name.values())
+
     def _writable(self) -> None:
         self.watch()
         if self.problem is not None:
@@ -185,11 +226,59 @@ class UserStore:
 
     def _remember(self, user: User) -> None:
         self._by_name[user.name] = user
-        self._by_key[user.key_hash] = user
+        self._keys[user.key_hash] = (user, None)
 
     def authenticate(self, api_key: str) -> Optional[User]:
-        """The user owning ``api_key``, or None."""
-        return self._by_key.get(hash_key(api_key))
+        """The user owning ``api_key``, or None (unknown, or past its grace period)."""
+        key_hash = hash_key(api_key)
+        entry = self._keys.get(key_hash)
+        if entry is None:
+            return None
+        user, expires_at = entry
+        if expires_at is not None and self.wall() >= expires_at:
+            del self._keys[key_hash]
+            return None
+        return user
+
+    async def rotate(self, user: User, grace: float) -> str:
+        """A new key for ``user``; its other keys stay valid ``grace`` seconds more."""
+        self._writable()
+        api_key = str(uuid.uuid4())
+        new_hash = hash_key(api_key)
+        now = self.wall()
+        expires_at = now + grace
+
+        def change(cursor: Any) -> None:
+            cursor.execute("DELETE FROM api_keys WHERE name = ? AND expires_at IS NOT NULL AND expires_at <= ?",
+                           (user.name, now))
+            cursor.execute("UPDATE api_keys SET expires_at = ? WHERE name = ? AND"
+                           " (expires_at IS NULL OR expires_at > ?)", (expires_at, user.name, expires_at))
+            cursor.execute("INSERT INTO api_keys (key_hash, name, expires_at) VALUES (?, ?, NULL)",
+                           (new_hash, user.name))
+            cursor.execute("UPDATE users SET key_hash = ? WHERE name = ?", (new_hash, user.name))
+
+        await self._call("rotate key", lambda: self.pool.runInteraction(change))
+        self._writable()
+        for key_hash, (owner, old_expiry) in list(self._keys.items()):
+            if owner is user and (old_expiry is None or old_expiry > expires_at):
+                self._keys[key_hash] = (user, expires_at)
+        self._keys[new_hash] = (user, None)
+        user.key_hash = new_hash
+        return api_key
+
+    async def delete(self, user: User) -> None:
+        """Forget ``user`` and every key of it."""
+        self._writable()
+
+        def remove(cursor: Any) -> None:
+            cursor.execute("DELETE FROM api_keys WHERE name = ?", (user.name,))
+            cursor.execute("DELETE FROM users WHERE name = ?", (user.name,))
+
+        await self._call("delete user", lambda: self.pool.runInteraction(remove))
+        self._by_name.pop(user.name, None)
+        for key_hash, (owner, _) in list(self._keys.items()):
+            if owner is user:
+                del self._keys[key_hash]
 
     async def create(self, name: str) -> Tuple[User, str]:
         """A new user with default limits, and its API key (shown only now)."""
@@ -199,10 +288,13 @@ class UserStore:
         api_key = str(uuid.uuid4())
         user = User(name, hash_key(api_key), DEFAULT_CAPACITY, DEFAULT_RATE)
         try:
-            await self._call("insert user", lambda: self.pool.runOperation(
-                "INSERT INTO users (name, key_hash, capacity, rate_per_sec) VALUES (?, ?, ?, ?)",
-                (user.name, user.key_hash, user.capacity, user.rate_per_sec),
-            ))
+            def insert(cursor: Any) -> None:
+                cursor.execute("INSERT INTO users (name, key_hash, capacity, rate_per_sec) VALUES (?, ?, ?, ?)",
+                               (user.name, user.key_hash, user.capacity, user.rate_per_sec))
+                cursor.execute("INSERT INTO api_keys (key_hash, name, expires_at) VALUES (?, ?, NULL)",
+                               (user.key_hash, user.name))
+
+            await self._call("insert user", lambda: self.pool.runInteraction(insert))
         except sqlite3.IntegrityError:
             raise DuplicateUser(name) from None
         self._writable()
