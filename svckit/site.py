@@ -28,11 +28,14 @@ from typing import Any, Optional
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.web import http, server
 
 from svckit.accesslog import AccessLog
 from svckit.responses import PHRASES, HTTPError, dumps
 from svckit.web import Router
+
+log = Logger()
 
 IDLE_TIMEOUT = 60.0
 MAX_HEADERS = 100
@@ -61,6 +64,10 @@ class GuardedRequest(server.Request):
             self._limit = site.router.admit(self)
         except HTTPError as e:
             refusal = e
+        except Exception:
+            log.failure("Unhandled error admitting {method} {uri}", method=self.method.decode("latin-1"),
+                        uri=self.uri.decode("latin-1"))
+            refusal = HTTPError(500, "internal error")
         else:
             if length is not None and length > self._limit:
                 refusal = HTTPError(413, f"body larger than {self._limit} bytes")

@@ -313,3 +313,15 @@ def test_access_log_buffers_and_flushes_once_a_second(tmp_path: Any) -> None:
     assert lines[0].endswith('"GET /sync HTTP/1.1" 200 11 "-" "t\\x22q"')
     assert '"POST /sync HTTP/1.1" 413' in lines[3]
     log.stopService()
+
+
+def test_a_guard_that_breaks_is_500_before_the_body(app: App, logged_errors: LoggedErrors) -> None:
+    def broken(request: server.Request) -> None:
+        raise KeyError("bug in a guard")
+
+    app.router.routes[b"/broken"] = Route("broken", {b"POST": app.echo}, guard=broken)
+    channel, transport = app.connect()
+    channel.dataReceived(b"POST /broken HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    code, _, body = response(transport)
+    assert (code, json.loads(body)) == (500, {"Error": "internal error"}) and app.calls == []
+    assert len(logged_errors.flush(KeyError)) == 1
