@@ -115,6 +115,8 @@ def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float
         wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] in (200, 404), 30, f"port {port}")
     base = f"http://127.0.0.1:{lb_port}"
     key = json.loads(http("POST", f"{base}/user/create", b'{"name": "bench"}')[2])["api_key"]
-    http("POST", f"{base}/user/tokens/change",
-         json.dumps({"capacity": capacity, "rate_per_sec": rate}).encode(), {"Authorization": key})
+    code, _, body = http("POST", f"{base}/user/tokens/change",
+                         json.dumps({"capacity": capacity, "rate_per_sec": rate}).encode(), {"Authorization": key})
+    if code != 200:
+        raise RuntimeError(f"could not set the user's limits: {code} {body!r}")
     return lb, lb_port, key
