@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gradesvc.status import ReplicaStatus
+from svckit.supervisor import backoff
 
 log = Logger()
 
@@ -216,7 +217,7 @@ class BrokerService(service.Service):
         connection = connection or self._connection
         if delay is None:
             self._failures += 1
-            delay = min(5.0, 0.2 * 2 ** self._failures)
+            delay = backoff(self._failures + 1, initial=0.2, maximum=5.0)
         log.info("Reconnecting to the broker in {delay:.1f}s", delay=delay)
         if connection is None:
             return defer.succeed(None)

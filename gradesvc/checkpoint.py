@@ -74,7 +74,6 @@ class Checkpoints:
         self.offset = -1
         """The offset the newest checkpoint written or loaded reflects (-1: none)."""
         self.seconds = 0.0
-        self.rows = 0
 
     def consistent(self) -> bool:
         """Whether the store now reflects a prefix of the stream (worth a checkpoint)."""
@@ -98,9 +97,8 @@ class Checkpoints:
             raise
         self.offset = offset
         self.seconds = self.clock.seconds() - started
-        self.rows = len(self.store)
         log.info("Checkpoint at offset {offset}: {rows} users in {seconds:.2f}s",
-                 offset=offset, rows=self.rows, seconds=self.seconds)
+                 offset=offset, rows=len(self.store), seconds=self.seconds)
         return offset
 
     @staticmethod

@@ -43,6 +43,7 @@ from gradesvc.messages import MARKER_TYPE, WriteMessage
 from gradesvc.progress import StreamProgress
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
+from svckit.supervisor import backoff
 
 log = Logger()
 
@@ -94,8 +95,7 @@ class StreamConsumer:
         self._marker: Optional[str] = None
         self._started_at = self._subscribed_at = clock.seconds()
         self._failures = 0
-        self.applied_count = 0
-        """Writes applied since the counter was last brought up to date (once a batch)."""
+        self._applied_in_batch = 0  # the counter is brought up to date once a batch
         self._applied = Counter(
             "gradesvc_stream_messages_applied", "Stream messages applied to the store.",
             registry=registry,
@@ -160,7 +160,7 @@ class StreamConsumer:
     def _consumer_failed(self, failure: Failure, connection: TwistedProtocolConnection) -> None:
         """The consume loop broke: not ready, and a new subscription after a back-off."""
         self._failures += 1
-        delay = min(30.0, 0.5 * 2 ** (self._failures - 1))
+        delay = backoff(self._failures)
         log.failure(
             "Stream consumer failed at offset {offset}; not ready, resubscribing in {delay:.1f}s",
             failure, offset=self.status.applied_offset, delay=delay,
@@ -213,8 +213,8 @@ class StreamConsumer:
                         raise
                 self.handle(offset, message.properties, message.body)
             self.progress.advanced()
-            self._applied.inc(self.applied_count)
-            self.applied_count = 0
+            self._applied.inc(self._applied_in_batch)
+            self._applied_in_batch = 0
             if channel.is_open:
                 channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
             await task.deferLater(self.clock, 0, lambda: None)
@@ -313,7 +313,7 @@ class StreamConsumer:
         self.status.lag_seconds = lag
         write = message.write
         self.store.apply_patch(write.user_id, write.patch, offset)
-        self.applied_count += 1
+        self._applied_in_batch += 1
         if message.replica == self.replica_id:
             self.progress.write_applied(message.message_id, offset)
         elif self.status.ready:

@@ -20,7 +20,7 @@ from lbsvc.backends import BackendPool
 from lbsvc.healthcheck import HealthChecker
 from lbsvc.users import StorageUnavailable, UserStore
 from svckit.readiness import Readiness
-from svckit.supervisor import Supervisor
+from svckit.supervisor import Supervisor, backoff
 
 log = Logger()
 
@@ -62,7 +62,7 @@ class GatewayService(service.MultiService):
         if failure.check(defer.CancelledError):
             return
         self._attempts += 1
-        delay = min(30.0, 0.5 * 2 ** (self._attempts - 1))
+        delay = backoff(self._attempts)
         if failure.check(StorageUnavailable):
             log.error("Cannot load the users ({error}); retrying in {delay:.1f}s",
                       error=failure.value, delay=delay)

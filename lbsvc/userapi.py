@@ -10,7 +10,7 @@ from lbsvc.buckets import Buckets
 from lbsvc.keys import user_of
 from lbsvc.users import DuplicateUser, StorageUnavailable, User, UserStore, valid_name
 from svckit.responses import HTTPError, JSONResponse, unavailable
-from svckit.web import read_json
+from svckit.web import body_size, read_json
 
 MAX_BODY = 16 * 1024
 MAX_CAPACITY = 1_000_000_000
@@ -68,13 +68,7 @@ def parse_grace(value: Any) -> float:
 
 def optional_json(request: server.Request) -> Dict[str, Any]:
     """The body as a JSON object, or ``{}`` when there is none."""
-    content = request.content
-    if content is None:
-        return {}
-    content.seek(0, 2)
-    empty = content.tell() == 0
-    content.seek(0)
-    return {} if empty else read_json(request)
+    return read_json(request) if body_size(request) else {}
 
 
 class UserAPI:

@@ -26,7 +26,7 @@ import re
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
@@ -214,10 +214,6 @@ class UserStore:
             log.error("{problem} while running: refusing writes; restart lbsvc after"
                       " restoring it", problem=problem)
         self.problem = problem
-
-    def users(self) -> List[User]:
-        """Every user (for tests and tools)."""
-        return list(self._by_name.values())
 
     def _writable(self) -> None:
         self.watch()

@@ -83,6 +83,11 @@ def retry_after(seconds: float, ceiling: int = 3600) -> str:
     return str(max(1, whole))
 
 
+def too_large(limit: int) -> HTTPError:
+    """413 for a body over ``limit`` bytes."""
+    return HTTPError(413, f"body larger than {limit} bytes")
+
+
 def unavailable(message: str, seconds: float = 1) -> HTTPError:
     """503 with ``Retry-After``."""
     return HTTPError(503, message, {"Retry-After": retry_after(seconds)})

@@ -28,14 +28,11 @@ from typing import Any, Optional
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.logger import Logger
 from twisted.web import http, server
 
 from svckit.accesslog import AccessLog
-from svckit.responses import PHRASES, HTTPError, dumps
-from svckit.web import Router
-
-log = Logger()
+from svckit.responses import PHRASES, HTTPError, dumps, too_large
+from svckit.web import Router, log_unhandled
 
 IDLE_TIMEOUT = 60.0
 MAX_HEADERS = 100
@@ -65,12 +62,11 @@ class GuardedRequest(server.Request):
         except HTTPError as e:
             refusal = e
         except Exception:
-            log.failure("Unhandled error admitting {method} {uri}", method=self.method.decode("latin-1"),
-                        uri=self.uri.decode("latin-1"))
+            log_unhandled("Unhandled error admitting a request", None, self)
             refusal = HTTPError(500, "internal error")
         else:
             if length is not None and length > self._limit:
-                refusal = HTTPError(413, f"body larger than {self._limit} bytes")
+                refusal = too_large(self._limit)
         self.admitted = True
         if refusal is not None:
             if length == 0:
@@ -91,7 +87,7 @@ class GuardedRequest(server.Request):
             return
         self._received += len(data)
         if self._received > self._limit:
-            channel.refuse(self, HTTPError(413, f"body larger than {self._limit} bytes"))
+            channel.refuse(self, too_large(self._limit))
             return
         super().handleContentChunk(data)
 

@@ -25,6 +25,11 @@ def _nothing(*args: Any) -> None:
     pass
 
 
+def backoff(failures: int, initial: float = 0.5, maximum: float = 30.0) -> float:
+    """Seconds to wait after ``failures`` failures in a row: ``initial``, doubling, at most ``maximum``."""
+    return float(min(maximum, initial * 2.0 ** max(0, failures - 1)))
+
+
 class Supervisor(service.Service):
     """Runs ``run()`` (a Deferred that fires when the loop ends) and restarts it."""
 
@@ -119,7 +124,7 @@ class Supervisor(service.Service):
 
     def delay(self) -> float:
         """Seconds before the next restart: doubling from ``initial_delay``."""
-        return float(min(self.max_delay, self.initial_delay * 2.0 ** max(0, self.failures - 1)))
+        return backoff(self.failures, self.initial_delay, self.max_delay)
 
     def _schedule(self, delay: float = 0.0) -> None:
         self._restart = self.clock.callLater(delay, self._start)

@@ -42,6 +42,7 @@ from svckit.responses import (
     Response,
     Streamed,
     dumps,
+    too_large,
 )
 
 log = Logger()
@@ -103,6 +104,23 @@ def read_json(request: server.Request) -> Dict[str, Any]:
     return parse_object(content.read())
 
 
+def body_size(request: server.Request) -> int:
+    """How many body bytes ``request`` holds (0 without a body)."""
+    content = request.content
+    if content is None:
+        return 0
+    content.seek(0, 2)
+    size: int = content.tell()
+    content.seek(0)
+    return size
+
+
+def log_unhandled(message: str, failure: Optional[Failure], request: server.Request) -> None:
+    """Log a failure nobody expected, once, with the request it broke."""
+    log.failure(message + " ({method} {uri})", failure,
+                method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+
+
 def client_gone(request: server.Request) -> bool:
     """Whether the connection of ``request`` is gone."""
     return bool(getattr(request, "_disconnected", False))
@@ -112,8 +130,9 @@ class Router(resource.Resource):
     """The root resource of a site: exact paths to routes.
 
     ``fallback`` answers every path no route names (lbsvc's proxy), except
-    those under a ``reserved`` prefix; without it they are 404.  ``guard`` runs for every request of the site (gradesvc's
-    write port needs credentials whatever the path), before the route's own.
+    those under a ``reserved`` prefix; without it they are 404.  ``guard``
+    runs for every request of the site (gradesvc's write port needs
+    credentials whatever the path), before the route's own.
     """
 
     isLeaf = True
@@ -205,32 +224,20 @@ class Router(resource.Resource):
 
     def _admit_here(self, request: server.Request) -> None:
         limit = self.admit(request)
-        content = request.content
-        if content is None:
-            return
-        content.seek(0, 2)
-        size = content.tell()
-        content.seek(0)
-        if size > limit:
-            raise HTTPError(413, f"body larger than {limit} bytes")
+        if body_size(request) > limit:
+            raise too_large(limit)
 
     def _failure_response(self, request: server.Request, failure: Failure) -> JSONResponse:
         if isinstance(failure.value, HTTPError):
             return failure.value.response()
-        log.failure(
-            "Unhandled error in {method} {uri}", failure,
-            method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"),
-        )
+        log_unhandled("Unhandled error", failure, request)
         return JSONResponse({"Error": "internal error"}, 500)
 
     def _answer(self, result: Union[Response, Failure], request: server.Request,
                 route: Optional[Route]) -> None:
         if client_gone(request):
             if isinstance(result, Failure) and not result.check(defer.CancelledError, HTTPError):
-                log.failure(
-                    "{method} {uri} failed after the client went away", result,
-                    method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"),
-                )
+                log_unhandled("Failed after the client went away", result, request)
             self.count(route, CLIENT_GONE)
             return
         if isinstance(result, Failure):
@@ -238,11 +245,7 @@ class Router(resource.Resource):
                 # Status and part of the body are out: all we can do is cut
                 # the connection so the client sees the answer is incomplete.
                 if not result.check(defer.CancelledError):
-                    log.failure(
-                        "{method} {uri} failed while streaming its answer", result,
-                        method=request.method.decode("latin-1"),
-                        uri=request.uri.decode("latin-1"),
-                    )
+                    log_unhandled("Failed while streaming the answer", result, request)
                 self.count(route, request.code)
                 request.loseConnection()
                 return
