@@ -1,61 +1,191 @@
-"""Proxied requests/s: lbsvc vs stock ReverseProxyResource vs the backend itself.
+"""Proxied requests/s and CPU per request, side by side in one run.
 
-All three are twistd processes on loopback on this runtime; lbsvc checks an
-API key and spends a token per request (the user's bucket is made large
-enough never to run dry), the stock proxy does neither.  Both proxies write an
-access log line per request into their log, as they do by default; one more
-run shows lbsvc with LBSVC_ACCESS_LOG=off.  Each is warmed up first
-(``BENCH_WARMUP`` seconds; 20 on PyPy, for its JIT).  Nothing is pinned: the
-backend here is a Twisted process that shares the two cores, so these are
-rough; the side-by-side benchmark of the open lbsvc data-path issue (nginx
-backend, aiohttp, CPU per request) is not built yet.
+Contenders, each in front of the same nginx backend (one worker, answering a
+short text; it is never the bottleneck):
+
+* lbsvc with its default access log, and with ``LBSVC_ACCESS_LOG=off``
+  (checks an API key and spends a token per request; the user's bucket is
+  large enough never to run dry);
+* Twisted's stock ``ReverseProxyResource`` (a new upstream connection per
+  request) and an ``Agent`` + persistent ``HTTPConnectionPool`` proxy, on the
+  same runtime as lbsvc;
+* an ``aiohttp`` proxy, always on CPython (the goal compares PyPy's lbsvc
+  with it);
+* nginx ``proxy_pass`` with upstream keepalive (the ceiling), and the backend
+  direct.
+
+The server under test is pinned to core 0, ``wrk`` and the backend to core 1
+(where the machine has two).  Each server is warmed up first
+(``BENCH_WARMUP``: 20 s on PyPy, for its JIT; 3 s on CPython), then measured
+``BENCH_ROUNDS`` times for ``BENCH_SECONDS``; the median is reported, with
+the CPU seconds (user + system) the server process used per 10,000 proxied
+requests over the timed rounds.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, http, lbsvc_with_user, machine, record, runtime, twistd_tac, wait_until, wrk
+from common import (
+    CLIENT_CPUS,
+    ROOT,
+    free_port,
+    http,
+    lbsvc_with_user,
+    machine,
+    pin_server,
+    record,
+    runtime,
+    twistd_tac,
+    wait_until,
+)
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if sys.implementation.name == "pypy" else "3"))
+CONNECTIONS = 32
 HERE = Path(__file__).resolve().parent
+CPYTHON = ROOT / ".venv" / "bin" / "python"
+SERVER_CORE = ["taskset", "-c", "0"] if CLIENT_CPUS else []
+TICK = os.sysconf("SC_CLK_TCK")
+
+NGINX = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  {body}
+}}
+"""
+BACKEND = """server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+  location / {{ default_type text/plain; return 200 "Server bench answer"; }} }}"""
+CEILING = """upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
+server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}"""
+
+
+def nginx(workdir: Path, name: str, body: str, cpus: List[str]) -> subprocess.Popen:
+    """An nginx master with one worker, on ``cpus``."""
+    directory = workdir / name
+    directory.mkdir()
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX.format(dir=directory, body=body))
+    return subprocess.Popen([*cpus, "nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def wrk_run(url: str, seconds: int, header: Optional[str]) -> Tuple[float, int]:
+    """(requests/s, requests) of one wrk run; non-2xx answers fail it."""
+    command = [*CLIENT_CPUS, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s"]
+    if header:
+        command += ["-H", header]
+    out = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"errors during the run:\n{out}")
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    assert rate and total, out
+    return float(rate.group(1)), int(total.group(1))
+
+
+def measure(url: str, pid: Optional[int], header: Optional[str] = None,
+            warmup: int = WARMUP) -> Tuple[float, Optional[float]]:
+    """Median requests/s, and CPU seconds per 10,000 requests of ``pid``."""
+    wrk_run(url, warmup, header)
+    before = cpu_seconds(pid) if pid else 0.0
+    rates, requests = [], 0
+    for _ in range(ROUNDS):
+        rate, n = wrk_run(url, SECONDS, header)
+        rates.append(rate)
+        requests += n
+    cpu = (cpu_seconds(pid) - before) / requests * 10_000 if pid else None
+    return statistics.median(rates), cpu
 
 
 def main() -> None:
+    if shutil.which("nginx") is None:
+        raise SystemExit("nginx is needed: apt-get install nginx")
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    backend_port, stock_port = free_port(), free_port()
-    backend = twistd_tac(HERE / "bare_backend.tac", workdir, "backend", {"BENCH_PORT": str(backend_port)}).start()
-    stock = twistd_tac(HERE / "stock_proxy.tac", workdir, "stock",
-                       {"BENCH_PORT": str(stock_port), "BENCH_BACKEND_PORT": str(backend_port)}).start()
-    lb, lb_port, key = lbsvc_with_user(workdir, backend_port, 10**9, 10**6)
-    (workdir / "quiet").mkdir()
-    quiet, quiet_port, quiet_key = lbsvc_with_user(workdir / "quiet", backend_port, 10**9, 10**6,
-                                                   {"LBSVC_ACCESS_LOG": "off"})
+    backend_port, ceiling_port, stock_port, agent_port, aio_port = (free_port() for _ in range(5))
+    processes: List[subprocess.Popen] = [
+        nginx(workdir, "backend", BACKEND.format(port=backend_port), CLIENT_CPUS),
+        nginx(workdir, "ceiling", CEILING.format(port=ceiling_port, backend=backend_port), SERVER_CORE),
+    ]
+    daemons = []
+    results: Dict[str, Tuple[float, Optional[float]]] = {}
     try:
-        wait_until(lambda: http("GET", f"http://127.0.0.1:{stock_port}/")[0] == 200, 30, "the stock proxy")
-
-        def measure(url: str, header: str | None = None) -> float:
-            wrk(url, WARMUP, header=header)
-            return wrk(url, SECONDS, header=header)
-
-        ours = measure(f"http://127.0.0.1:{lb_port}/", f"Authorization: {key}")
-        base = measure(f"http://127.0.0.1:{stock_port}/")
-        direct = measure(f"http://127.0.0.1:{backend_port}/")
-        unlogged = measure(f"http://127.0.0.1:{quiet_port}/", f"Authorization: {quiet_key}")
-        record([
-            ["proxied req/s (lbsvc vs stock ReverseProxyResource)", f"{ours:,.0f}", f"{base:,.0f}", f"{ours / base:.2f}x", runtime(), machine()],
-            ["proxied req/s (lbsvc, access log off, vs stock ReverseProxyResource, logging)", f"{unlogged:,.0f}",
-             f"{base:,.0f}", f"{unlogged / base:.2f}x", runtime(), machine()],
-            ["proxied req/s (lbsvc vs backend direct)", f"{ours:,.0f}", f"{direct:,.0f}", f"{ours / direct:.2f}x", runtime(), machine()],
-        ])
-    finally:
-        for daemon in (lb, quiet, stock, backend):
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{backend_port}/")[0] == 200, 30, "the nginx backend")
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{ceiling_port}/")[0] == 200, 30, "the nginx proxy")
+        results["backend direct (nginx)"] = measure(f"http://127.0.0.1:{backend_port}/", None, warmup=1)
+        results["nginx proxy_pass, keepalive"] = measure(f"http://127.0.0.1:{ceiling_port}/", None, warmup=1)
+        if CPYTHON.exists():
+            aio = subprocess.Popen([*SERVER_CORE, str(CPYTHON), str(HERE / "aiohttp_proxy.py")],
+                                   env={**os.environ, "BENCH_PORT": str(aio_port),
+                                        "BENCH_BACKEND_PORT": str(backend_port)})
+            processes.append(aio)
+            wait_until(lambda: http("GET", f"http://127.0.0.1:{aio_port}/")[0] == 200, 30, "the aiohttp proxy")
+            results["aiohttp proxy (CPython)"] = measure(f"http://127.0.0.1:{aio_port}/", aio.pid, warmup=3)
+            aio.terminate()
+        for name, tac, port in (("stock ReverseProxyResource", "stock_proxy.tac", stock_port),
+                                ("Agent + pool proxy", "agent_proxy.tac", agent_port)):
+            daemon = twistd_tac(HERE / tac, workdir, tac.split(".")[0],
+                                {"BENCH_PORT": str(port), "BENCH_BACKEND_PORT": str(backend_port)}).start()
+            daemons.append(daemon)
+            pin_server(daemon)
+            wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] == 200, 30, name)
+            assert daemon.process is not None
+            results[name] = measure(f"http://127.0.0.1:{port}/", daemon.process.pid)
             daemon.stop()
+        for name, env in (("lbsvc (access log on, the default)", {}),
+                          ("lbsvc (access log off)", {"LBSVC_ACCESS_LOG": "off"})):
+            sub = workdir / name.split()[-2]
+            sub.mkdir()
+            lb, port, key = lbsvc_with_user(sub, backend_port, 10**9, 10**6, env)
+            daemons.append(lb)
+            pin_server(lb)
+            assert lb.process is not None
+            results[name] = measure(f"http://127.0.0.1:{port}/", lb.process.pid, f"Authorization: {key}")
+            lb.stop()
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+    report(results)
+
+
+def report(results: Dict[str, Tuple[float, Optional[float]]]) -> None:
+    """One row per contender, then the goals as ratios."""
+    ours, ours_cpu = results["lbsvc (access log on, the default)"]
+    rows = []
+    for name, (rate, cpu) in results.items():
+        cpu_text = f"{cpu:.2f} CPU s/10k" if cpu is not None else "-"
+        rows.append([f"proxy: {name}", f"{rate:,.0f} req/s", cpu_text, f"lbsvc is {ours / rate:.2f}x",
+                     runtime(), machine()])
+    record(rows)
+    print(f"lbsvc (log on): {ours:,.0f} req/s, {ours_cpu:.2f} CPU s per 10k requests; "
+          f"measured {time.strftime('%Y-%m-%d')}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     algorithm: round_robin          # or least_connections
     health_check: {path: /ready, interval: 2.0, timeout: 1.0, fall: 2, rise: 1}
     timeouts: {connect: 5.0, response: 30.0, body: 30.0}
+    pool_size: 64                   # idle connections kept per backend
     servers:
       - {name: replica-a, url: "http://127.0.0.1:8070"}
 
@@ -66,6 +67,8 @@ class ServersConfig:
     health_check: HealthCheck
     servers: Tuple[Server, ...]
     timeouts: Timeouts = Timeouts()
+    pool_size: int = 64
+    """Idle (persistent) connections kept per backend."""
 
 
 def _number(section: str, key: str, value: Any, minimum: float, integer: bool = False) -> Any:
@@ -80,7 +83,8 @@ def parse(document: Any) -> ServersConfig:
     """Validate a loaded YAML document."""
     if not isinstance(document, dict):
         raise ConfigError("servers.yaml must be a mapping")
-    unknown = set(document) - {"algorithm", "health_check", "servers", "timeouts", "upstream_timeout"}
+    unknown = set(document) - {"algorithm", "health_check", "servers", "timeouts", "upstream_timeout",
+                            "pool_size"}
     if unknown:
         raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
     algorithm = document.get("algorithm", "round_robin")
@@ -120,14 +124,19 @@ def parse(document: Any) -> ServersConfig:
         if not isinstance(url, str):
             raise ConfigError(f"servers[{i}].url must be an http(s) URL, not {url!r}")
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"servers[{i}].url must be an http(s) URL, not {url!r}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"servers[{i}].url must be an http:// URL (no TLS to backends), not {url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+            raise ConfigError(f"servers[{i}].url must be http://host[:port] only, not {url!r}")
         try:
             _ = parts.port
         except ValueError:
             raise ConfigError(f"servers[{i}].url has a bad port: {url!r}") from None
         parsed.append(Server(name, url.rstrip("/")))
-    return ServersConfig(algorithm, health, tuple(parsed), _timeouts(document))
+    pool_size = document.get("pool_size", 64)
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or not 0 <= pool_size <= 10_000:
+        raise ConfigError(f"pool_size must be an integer from 0 to 10000, not {pool_size!r}")
+    return ServersConfig(algorithm, health, tuple(parsed), _timeouts(document), pool_size)
 
 
 def _timeouts(document: Dict[str, Any]) -> Timeouts:

@@ -22,6 +22,17 @@ Probe = Callable[[str, float], "defer.Deferred[int]"]
 """``probe(url, timeout)`` fires with the HTTP status code (errback on failure)."""
 
 
+class _QuietFactory(client._HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" line per check
+
+
+def probe_agent(reactor: Any, connect_timeout: float) -> IAgent:
+    """An agent for health checks: a new connection per check, never pooled."""
+    pool = client.HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietFactory
+    return client.Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+
+
 def http_probe(agent: IAgent, clock: IReactorTime) -> Probe:
     """A probe: GET ``url`` within ``timeout``, fire with the status code."""
 

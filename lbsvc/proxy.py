@@ -1,13 +1,22 @@
 """Proxying: one token, a healthy backend, bodies streamed both ways.
 
-The key was checked when the headers arrived (:func:`lbsvc.keys.key_guard`);
-the handler spends a token, picks a backend and forwards.  The request body
-(already received, within ``--max-body``) is streamed upstream from its
-buffer with ``FileBodyProducer``; the response body is relayed as it arrives,
-with the client's transport pushing back on the backend's, so a slow client
-never makes the gateway buffer a large response.  A client that goes away
-cancels the handler: the upstream connection is closed and nothing more is
-read from it.
+The key was checked when the headers arrived (:func:`lbsvc.keys.key_guard`),
+and the proxy route streams its body (``Route.stream_body``): the handler runs
+before the body is in.  It spends a token, picks a backend, takes a pooled
+connection to it (:mod:`lbsvc.upstream`) and sends the request head followed
+by the body as it arrives, with back-pressure from the backend to the client.
+The response is relayed as it is parsed, the client's transport pushing back
+on the backend's.  A client that goes away cancels the handler, which drops
+the upstream connection.
+
+Headers follow RFC 9110 section 7.6 both ways: hop-by-hop headers and every
+header named in ``Connection`` are removed, ``Via`` is added, nothing else is
+invented; the API key never goes upstream.
+
+Whose fault: a backend that refuses or does not accept the connection (the
+next backend is tried), answers malformed, stalls its body, or does not
+answer within ``timeouts.response`` (504) is taken out; a client that stalls
+its body gets 408 and the backend keeps its place.
 """
 
 from __future__ import annotations
@@ -15,61 +24,50 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Set, Union
 
 from prometheus_client import CollectorRegistry, Counter
-from twisted.internet import defer, error, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.client import FileBodyProducer, ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.client import FileBodyProducer
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
 from lbsvc.buckets import Buckets
 from lbsvc.keys import user_of
-from lbsvc.target import upstream_url
+from lbsvc.target import origin_target
+from lbsvc.upstream import (
+    BadResponse,
+    ConnectFailed,
+    Header,
+    IResponseSink,
+    StaleConnection,
+    UpstreamConnection,
+    UpstreamPool,
+)
+from svckit.requestbody import RequestBody
 from svckit.responses import STREAMED, BytesResponse, HTTPError, Streamed, retry_after
 from svckit.web import client_gone
 
 log = Logger()
 
-HOP_BY_HOP = {
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
-}
-NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length"}
+})
+NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect",
+                              b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"via"}
+NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via"}
 VIA_NAME = b"lbsvc"
-CONNECT_ERRORS = (error.ConnectError, error.ConnectingCancelledError, error.TimeoutError)
 
 
-def _hop_by_hop(headers: Headers) -> Set[bytes]:
+def connection_named(values: Any) -> Set[bytes]:
+    """Header names listed in ``Connection`` header values (lower case)."""
     named: Set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values or ():
         named.update(v.strip().lower() for v in value.split(b","))
     return named
-
-
-def upstream_headers(request: server.Request) -> Headers:
-    """The request's headers minus hop-by-hop and the API key, plus X-Forwarded-*."""
-    drop = NOT_FORWARDED | _hop_by_hop(request.requestHeaders)
-    headers = Headers()
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        if name.lower() not in drop:
-            headers.setRawHeaders(name, values)
-    client = request.getClientAddress()
-    client_ip = getattr(client, "host", "unknown")
-    prior = request.getHeader(b"x-forwarded-for")
-    forwarded_for = f"{prior.decode('latin-1')}, {client_ip}" if prior else client_ip
-    headers.setRawHeaders(b"x-forwarded-for", [forwarded_for.encode("latin-1")])
-    host = request.getHeader(b"host")
-    if host:
-        headers.setRawHeaders(b"x-forwarded-host", [host])
-    headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-    headers.setRawHeaders(b"via", [*request.requestHeaders.getRawHeaders(b"via", []), via(request)])
-    return headers
 
 
 def via(request: server.Request) -> bytes:
@@ -78,64 +76,30 @@ def via(request: server.Request) -> bytes:
     return version + b" " + VIA_NAME
 
 
-class _BodyRelay(Protocol):
-    """Writes a backend's response body to the client request as it arrives.
+def upstream_head(request: server.Request, host: bytes) -> bytes:
+    """The request line and headers to send to the backend at ``host``.
 
-    ``done`` fires when the body is complete; cancelling it (the client went
-    away) closes the upstream connection.  A body that sends nothing for
-    ``idle`` seconds is cut off and ``stalled`` is called (a passive failure
-    of the backend).
+    Without the framing header (``Content-Length`` or chunked) and the blank
+    line, which the upstream connection adds.
     """
-
-    def __init__(self, request: server.Request, clock: IReactorTime, idle: float,
-                 stalled: Callable[[], None]) -> None:
-        self.request = request
-        self.clock = clock
-        self.idle = idle
-        self.stalled = stalled
-        self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
-        self._timer: Optional[IDelayedCall] = None
-        self._timed_out = False
-
-    def _cancel(self, _: Any) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def _stalled(self) -> None:
-        self._timed_out = True
-        log.warn("Upstream body sent nothing for {idle}s; cutting it off", idle=self.idle)
-        self.stalled()
-        self._cancel(None)
-
-    def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
-        self._timer = self.clock.callLater(self.idle, self._stalled)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.idle)
-        if client_gone(self.request):
-            self._cancel(None)
-        else:
-            self.request.write(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if client_gone(self.request):
-            if not self.done.called:
-                self.done.errback(defer.CancelledError("client went away"))
-            return
-        self.request.unregisterProducer()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss) and not self._timed_out:
-            self.done.callback(None)
-        else:
-            # The status is out: the router can only cut the client's
-            # connection, which it does for a cancelled handler.
-            log.warn("Upstream body broke off: {reason}", reason=reason.value)
-            self.done.errback(defer.CancelledError("upstream body broke off"))
+    path, query = origin_target(request.uri)
+    lines = [request.method, b" ", path, b"?" + query if query else b"", b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    headers = request.requestHeaders
+    drop = NOT_FORWARDED | connection_named(headers.getRawHeaders(b"connection"))
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in drop:
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+    client = request.getClientAddress()
+    client_ip = getattr(client, "host", "unknown").encode("latin-1")
+    prior = headers.getRawHeaders(b"x-forwarded-for")
+    lines += (b"X-Forwarded-For: ", b", ".join([*prior, client_ip]) if prior else client_ip, b"\r\n")
+    original_host = headers.getRawHeaders(b"host")
+    if original_host:
+        lines += (b"X-Forwarded-Host: ", original_host[0], b"\r\n")
+    lines.append(b"X-Forwarded-Proto: https\r\n" if request.isSecure() else b"X-Forwarded-Proto: http\r\n")
+    lines += (b"Via: ", b", ".join([*headers.getRawHeaders(b"via", ()), via(request)]), b"\r\n")
+    return b"".join(lines)
 
 
 def text(code: int, message: str) -> BytesResponse:
@@ -143,22 +107,140 @@ def text(code: int, message: str) -> BytesResponse:
     return BytesResponse(message.encode("utf-8"), code)
 
 
+class _Retry(Exception):
+    """This backend did not take the request; try the next one."""
+
+
+@implementer(IResponseSink)
+class _Relay:
+    """One exchange: relays the backend's answer to the client, times it out.
+
+    ``failed`` is set to the gateway's answer when a timer fires first.
+    """
+
+    def __init__(self, request: server.Request, connection: UpstreamConnection, backend: Backend,
+                 body: Optional[IBodyProducer], proxy: Proxy) -> None:
+        self.request = request
+        self.connection = connection
+        self.backend = backend
+        self.body = body
+        self.proxy = proxy
+        self.answered = False
+        self.relaying = False
+        self.failed: Optional[BytesResponse] = None
+        timeouts = proxy.pool.config.timeouts
+        self._clock = proxy.clock
+        self._response_timeout = timeouts.response
+        self._body_timeout = timeouts.body
+        self._timer: Optional[IDelayedCall] = self._clock.callLater(self._response_timeout, self._no_answer)
+        self._body_seen = -1
+        self.streamed: Optional[RequestBody] = body if isinstance(body, RequestBody) else None
+        self._body_timer: Optional[IDelayedCall] = (
+            self._clock.callLater(self._body_timeout, self._check_body) if self.streamed is not None else None)
+
+    def head(self, code: int, phrase: bytes, headers: List[Header], length: Optional[int], body: bool) -> None:
+        """Status and headers: relay them, then the body as it comes."""
+        self.answered = True
+        request = self.request
+        if client_gone(request):
+            self.connection.cancel()
+            return
+        request.setResponseCode(code, phrase)
+        request.defaultContentType = None  # only what the backend sent
+        out = request.responseHeaders
+        drop = NOT_RELAYED
+        for name, value in headers:
+            if name.lower() == b"connection":
+                drop = drop | connection_named([value])
+        vias = []
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"via":
+                vias.append(value)
+            elif lower not in drop:
+                out.addRawHeader(name, value)
+        vias.append(b"1.1 " + VIA_NAME)
+        out.setRawHeaders(b"via", [b", ".join(vias)])
+        if length is not None and code != 204:
+            out.setRawHeaders(b"content-length", [b"%d" % length])
+        if not body or length == 0:
+            self.stop()
+        else:
+            request.registerProducer(self.connection.transport, True)
+            self.relaying = True
+            self._restart(self._body_timeout, self._stalled)
+
+    def data(self, chunk: bytes) -> None:
+        """A piece of the response body: on to the client."""
+        timer = self._timer
+        if timer is not None:
+            timer.reset(self._body_timeout)
+        if client_gone(self.request):
+            self.connection.cancel()
+        else:
+            self.request.write(chunk)
+
+    def stop(self) -> None:
+        """The exchange is over: timers off, the backend's transport released."""
+        for timer in (self._timer, self._body_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._body_timer = None
+        if self.relaying:
+            self.relaying = False
+            if not client_gone(self.request):
+                self.request.unregisterProducer()
+
+    def _restart(self, seconds: float, then: Callable[[], None]) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(seconds, then)
+
+    def _no_answer(self) -> None:
+        self._timer = None
+        if not self.connection.body_done:
+            # Still sending the body: the body check decides whose fault it is.
+            self._timer = self._clock.callLater(self._response_timeout, self._no_answer)
+            return
+        self.proxy.backend_failed(self.backend, "timeout", "did not answer within {seconds}s",
+                                  seconds=self._response_timeout)
+        self.failed = text(504, "Gateway timeout")
+        self.connection.cancel()
+
+    def _stalled(self) -> None:
+        self._timer = None
+        self.proxy.backend_failed(self.backend, "body_stalled", "sent no body for {seconds}s; cut off",
+                                  seconds=self._body_timeout)
+        self.connection.cancel()
+
+    def _check_body(self) -> None:
+        """Every ``timeouts.body`` seconds while the request body is arriving."""
+        self._body_timer = None
+        body = self.streamed
+        if body is None or body.complete or self.answered:
+            return
+        if body.received == self._body_seen:
+            if body.waiting_on_consumer and body.started:
+                self.proxy.backend_failed(self.backend, "timeout", "read none of the body for {seconds}s",
+                                          seconds=self._body_timeout)
+                self.failed = text(504, "Gateway timeout")
+            else:
+                log.info("Client sent none of its body for {seconds}s; giving up", seconds=self._body_timeout)
+                self.failed = text(408, "Request body timed out")
+            self.connection.cancel()
+            return
+        self._body_seen = body.received
+        self._body_timer = self._clock.callLater(self._body_timeout, self._check_body)
+
+
 class Proxy:
     """The handler of every path outside ``/user/``: rate-limit, forward."""
 
-    def __init__(
-        self,
-        buckets: Buckets,
-        pool: BackendPool,
-        agent: IAgent,
-        clock: IReactorTime,
-        registry: CollectorRegistry,
-        cooperator: Optional[task.Cooperator] = None,
-    ) -> None:
-        self.cooperator: Any = cooperator or task  # the module's cooperate() is the global one
+    def __init__(self, buckets: Buckets, pool: BackendPool, upstream: UpstreamPool,
+                 clock: IReactorTime, registry: CollectorRegistry) -> None:
         self.buckets = buckets
         self.pool = pool
-        self.agent = agent
+        self.upstream = upstream
         self.clock = clock
         self._upstream = Counter(
             "lbsvc_upstream_requests", "Requests sent upstream by backend and outcome.",
@@ -177,87 +259,88 @@ class Proxy:
                 "RateLimit-Remaining": str(int(bucket.level)),
                 "RateLimit-Reset": str(bucket.reset_after()),
             })
-        return self._forward(request)
+        return defer.ensureDeferred(self._forward(request))
+
+    def backend_failed(self, backend: Backend, outcome: str, why: str, **fields: Any) -> None:
+        """A passive failure: counted, logged, and the backend taken out."""
+        self._upstream.labels(backend.name, outcome).inc()
+        log.warn("Backend {name} " + why, name=backend.name, **fields)
+        self.pool.connect_failed(backend)
+
+    def _body(self, request: server.Request) -> Optional[IBodyProducer]:
+        streamed = getattr(request, "body", None)
+        if streamed is not None:
+            return streamed  # type: ignore[no-any-return]
+        if request.getHeader(b"content-length") in (None, b"0") and request.getHeader(b"transfer-encoding") is None:
+            return None
+        # Not behind a GuardedSite: the body was stored whole.
+        request.content.seek(0)  # type: ignore[union-attr]
+        return FileBodyProducer(request.content)
 
     async def _forward(self, request: server.Request) -> Union[Streamed, BytesResponse]:
-        headers = upstream_headers(request)
+        body = self._body(request)
         tried: List[Backend] = []
-        has_body = request.getHeader(b"content-length") not in (None, b"0") \
-            or request.getHeader(b"transfer-encoding") is not None
         while True:
             backend = self.pool.choose(tried)
             if backend is None:
                 return text(503, "No available servers")
             tried.append(backend)
-            response = await self._attempt(request, backend, headers, has_body)
-            if response is not None:
-                break
-        if isinstance(response, BytesResponse):
-            return response
-        backend.in_flight += 1
-        try:
-            await self._relay(request, response, backend)
-        finally:
-            backend.in_flight -= 1
-        return STREAMED
+            backend.in_flight += 1
+            try:
+                return await self._attempt(request, backend, body)
+            except _Retry:
+                continue
+            finally:
+                backend.in_flight -= 1
 
-    async def _attempt(self, request: server.Request, backend: Backend, headers: Headers,
-                       has_body: bool) -> Union[None, IResponse, BytesResponse]:
-        """One backend: its response, None to try the next, or the gateway's answer."""
-        body: Optional[FileBodyProducer] = None
-        if has_body:
-            request.content.seek(0)  # type: ignore[union-attr]
-            body = FileBodyProducer(request.content, cooperator=self.cooperator)
-        url = upstream_url(backend.scheme, backend.host, backend.port, request.uri)
-        d = self.agent.request(request.method, url, headers, body)
-        timed_out: List[bool] = []
-
-        def too_slow() -> None:
-            timed_out.append(True)
-            d.cancel()
-
-        timer = self.clock.callLater(self.pool.config.timeouts.response, too_slow)
-        backend.in_flight += 1
-        try:
-            response: IResponse = await d
-        except CONNECT_ERRORS as e:
-            if client_gone(request):
-                raise defer.CancelledError() from None
-            self._upstream.labels(backend.name, "connect_error").inc()
-            log.info("Backend {name} unreachable ({error}); trying the next", name=backend.name, error=e)
-            self.pool.connect_failed(backend)
-            return None
-        except Exception as e:
-            if timed_out:
-                self._upstream.labels(backend.name, "timeout").inc()
-                log.warn("Backend {name} did not answer within {seconds}s; taking it out",
-                         name=backend.name, seconds=self.pool.config.timeouts.response)
+    async def _attempt(self, request: server.Request, backend: Backend,
+                       body: Optional[IBodyProducer]) -> Union[Streamed, BytesResponse]:
+        """One backend: the answer relayed, the gateway's own answer, or :class:`_Retry`."""
+        fresh = False
+        while True:
+            try:
+                connection = await self.upstream.connection(backend, fresh=fresh)
+            except ConnectFailed as e:
+                if client_gone(request):
+                    raise defer.CancelledError() from None
+                self._upstream.labels(backend.name, "connect_error").inc()
+                log.info("Backend {name} unreachable ({error}); trying the next", name=backend.name, error=e)
                 self.pool.connect_failed(backend)
-                return text(504, "Gateway timeout")
-            if isinstance(e, defer.CancelledError) or client_gone(request):
-                raise defer.CancelledError() from None
-            self._upstream.labels(backend.name, "error").inc()
-            log.warn("Backend {name} failed: {error!r}", name=backend.name, error=e)
-            return text(502, "Bad gateway")
-        finally:
-            backend.in_flight -= 1
-            if timer.active():
-                timer.cancel()
-        self._upstream.labels(backend.name, str(response.code)).inc()
-        return response
+                raise _Retry() from None
+            host = backend.host if b":" not in backend.host else b"[" + backend.host + b"]"
+            head = upstream_head(request, b"%s:%d" % (host, backend.port))
+            relay = _Relay(request, connection, backend, body, self)
+            exchange = connection.request(head, body, relay, head_only=request.method == b"HEAD")
+            try:
+                await exchange
+            except StaleConnection:
+                relay.stop()
+                if body is not None and getattr(body, "started", True):
+                    return self._broken(backend, relay, "closed a reused connection mid-request")
+                fresh = True  # the idle connection had been closed: once more, on a new one
+                continue
+            except BadResponse as e:
+                relay.stop()
+                return self._broken(backend, relay, f"answered badly: {e}")
+            except defer.CancelledError:
+                relay.stop()
+                connection.cancel()
+                if relay.failed is not None:
+                    if request.startedWriting:
+                        raise
+                    return relay.failed
+                raise
+            except Exception:
+                relay.stop()
+                connection.cancel()
+                raise
+            relay.stop()
+            self._upstream.labels(backend.name, str(request.code)).inc()
+            return STREAMED
 
-    async def _relay(self, request: server.Request, response: IResponse, backend: Backend) -> None:
-        request.setResponseCode(response.code, response.phrase)
-        request.defaultContentType = None  # only what the backend sent
-        drop = HOP_BY_HOP | _hop_by_hop(response.headers) | {b"content-length"}
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in drop:
-                request.responseHeaders.setRawHeaders(name, values)
-        if isinstance(response.length, int):
-            request.setHeader(b"content-length", str(response.length).encode("ascii"))
-        request.responseHeaders.setRawHeaders(
-            b"via", [*response.headers.getRawHeaders(b"via", []), b"1.1 " + VIA_NAME])
-        relay = _BodyRelay(request, self.clock, self.pool.config.timeouts.body,
-                           lambda: self.pool.connect_failed(backend))
-        response.deliverBody(relay)
-        await relay.done
+    def _broken(self, backend: Backend, relay: _Relay, why: str) -> BytesResponse:
+        self.backend_failed(backend, "error", why)
+        if relay.answered:
+            # The status is out: the router can only cut the client's connection.
+            raise defer.CancelledError("upstream answer broke off")
+        return text(502, "Bad gateway")

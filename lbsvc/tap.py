@@ -14,11 +14,11 @@ from lbsvc.admin import admin_router
 from lbsvc.backends import BackendPool
 from lbsvc.buckets import TICK, Buckets
 from lbsvc.gateway import gateway_router
-from lbsvc.healthcheck import HealthChecker, http_probe
+from lbsvc.healthcheck import HealthChecker, http_probe, probe_agent
 from lbsvc.proxy import Proxy
 from lbsvc.service import DATABASE, USERS, GatewayService, watch_database
 from lbsvc.settings import GatewaySettings
-from lbsvc.upstream import upstream_agent
+from lbsvc.upstream import UpstreamPool
 from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, UserAPI, parse_capacity, parse_rate
 from lbsvc.users import StorageUnavailable, UserStore, check_database
 from svckit.accesslog import OFF, AccessLog
@@ -111,7 +111,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     users = UserStore.sqlite(settings.database, reactor)
     buckets = Buckets(reactor)
     pool = BackendPool(settings.servers)
-    probes = upstream_agent(reactor, persistent=False, connect_timeout=settings.servers.timeouts.connect)
+    probes = probe_agent(reactor, settings.servers.timeouts.connect)
     checker = HealthChecker(pool, http_probe(probes, reactor), reactor)
 
     gauges = CallbackGauges(registry)
@@ -140,8 +140,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 
     gateway = GatewayService(reactor, users, pool, checker, checks, settings.servers_path, readiness)
     gateway.setServiceParent(top)
-    agent = upstream_agent(reactor, connect_timeout=settings.servers.timeouts.connect)
-    proxy = Proxy(buckets, pool, agent, reactor, registry)
+    upstream = UpstreamPool(reactor, settings.servers.timeouts.connect, settings.servers.pool_size)
+    proxy = Proxy(buckets, pool, upstream, reactor, registry)
     api = UserAPI(users, buckets, settings.max_capacity, settings.max_rate)
     router = gateway_router(users, api, proxy, settings.max_body, registry)
     listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)

@@ -1,10 +1,11 @@
-"""The request-target, and the only URLs the gateway ever sends upstream.
+"""The request-target: the only part of a client's request line that goes upstream.
 
-The upstream URL is assembled from parsed parts: scheme, host and port from
-the backend's configuration, path and query from the client's request-target
-after it is checked, never by gluing the client's bytes onto the backend's
-URL (``GET 64371/secret`` once made the port ``807064371``, which wrapped
-around to any port the client liked).
+The upstream request is assembled from parsed parts: the connection is made
+to the backend's configured host and port (:mod:`lbsvc.upstream`), and only
+the path and query of the client's request-target, once checked here, go into
+the request line; never by gluing the client's bytes onto the backend's URL
+(``GET 64371/secret`` once made the port ``807064371``, which wrapped around
+to any port the client liked).
 
 Accepted request-targets are origin-form (``/path?query``) and absolute-form
 (``http://anything/path?query``, of which only the path and query are used);
@@ -18,8 +19,6 @@ from __future__ import annotations
 import re
 from typing import Tuple
 from urllib.parse import urlsplit
-
-from twisted.web.client import URI
 
 from svckit.responses import HTTPError
 
@@ -44,11 +43,3 @@ def origin_target(target: bytes) -> Tuple[bytes, bytes]:
     if not path.startswith(b"/"):
         raise HTTPError(400, "request-target must be origin-form (/path?query)")
     return path, query
-
-
-def upstream_url(scheme: bytes, host: bytes, port: int, target: bytes) -> bytes:
-    """The URL to request from a backend at ``scheme://host:port`` for ``target``."""
-    path, query = origin_target(target)
-    netloc = b"%s:%d" % (host if b":" not in host else b"[" + host + b"]", port)
-    url: bytes = URI(scheme, netloc, host, port, path, b"", query, b"").toBytes()
-    return url

@@ -13,6 +13,11 @@ decisions that need only the headers to the moment the headers are in:
   body is never stored, and the connection is closed (the client may still
   be sending); one without a body is answered normally, keeping the
   connection.
+* A route with ``stream_body`` is dispatched as soon as its headers are
+  admitted; its body goes to the handler as it arrives through a
+  :class:`~svckit.requestbody.RequestBody` (``request.body``), never stored.
+  Should the answer be finished before the whole body is in, the connection
+  is closed after it: the rest of the body is never read as a next request.
 * :class:`GuardedChannel` answers a header block that is too large (or has too
   many headers) with 431, a request line that is too long with 414, instead
   of Twisted's bare ``400``/close, and times out idle connections.
@@ -23,14 +28,17 @@ decisions that need only the headers to the moment the headers are in:
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.python import failure
 from twisted.web import http, server
 
 from svckit.accesslog import AccessLog
+from svckit.requestbody import RequestBody
 from svckit.responses import PHRASES, HTTPError, dumps, too_large
 from svckit.web import Router, log_unhandled
 
@@ -47,6 +55,8 @@ class GuardedRequest(server.Request):
     """An admission refusal answered through the router (requests without a body)."""
     principal: object = None
     """What a guard authenticated (the user of an API key, the admin)."""
+    body: Optional[RequestBody] = None
+    """The body as it arrives, for a route that streams it."""
     _limit = 0
     _received = 0
 
@@ -74,7 +84,34 @@ class GuardedRequest(server.Request):
             else:
                 channel.refuse(self, refusal)
                 length = 0
+        elif length != 0:
+            route = site.router.route_for(self.path)
+            if route is not None and route.stream_body:
+                transport: Any = channel.transport
+                self.body = RequestBody(length, transport.pauseProducing, channel.resume_reading)
+                length = 0  # nothing is stored
         super().gotLength(length)
+
+    def process(self) -> None:
+        """Render through the site's router (no resource tree to walk)."""
+        site: GuardedSite = self.channel.site  # type: ignore[attr-defined]
+        self.site = site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [server.version])
+        headers.setRawHeaders(b"date", [site.date()])
+        self.prepath, self.postpath = [], []
+        if self.path == b"*":  # OPTIONS * is answered, any other method is 405
+            self._handleStar()
+            return
+        try:
+            self.render(site.router)
+        except BaseException:
+            self.processingFailed(failure.Failure())
+
+    def dispatch_early(self) -> None:
+        """Process a streamed request now; its body follows through :attr:`body`."""
+        channel: GuardedChannel = self.channel  # type: ignore[assignment]
+        http.Request.requestReceived(self, *channel.request_line())
 
     def _guarded_channel(self) -> Optional[GuardedChannel]:
         channel = self.channel
@@ -87,14 +124,54 @@ class GuardedRequest(server.Request):
             return
         self._received += len(data)
         if self._received > self._limit:
+            if self.body is not None:
+                self.body.break_off()
             channel.refuse(self, too_large(self._limit))
+            return
+        if self.body is not None:
+            if not self.finished:
+                self.body.feed(data)
             return
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """Process the request, unless it was refused while its body arrived."""
-        if self._guarded_channel() is not None:
+        """Process the request, unless it was refused while its body arrived.
+
+        A streamed request was processed when its headers were in: its body
+        is complete now.
+        """
+        if self.body is not None:
+            self.body.finish()
+        elif self._guarded_channel() is not None:
             super().requestReceived(command, path, version)
+
+    def _body_still_arriving(self) -> Optional[GuardedChannel]:
+        channel = self._guarded_channel()
+        if self.body is None or self.body.complete or channel is None:
+            return None
+        return channel
+
+    def write(self, data: bytes) -> None:
+        """Write the answer; one begun before the body is in ends the connection."""
+        if not self.startedWriting and self._body_still_arriving() is not None:
+            self.setHeader(b"connection", b"close")
+            self.channel.persistent = False
+        super().write(data)
+
+    def finish(self) -> None:
+        """Finish the answer; stop reading a body that is still arriving."""
+        channel = self._body_still_arriving()
+        if channel is not None:
+            if not self.startedWriting:
+                self.setHeader(b"connection", b"close")
+            channel.discard_rest()
+        super().finish()
+
+    def connectionLost(self, reason: Any) -> None:
+        """The client went away: a body still arriving is broken off."""
+        if self.body is not None:
+            self.body.break_off()
+        super().connectionLost(reason)
 
 
 class GuardedChannel(http.HTTPChannel):
@@ -105,11 +182,42 @@ class GuardedChannel(http.HTTPChannel):
     MAX_LENGTH = MAX_HEADER_BYTES
     refused = False
     site: GuardedSite
+    _host: Any = None
+    _secure: Optional[bool] = None
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once per connection."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS, found out once per connection."""
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure
 
     def request_line(self) -> tuple[bytes, bytes, bytes]:
         """Method, request-target and version of the request being read."""
         return (getattr(self, "_command", b"-"), getattr(self, "_path", b"-"),
                 getattr(self, "_version", b"HTTP/1.1"))
+
+    def allHeadersReceived(self) -> None:
+        """The headers are in: a streamed request is processed now."""
+        super().allHeadersReceived()
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, GuardedRequest) and request.body is not None and not self.refused:
+            request.dispatch_early()
+
+    def resume_reading(self) -> None:
+        """Read from the client again (a streamed body's consumer drained)."""
+        if self.transport is not None and not self._waitingForTransport:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def discard_rest(self) -> None:
+        """Read nothing more of this connection; close it after the answer."""
+        self.refused = True
+        self.persistent = False
 
     def refuse(self, request: Optional[server.Request], error: HTTPError) -> None:
         """Answer ``error`` now, read nothing more, close the connection."""
@@ -184,6 +292,16 @@ class GuardedSite(server.Site):
         self._parsePOSTFormSubmission = False
         self.router = router
         self.access_log = access_log
+
+    _date_second = -1
+    _date = b""
+
+    def date(self) -> bytes:
+        """The ``Date`` header's value, formatted once a second."""
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second, self._date = now, http.datetimeToString(now)
+        return self._date
 
     def log(self, request: server.Request) -> None:  # type: ignore[override]
         """Buffer the access log line of a finished request."""

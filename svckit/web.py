@@ -68,6 +68,9 @@ class Route:
     guard: Optional[Guard] = None
     any_method: Optional[Handler] = None
     """The handler of every method not in ``methods`` (a proxy's)."""
+    stream_body: bool = False
+    """Dispatch when the headers are admitted and hand the handler the body as
+    it arrives (``request.body``, a :class:`svckit.requestbody.RequestBody`)."""
 
     def handler(self, method: bytes) -> Optional[Handler]:
         """The handler of ``method`` (``HEAD`` falls back to ``GET``)."""

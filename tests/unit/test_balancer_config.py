@@ -54,7 +54,11 @@ def test_config_parses_and_strips_slash() -> None:
     [
         ({"algorithm": "random"}, "unknown algorithm"),
         ({"servers": []}, "non-empty list"),
-        ({"servers": [{"name": "a", "url": "ftp://x"}]}, "http(s) URL"),
+        ({"servers": [{"name": "a", "url": "ftp://x"}]}, "http:// URL"),
+        ({"servers": [{"name": "a", "url": "https://x"}]}, "no TLS to backends"),
+        ({"servers": [{"name": "a", "url": "http://x/prefix"}]}, "must be http://host"),
+        ({"pool_size": -1}, "pool_size"),
+        ({"pool_size": True}, "pool_size"),
         ({"servers": [{"name": "a", "url": "http://x:99999"}]}, "bad port"),
         ({"servers": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]}, "duplicate server name"),
         ({"health_check": {"interval": 0}}, "interval"),

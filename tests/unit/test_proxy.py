@@ -1,202 +1,339 @@
-"""The gateway in memory: StubTreq in front, in-memory backend resources behind."""
+"""The gateway on the wire, in memory: a real channel in front, scripted backends behind.
+
+The client side is a :class:`GuardedChannel` on a ``StringTransport``; every
+upstream connection is an :class:`UpstreamConnection` on its own
+``StringTransport``, made through a recording endpoint, so a test sees
+exactly which addresses were dialled, what was sent, and plays the backend's
+answer byte by byte.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
-from treq.testing import RequestTraversalAgent, StubTreq
-from twisted.internet import defer, error, task
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web import resource
-from twisted.web.client import ResponseDone
-from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from lbsvc import config
 from lbsvc.backends import BackendPool
 from lbsvc.buckets import Buckets
 from lbsvc.gateway import gateway_router
-from lbsvc.proxy import Proxy, _BodyRelay
+from lbsvc.proxy import Proxy
+from lbsvc.upstream import UpstreamConnection, UpstreamPool
 from lbsvc.userapi import UserAPI
 from lbsvc.users import User, UserStore, hash_key
+from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
-from tests.unit.fired import fired
+from svckit.requestbody import HIGH_WATER
+from svckit.site import GuardedChannel, make_site
+from tests.conftest import LoggedErrors
+
+A, B = (b"10.0.0.1", 8001), (b"10.0.0.2", 8002)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Backend: yes\r\n\r\nhi"
 
 
-class Echo(resource.Resource):
-    """A backend that tells which one it is and what it saw."""
+@implementer(IStreamClientEndpoint)
+class Dial:
+    """Connects to a scripted backend, recording the address."""
 
-    isLeaf = True
+    def __init__(self, world: World, key: Tuple[bytes, int]) -> None:
+        self.world = world
+        self.key = key
 
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        self.seen: List[Dict[str, Any]] = []
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        self.world.dialled.append(self.key)
+        mode = self.world.modes.get(self.key, "ok")
+        if mode == "refuse":
+            return defer.fail(error.ConnectionRefusedError())
+        if mode == "hang":
+            return defer.Deferred()
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.world.upstreams.append((self.key, protocol, transport))
+        return defer.succeed(protocol)
 
-    def render(self, request: Any) -> bytes:
-        self.seen.append({
-            "method": request.method, "uri": request.uri, "body": request.content.read(),
-            "headers": {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()},
+
+class World:
+    """A gateway with two backends; ``modes`` scripts how each one connects."""
+
+    def __init__(self, modes: Optional[Dict[Tuple[bytes, int], str]] = None, capacity: int = 100) -> None:
+        self.modes = modes or {}
+        self.dialled: List[Tuple[bytes, int]] = []
+        self.upstreams: List[Tuple[Tuple[bytes, int], UpstreamConnection, StringTransport]] = []
+        self.clock = Clock()
+        servers = config.parse({
+            "servers": [{"name": "a", "url": "http://10.0.0.1:8001"}, {"name": "b", "url": "http://10.0.0.2:8002"}],
+            "timeouts": {"response": 5, "body": 2},
         })
-        request.setHeader(b"x-backend", self.name.encode())
-        return f"Server {self.name} answer".encode()
+        users = UserStore(pool=None, clock=self.clock)  # type: ignore[arg-type]
+        users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
+        buckets = Buckets(self.clock)
+        self.pool = BackendPool(servers)
+        self.upstream = UpstreamPool(self.clock, 1.0, 4, endpoint_for=lambda h, p: Dial(self, (h, p)))
+        registry = new_registry()
+        proxy = Proxy(buckets, self.pool, self.upstream, self.clock, registry)
+        router = gateway_router(users, UserAPI(users, buckets), proxy, 1 << 20, registry)
+        self.site = make_site(router, AccessLog("off", self.clock))
+
+    def client(self) -> Tuple[GuardedChannel, StringTransport]:
+        channel: GuardedChannel = self.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 4321))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def send(self, raw: bytes) -> Tuple[GuardedChannel, StringTransport]:
+        channel, transport = self.client()
+        channel.dataReceived(raw)
+        return channel, transport
+
+    def sent(self, index: int = -1) -> bytes:
+        """What upstream connection ``index`` was sent."""
+        return self.upstreams[index][2].value()
+
+    def answer(self, raw: bytes, index: Optional[int] = None) -> None:
+        """Data from backend connection ``index`` (by default the last busy one)."""
+        if index is None:
+            index = max(i for i, (_, c, _) in enumerate(self.upstreams) if c.busy)
+        self.upstreams[index][1].dataReceived(raw)
 
 
-@implementer(IAgent)
-class Backends:
-    """Routes by host:port to a resource, or refuses the connection."""
-
-    def __init__(self, routes: Dict[bytes, Any]) -> None:
-        self.routes = routes
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
-        for prefix, target in self.routes.items():
-            if uri.startswith(prefix):
-                if target is None:
-                    return defer.fail(error.ConnectionRefusedError())
-                if target == "hang":
-                    return defer.Deferred()
-                return target.request(method, uri, headers, bodyProducer)
-        raise AssertionError(uri)
+def get(target: bytes = b"/", extra: bytes = b"") -> bytes:
+    return b"GET " + target + b" HTTP/1.1\r\nHost: gw.example\r\nAuthorization: k-1\r\n" + extra + b"\r\n"
 
 
-def gateway(dead: bool = False, hang: bool = False) -> tuple:
-    a, b = Echo("a"), Echo("b")
-    servers = config.parse({"servers": [
-        {"name": "a", "url": "http://10.0.0.1:1"}, {"name": "b", "url": "http://10.0.0.2:1"}],
-        "timeouts": {"response": 5}})
-    routes = {
-        b"http://10.0.0.1:1": None if dead else ("hang" if hang else RequestTraversalAgent(a)),
-        b"http://10.0.0.2:1": "hang" if hang else RequestTraversalAgent(b),
-    }
-    clock = Clock()
-    users = UserStore(pool=None, clock=clock)  # type: ignore[arg-type]
-    users._remember(User("alice", hash_key("k-1"), 2, 1.0))
-    buckets = Buckets(clock)
-    pool = BackendPool(servers)
-    coop = task.Cooperator(scheduler=lambda work: clock.callLater(0, work))
-    registry = new_registry()
-    proxy = Proxy(buckets, pool, Backends(routes), clock, registry, coop)
-    stub = StubTreq(gateway_router(users, UserAPI(users, buckets), proxy, 1024, registry))
-    stub.backend_agents = [v for v in routes.values() if isinstance(v, RequestTraversalAgent)]
-    return stub, (a, b), pool, clock
+def response(transport: StringTransport) -> Tuple[int, bytes, bytes]:
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
 
 
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            return out
+        out, body = out + body[:n], body[n + 2:]
 
 
-def test_proxies_round_robin_strips_key_adds_forwarded() -> None:
-    treq, (a, b), _, clock = gateway()
-    headers = {"Authorization": "Bearer k-1", "Connection": "keep-alive, x-drop", "X-Drop": "1"}
-    d = treq.post("http://gw.example/x?y=1", data=b"payload", headers=headers)
-    for _ in range(5):
-        clock.advance(0)
-        for agent in treq.backend_agents:
-            agent.flush()
-        treq.flush()
-    r1 = fired(d)
-    assert fired(r1.content()) == b"Server a answer"
-    assert r1.headers.getRawHeaders("x-backend") == ["a"]
-    seen = a.seen[0]
-    assert (seen["method"], seen["uri"], seen["body"]) == (b"POST", b"/x?y=1", b"payload")
-    assert b"authorization" not in seen["headers"] and b"x-drop" not in seen["headers"]
-    assert seen["headers"][b"x-forwarded-host"] == [b"gw.example"]
-    assert seen["headers"][b"x-forwarded-proto"] == [b"http"]
-    assert seen["headers"][b"x-forwarded-for"]
-    assert seen["headers"][b"via"] == [b"1.1 lbsvc"]
-    assert r1.headers.getRawHeaders("via") == ["1.1 lbsvc"]
-    r2 = fired(treq.get("http://gw.example/", headers={"Authorization": "k-1"}))
-    assert fired(r2.content()) == b"Server b answer"
+def test_headers_per_rfc_9110_both_ways() -> None:
+    world = World()
+    _, client = world.send(
+        b"POST /x?y=1 HTTP/1.1\r\nHost: gw.example\r\nAuthorization: k-1\r\nConnection: keep-alive, X-Drop\r\n"
+        b"X-Drop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Keep: 2\r\nX-Forwarded-For: 203.0.113.9\r\n"
+        b"Content-Length: 7\r\n\r\npayload")
+    sent = world.sent()
+    head, _, body = sent.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /x?y=1 HTTP/1.1" and body == b"payload"
+    names = {line.split(b":")[0].lower() for line in lines[1:]}
+    assert {b"authorization", b"x-drop", b"keep-alive", b"te", b"connection"}.isdisjoint(names)
+    assert b"Host: 10.0.0.1:8001" in lines and b"X-Keep: 2" in lines and b"Content-Length: 7" in lines
+    assert b"X-Forwarded-For: 203.0.113.9, 192.0.2.7" in lines
+    assert b"X-Forwarded-Host: gw.example" in lines and b"X-Forwarded-Proto: http" in lines
+    assert b"Via: 1.1 lbsvc" in lines
+    world.answer(b"HTTP/1.1 201 Made\r\nConnection: X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\n"
+                 b"Via: 1.0 origin\r\nContent-Length: 3\r\n\r\nyes")
+    code, out, body = response(client)
+    assert (code, body) == (201, b"yes")
+    assert b"X-Secret" not in out and b"Keep-Alive" not in out
+    assert b"Content-Type" not in out  # nothing invented
+    assert b"Via: 1.0 origin, 1.1 lbsvc" in out and b"Content-Length: 3" in out
 
 
-def test_rate_limit_headers() -> None:
-    treq, _, _, clock = gateway()
-    for _ in range(2):
-        assert fired(treq.get("http://gw/", headers={"Authorization": "k-1"})).code == 200
-    r = fired(treq.get("http://gw/", headers={"Authorization": "k-1"}))
-    assert r.code == 429
-    assert r.headers.getRawHeaders("retry-after") == ["1"]
-    assert r.headers.getRawHeaders("ratelimit-limit") == ["2"]
-    assert r.headers.getRawHeaders("ratelimit-remaining") == ["0"]
-    assert r.headers.getRawHeaders("ratelimit-reset") == ["2"]
-    answer = fired(treq.get("http://gw/user/tokens/profile", headers={"Authorization": "k-1"}))
-    profile = json.loads(fired(answer.content()))
-    assert profile["current_capacity"] == 0  # looking costs nothing
+def test_connections_are_reused() -> None:
+    world = World()
+    for _ in range(3):
+        _, client = world.send(get())
+        world.answer(OK)
+        assert response(client)[0] == 200
+    assert len(world.upstreams) == 2  # round robin over a and b, each connection used again
+    assert world.upstream.idle == 2
 
 
-def test_missing_or_unknown_key() -> None:
-    treq, (a, b), _, _ = gateway()
-    assert fired(treq.get("http://gw/")).code == 401
-    assert fired(treq.get("http://gw/", headers={"Authorization": "nope"})).code == 401
-    assert a.seen == [] and b.seen == []
+def test_chunked_answer_is_relayed() -> None:
+    world = World()
+    _, client = world.send(get())
+    for piece in (b"HTTP/1.1 200 OK\r\nTransfer-", b"Encoding: chunked\r\n\r\n5\r\nhel", b"lo\r\n",
+                  b"6;ext=1\r\n world\r\n0\r\n", b"X-Trailer: t\r\n\r\n"):
+        world.answer(piece)
+    code, head, body = response(client)
+    assert code == 200 and b"Transfer-Encoding: chunked" in head
+    assert dechunk(body) == b"hello world"
+    assert world.upstream.idle == 1
+
+
+def test_request_body_is_streamed_before_it_is_complete() -> None:
+    world = World()
+    channel, client = world.client()
+    channel.dataReceived(b"PUT /up HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nContent-Length: 10\r\n\r\nfirst")
+    assert world.sent().endswith(b"\r\n\r\nfirst")  # upstream before the rest arrived
+    channel.dataReceived(b"-last")
+    assert world.sent().endswith(b"\r\n\r\nfirst-last")
+    world.answer(OK)
+    assert response(client)[0] == 200 and not client.disconnecting
+
+
+def test_chunked_request_body_goes_upstream_chunked() -> None:
+    world = World()
+    channel, client = world.client()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n")
+    channel.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+    sent = world.sent()
+    assert b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n" in sent
+    world.answer(OK)
+    assert response(client)[0] == 200
+
+
+def test_a_slow_backend_pauses_the_client() -> None:
+    world = World()
+    channel, client = world.client()
+    channel.dataReceived(b"PUT / HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nContent-Length: 400000\r\n\r\n")
+    upstream = world.upstreams[-1][2]
+    upstream.producer.pauseProducing()  # the backend's socket buffer is full
+    for _ in range(HIGH_WATER // 8192 + 2):
+        channel.dataReceived(b"x" * 8192)
+    assert client.producerState == "paused"
+    held = len(upstream.value())
+    upstream.producer.resumeProducing()
+    assert client.producerState == "producing" and len(upstream.value()) > held
+
+
+def test_answer_before_the_body_closes_the_connection() -> None:
+    world = World()
+    channel, client = world.client()
+    channel.dataReceived(b"PUT / HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nContent-Length: 100\r\n\r\nabc")
+    world.answer(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    code, head, _ = response(client)
+    assert code == 403 and b"Connection: close" in head and client.disconnecting
+    channel.dataReceived(b"GET /smuggled HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\n\r\n" + b"z" * 50)
+    assert len(world.upstreams) == 1 and b"smuggled" not in world.sent()
 
 
 def test_refused_connection_moves_on_and_marks_down() -> None:
-    treq, (a, b), pool, _ = gateway(dead=True)
-    r = fired(treq.get("http://gw/", headers={"Authorization": "k-1"}))
-    assert (r.code, fired(r.content())) == (200, b"Server b answer")
-    assert not pool.backends[0].healthy
+    world = World({A: "refuse"})
+    _, client = world.send(get())
+    world.answer(OK)
+    assert response(client)[0] == 200
+    assert world.dialled == [A, B] and not world.pool.backends[0].healthy
 
 
 def test_no_healthy_backend_is_503() -> None:
-    treq, _, pool, _ = gateway()
-    for backend in pool.backends:
-        backend.healthy = False
-    r = fired(treq.get("http://gw/", headers={"Authorization": "k-1"}))
-    assert (r.code, fired(r.content())) == (503, b"No available servers")
+    world = World({A: "refuse", B: "refuse"})
+    _, client = world.send(get())
+    code, _, body = response(client)
+    assert (code, body) == (503, b"No available servers")
 
 
-def test_upstream_timeout_is_504_and_takes_the_backend_out() -> None:
-    treq, _, pool, clock = gateway(hang=True)
-    d = treq.get("http://gw/", headers={"Authorization": "k-1"})
-    clock.advance(5.1)
-    treq.flush()
-    r = fired(d)
-    assert (r.code, fired(r.content())) == (504, b"Gateway timeout")
-    assert [b.healthy for b in pool.backends] == [False, True]  # the one that timed out
-
-
-class FakeClient:
-    """The client side of a relay: what was written, and whether it left."""
-
-    _disconnected = False
-
-    def __init__(self) -> None:
-        self.written: List[bytes] = []
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-
-class FakeUpstream:
-    stopped = False
-
-    def stopProducing(self) -> None:
-        self.stopped = True
+def test_response_timeout_is_504_and_takes_the_backend_out() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.clock.advance(5.1)
+    code, _, body = response(client)
+    assert (code, body) == (504, b"Gateway timeout")
+    assert [b.healthy for b in world.pool.backends] == [False, True]
+    assert world.upstreams[0][2].disconnecting
 
 
 def test_a_stalled_response_body_is_cut_off_and_the_backend_taken_out() -> None:
-    clock = Clock()
-    stalled: List[str] = []
-    client = FakeClient()
-    relay = _BodyRelay(client, clock, 2.0, lambda: stalled.append("out"))  # type: ignore[arg-type]
-    upstream = FakeUpstream()
-    relay.makeConnection(upstream)  # type: ignore[arg-type]
-    relay.dataReceived(b"part")
-    clock.advance(1.5)
-    relay.dataReceived(b"more")  # resets the idle timer
-    clock.advance(1.5)
-    assert stalled == [] and client.written == [b"part", b"more"]
-    clock.advance(0.6)
-    assert stalled == ["out"] and upstream.stopped
-    relay.connectionLost(Failure(ResponseDone()))
-    failures: List[Failure] = []
-    relay.done.addErrback(failures.append)
-    assert failures and failures[0].check(defer.CancelledError)
+    world = World()
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\npart")
+    world.clock.advance(1.5)
+    world.answer(b"more")  # resets the idle timer
+    world.clock.advance(1.5)
+    assert not client.disconnecting
+    world.clock.advance(0.6)
+    assert client.disconnecting and world.upstreams[0][2].disconnecting
+    assert not world.pool.backends[0].healthy
+
+
+def test_a_client_that_stalls_its_body_gets_408_and_the_backend_stays() -> None:
+    world = World()
+    channel, client = world.client()
+    channel.dataReceived(b"PUT / HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nContent-Length: 100\r\n\r\nabc")
+    world.clock.advance(2.1)
+    world.clock.advance(2.1)
+    code, head, _ = response(client)
+    assert code == 408 and b"Connection: close" in head
+    assert all(b.healthy for b in world.pool.backends)
+
+
+def test_malformed_answer_is_502_and_takes_the_backend_out() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+    assert response(client)[0] == 502 and not world.pool.backends[0].healthy
+
+
+def test_a_client_leaving_drops_the_upstream_connection(logged_errors: LoggedErrors) -> None:
+    world = World()
+    channel, _ = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\npart")
+    channel.connectionLost(error.ConnectionLost())
+    world.answer(b"rest", index=0)
+    assert world.upstreams[0][2].disconnecting and world.upstream.idle == 0
+    assert all(b.healthy for b in world.pool.backends)
+
+
+def test_a_stale_pooled_connection_is_retried_on_a_new_one() -> None:
+    world = World({B: "refuse"})
+    for _ in range(2):  # the second request reuses a's connection
+        _, client = world.send(get())
+        world.answer(OK)
+    _, client = world.send(get())
+    world.upstreams[0][1].connectionLost(Failure(error.ConnectionDone()))  # the backend had closed it
+    world.answer(OK)
+    assert response(client)[0] == 200 and len(world.upstreams) == 2 and world.pool.backends[0].healthy
+
+
+def test_head_answer_has_no_body() -> None:
+    world = World()
+    _, client = world.send(get().replace(b"GET", b"HEAD", 1))
+    world.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    code, head, body = response(client)
+    assert code == 200 and b"Content-Length: 1000" in head and body == b""
+    assert world.upstream.idle == 1
+    world.send(get())  # to b
+    _, client = world.send(get())  # back to a, on the same connection
+    world.answer(OK, index=0)  # not mistaken for the body of the HEAD answer
+    assert response(client)[2] == b"hi" and len(world.upstreams) == 2
+
+
+CONFIGURED = {A, B}
+targets = st.one_of(
+    st.binary(max_size=60).filter(lambda t: b"\r" not in t and b"\n" not in t and b" " not in t),
+    st.builds(lambda a, b: a + b, st.sampled_from([b"", b"/", b"//", b":", b"@", b"?", b"http://", b"HTTPS://x",
+                                                   b"64371", b"0", b"[::1]", b"%2F", b"\\", b"*"]),
+              st.binary(max_size=30).filter(lambda t: b"\r" not in t and b"\n" not in t and b" " not in t)),
+)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(target=targets)
+@example(target=b"64371/secret")
+@example(target=b":8079/")
+@example(target=b"0/")
+@example(target=b"@evil:1/x")
+@example(target=b"//evil:1/x")
+@example(target=b"http://evil:1/x?y")
+def test_only_configured_backends_are_ever_dialled(target: bytes) -> None:
+    """Whatever the request-target, what is dialled is a configured backend and what
+    is sent is origin-form; anything else was refused with 400 before a backend."""
+    world = World()
+    _, client = world.send(get(target))
+    assert set(world.dialled) <= CONFIGURED
+    if world.dialled:
+        line = world.sent().split(b"\r\n", 1)[0]
+        assert line.startswith(b"GET /") and line.endswith(b" HTTP/1.1")
+    else:
+        assert client.value() == b"" or 400 <= response(client)[0] < 500
