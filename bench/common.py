@@ -37,7 +37,11 @@ CLIENT_CPUS = ["taskset", "-c", "1"] if (os.cpu_count() or 1) >= 2 and shutil.wh
 def pin_server(daemon: Daemon) -> None:
     """Keep a server process on :data:`SERVER_CPUS` (when the load generator has its own core)."""
     if CLIENT_CPUS and daemon.process is not None:
-        os.sched_setaffinity(daemon.process.pid, SERVER_CPUS)
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(daemon.process.pid, SERVER_CPUS)
+        else:  # PyPy 3.9 has no sched_setaffinity
+            cpus = ",".join(map(str, sorted(SERVER_CPUS)))
+            subprocess.run(["taskset", "-p", "-c", cpus, str(daemon.process.pid)], check=True, capture_output=True)
 
 
 def runtime() -> str:

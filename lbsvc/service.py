@@ -102,6 +102,11 @@ class GatewayService(service.MultiService):
                  names=", ".join(b.name for b in self.pool.backends))
 
 
+USER_SYNC = "user_sync"
+STALE_AFTER = 3.0
+"""Seconds without reading the change log before ``/ready`` says so."""
+
+
 def watch_database(users: UserStore, readiness: Readiness) -> None:
     """One check of the database file, reflected in readiness."""
     users.watch()
@@ -109,3 +114,38 @@ def watch_database(users: UserStore, readiness: Readiness) -> None:
         readiness.ok(DATABASE)
     else:
         readiness.fail(DATABASE, users.problem)
+
+
+class UserSync:
+    """Polls the user change log (:meth:`UserStore.sync`) for the changes of other gateways.
+
+    While the database cannot be read, keys and limits changed elsewhere are
+    not seen: after :data:`STALE_AFTER` seconds of that, ``/ready`` is 503
+    (``problems.user_sync``) so that nothing stale is served as ready; the
+    gateway keeps serving the users it knows, and catches up from its place
+    in the log once the database is back.
+    """
+
+    def __init__(self, users: UserStore, readiness: Readiness, clock: Any) -> None:
+        self.users = users
+        self.readiness = readiness
+        self.clock = clock
+        self.failing = False
+
+    async def __call__(self) -> None:
+        """One poll."""
+        try:
+            await self.users.sync()
+        except StorageUnavailable as e:
+            if not self.failing:
+                log.warn("Cannot read the user change log ({error}); retrying", error=e)
+                self.failing = True
+            synced = self.users.synced_at
+            if synced is not None and self.clock.seconds() - synced > STALE_AFTER:
+                self.readiness.fail(USER_SYNC, f"other gateways' user changes unseen for"
+                                               f" {self.clock.seconds() - synced:.0f}s: {e}")
+            return
+        if self.failing:
+            log.info("User change log readable again")
+            self.failing = False
+        self.readiness.ok(USER_SYNC)

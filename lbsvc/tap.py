@@ -16,11 +16,12 @@ from lbsvc.buckets import TICK, Buckets
 from lbsvc.gateway import gateway_router
 from lbsvc.healthcheck import HealthChecker, http_probe, probe_agent
 from lbsvc.proxy import Proxy
-from lbsvc.service import DATABASE, USERS, GatewayService, watch_database
+from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
 from lbsvc.settings import GatewaySettings
 from lbsvc.upstream import UpstreamPool
 from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, UserAPI, parse_capacity, parse_rate
-from lbsvc.users import StorageUnavailable, UserStore, check_database
+from lbsvc.userdb import StorageUnavailable, open_database
+from lbsvc.users import SYNC_INTERVAL, UserStore
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
 from svckit.options import EnvOptions, access_log_destination, endpoint_description
@@ -41,7 +42,8 @@ class Options(EnvOptions):
     optParameters = [
         ["endpoint", None, "tcp:8080", "Gateway endpoint [LBSVC_ENDPOINT]."],
         ["servers", None, "servers.yaml", "Backends file [LBSVC_SERVERS]."],
-        ["database", None, "lbsvc.sqlite3", "SQLite file of users [LBSVC_DATABASE]."],
+        ["database", None, "lbsvc.sqlite3",
+         "Users: a SQLite file, or postgresql://user:password@host:port/db [LBSVC_DATABASE]."],
         ["admin-endpoint", None, "tcp:8079:interface=127.0.0.1",
          "Endpoint of the gateway's own /health, /ready, /metrics [LBSVC_ADMIN_ENDPOINT]."],
         ["access-log", None, "-", "Access log: - (this log), a file, or off [LBSVC_ACCESS_LOG]."],
@@ -101,15 +103,17 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 
         reactor = default_reactor
     settings = options.settings
+    database = open_database(settings.database)
     try:
-        check_database(settings.database)
+        database.check()
     except StorageUnavailable as e:
         raise SystemExit(f"lbsvc: {e}") from None
 
     registry = new_registry()
     readiness = Readiness(USERS)
-    users = UserStore.sqlite(settings.database, reactor)
+    users = UserStore(database, reactor)
     buckets = Buckets(reactor)
+    users.on_deleted = buckets.forget
     pool = BackendPool(settings.servers)
     probes = probe_agent(reactor, settings.servers.timeouts.connect)
     checker = HealthChecker(pool, http_probe(probes, reactor), reactor)
@@ -136,6 +140,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     checks.setServiceParent(top)
     watch = task.LoopingCall(watch_database, users, readiness)
     Supervisor.looping(DATABASE + " watch", watch, 1.0, reactor,
+                       on_failure=failed, on_running=readiness.ok).setServiceParent(top)
+    sync = task.LoopingCall(UserSync(users, readiness, reactor))
+    Supervisor.looping(USER_SYNC, sync, SYNC_INTERVAL, reactor,
                        on_failure=failed, on_running=readiness.ok).setServiceParent(top)
 
     gateway = GatewayService(reactor, users, pool, checker, checks, settings.servers_path, readiness)

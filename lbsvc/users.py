@@ -1,38 +1,46 @@
-"""Users and API keys, kept in SQLite through ``twisted.enterprise.adbapi``.
+"""Users and API keys in SQL (:mod:`lbsvc.userdb`), mirrored in memory.
 
 API keys are UUID4s shown once at creation and stored only as their SHA-256
 (a random 122-bit secret needs no salt or slow hash).  All users are loaded
 into memory at start, so authenticating a proxied request never touches the
 database.
 
+Several gateways share one database: every write also appends the user's
+name to ``user_changes``, and each gateway polls that log every
+:data:`SYNC_INTERVAL` seconds (:meth:`UserStore.sync`), reloading the users
+named there, so a create, change, rotation or delete made through one gateway
+is seen by every other within a second.  Polling a log, rather than
+PostgreSQL's ``LISTEN/NOTIFY``, works the same on both databases (two
+gateways may share a SQLite file on one machine), needs no extra connection,
+and a gateway that lost the database catches up from where it was.
+
 Storage faults are loud, never silent:
 
-* every database call has a deadline (:data:`DEADLINE`, with SQLite's own
-  busy timeout shorter still): a locked or stuck database answers
-  :class:`StorageUnavailable` (503 with ``Retry-After``) within two seconds,
-  and the reactor never waits on it (calls run in adbapi's thread);
-* :func:`check_database` opens the file synchronously at start, so a path
-  that cannot be opened stops the daemon with a one-line reason;
-* :meth:`UserStore.watch` notices the file being deleted or replaced while
-  the daemon runs (writes would go to a file nobody reads): writes are then
-  refused with 503 and ``/ready`` says why.
+* every database call has a deadline (:data:`DEADLINE`): a locked, stuck or
+  unreachable database answers :class:`StorageUnavailable` (503 with
+  ``Retry-After``) within two seconds, and the reactor never waits on it
+  (calls run in adbapi's threads);
+* :meth:`IUserDatabase.check` opens the database at start, so a SQLite path
+  that cannot be opened (or bad PostgreSQL credentials) stops the daemon with
+  a one-line reason;
+* :meth:`UserStore.watch` notices a SQLite file deleted or replaced while the
+  daemon runs: writes are then refused with 503 and ``/ready`` says why.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import sqlite3
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar
 
 import attrs
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from lbsvc.userdb import IUserDatabase, SQLiteDatabase, StorageUnavailable, open_database
 
 log = Logger()
 
@@ -41,53 +49,21 @@ DEFAULT_CAPACITY = 5
 DEFAULT_RATE = 1.0
 DEADLINE = 1.5
 """Seconds a database call may take before the request is answered 503."""
-BUSY_TIMEOUT = 1.0
-"""Seconds SQLite waits for a lock before giving up."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    name VARCHAR(64) PRIMARY KEY,
-    key_hash CHAR(64) NOT NULL UNIQUE,
-    capacity INTEGER NOT NULL,
-    rate_per_sec DOUBLE PRECISION NOT NULL
-)
-"""
-MIGRATIONS = [
-    # 1: several keys per user, each with an optional expiry (rotation with a
-    # grace period); the users' existing keys become their first key.
-    [
-        """CREATE TABLE IF NOT EXISTS api_keys (
-            key_hash CHAR(64) PRIMARY KEY,
-            name VARCHAR(64) NOT NULL REFERENCES users(name),
-            expires_at DOUBLE PRECISION
-        )""",
-        "INSERT OR IGNORE INTO api_keys (key_hash, name, expires_at) SELECT key_hash, name, NULL FROM users",
-    ],
-]
-"""Schema changes in order; ``PRAGMA user_version`` records how many are applied."""
-
-
-def migrate(cursor: Any) -> int:
-    """Create the schema and apply the migrations not applied yet; the version reached."""
-    cursor.execute(SCHEMA)
-    cursor.execute("PRAGMA user_version")
-    version = int(cursor.fetchone()[0])
-    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-        for statement in statements:
-            cursor.execute(statement)
-        cursor.execute(f"PRAGMA user_version = {number}")
-        log.info("User database migrated to version {number}", number=number)
-    return len(MIGRATIONS)
+SYNC_INTERVAL = 0.25
+"""Seconds between two polls of the change log."""
+GAP_PATIENCE = 10.0
+"""Seconds a hole in the change log's sequence is waited for (a transaction
+still committing) before it is taken to be a rolled-back one."""
+CHANGES_KEPT = 3600.0
+"""Seconds of change log kept; older entries are deleted now and then."""
 
 T = TypeVar("T")
+
+__all__ = ["StorageUnavailable", "open_database"]
 
 
 class DuplicateUser(Exception):
     """A user with that name exists."""
-
-
-class StorageUnavailable(Exception):
-    """The user database cannot be used now (locked, gone, too slow)."""
 
 
 @attrs.define
@@ -110,110 +86,201 @@ def valid_name(name: Any) -> bool:
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 
-def _sqlite_setup(connection: Any) -> None:
-    # Close the cursor at once: PyPy does not finalise it by reference
-    # counting, and an open statement blocks every later commit.
-    connection.execute("PRAGMA journal_mode=WAL").close()
-
-
-def _file_identity(path: str) -> Optional[Tuple[int, int]]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def check_database(path: str) -> None:
-    """Open ``path`` and create the table now; ``StorageUnavailable`` saying why."""
-    try:
-        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT)
-        try:
-            connection.execute(SCHEMA).close()
-            connection.execute("SELECT count(*) FROM users").close()
-            connection.commit()
-        finally:
-            connection.close()
-    except sqlite3.Error as e:
-        raise StorageUnavailable(f"cannot open the user database {path}: {e}") from None
-
-
 class UserStore:
     """Users in SQL, mirrored in memory for the request path."""
 
-    def __init__(self, pool: adbapi.ConnectionPool, clock: IReactorTime, path: Optional[str] = None,
+    def __init__(self, database: Optional[IUserDatabase], clock: IReactorTime,
                  wall: Callable[[], float] = time.time) -> None:
-        self.pool = pool
+        self.database = database
+        self.pool = database.pool if database is not None else None
         self.clock = clock
         self.wall = wall
         """Wall-clock seconds: key expiry times are stored, so they outlive the process."""
-        self.path = path
         self.problem: Optional[str] = None
         """Why writes are refused (the file is gone), or None."""
-        self._identity: Optional[Tuple[int, int]] = None
+        self.on_deleted: Callable[[str], None] = lambda name: None
+        """Called with the name of a user deleted (here or through another gateway)."""
+        self.synced_at: Optional[float] = None
+        """When the change log was last read (the clock's seconds), or None before."""
         self._by_name: Dict[str, User] = {}
         self._keys: Dict[str, Tuple[User, Optional[float]]] = {}
         """Key hash → its user and when it stops working (None: never)."""
+        self._cursor = 0
+        self._ahead: Set[int] = set()
+        self._gap_since: Optional[float] = None
+        self._pruned_at = 0.0
 
     @classmethod
     def sqlite(cls, path: str, clock: IReactorTime, wall: Callable[[], float] = time.time) -> UserStore:
-        """A store in the SQLite file ``path`` (one connection, one thread)."""
-        pool = adbapi.ConnectionPool(
-            "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1,
-            cp_openfun=_sqlite_setup, timeout=BUSY_TIMEOUT,
-        )
-        return cls(pool, clock, path, wall)
+        """A store in the SQLite file ``path``."""
+        return cls(SQLiteDatabase(path), clock, wall)
 
     def __len__(self) -> int:
         return len(self._by_name)
 
-    async def _call(self, what: str, call: Callable[[], defer.Deferred[T]]) -> T:
-        """One database call, bounded by :data:`DEADLINE`; faults → ``StorageUnavailable``."""
+    def _sql(self, statement: str) -> str:
+        assert self.database is not None
+        return str(self.database.sql(statement))
+
+    async def _call(self, what: str, call: Callable[[], defer.Deferred[T]], quiet: bool = False) -> T:
+        """One database call, bounded by :data:`DEADLINE`; faults → ``StorageUnavailable``
+        (logged, unless ``quiet``: the caller reports them)."""
+        assert self.database is not None
         d = call()
         d.addTimeout(DEADLINE, self.clock)
         try:
             return await d
-        except sqlite3.IntegrityError:
+        except self.database.integrity_errors:
             raise
         except defer.TimeoutError:
-            log.error("User database: {what} took more than {deadline}s", what=what, deadline=DEADLINE)
+            if not quiet:
+                log.error("User database: {what} took more than {deadline}s", what=what, deadline=DEADLINE)
             raise StorageUnavailable("the user database is not answering") from None
-        except sqlite3.OperationalError as e:
-            log.error("User database: {what} failed: {error}", what=what, error=e)
-            raise StorageUnavailable(f"the user database is unavailable ({e})") from None
-        except sqlite3.DatabaseError as e:
-            log.error("User database: {what} failed: {error}", what=what, error=e)
-            raise StorageUnavailable("the user database failed") from None
+        except self.database.unavailable_errors as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not quiet:
+                log.error("User database: {what} failed: {error}", what=what, error=reason)
+            raise StorageUnavailable(f"the user database is unavailable ({reason})") from None
+
+    def _interaction(self, what: str, work: Callable[[Any], T], quiet: bool = False) -> Any:
+        assert self.pool is not None
+        return self._call(what, lambda: self.pool.runInteraction(work), quiet)  # type: ignore[union-attr]
 
     async def open(self) -> None:
         """Create or migrate the schema, then load every user and key."""
-        self._identity = _file_identity(self.path) if self.path else None
-        await self._call("migrate", lambda: self.pool.runInteraction(migrate))
-        rows = await self._call("load users", lambda: self.pool.runQuery(
-            "SELECT name, key_hash, capacity, rate_per_sec FROM users"))
-        for name, key_hash, capacity, rate in rows:
+        assert self.database is not None
+        database = self.database
+        await self._interaction("migrate", database.migrate)
+        sql = self._sql
+
+        def load(cursor: Any) -> Tuple[int, List[Any], List[Any]]:
+            cursor.execute("SELECT max(seq) FROM user_changes")
+            cursor_at = cursor.fetchone()[0] or 0
+            cursor.execute(sql("SELECT name, key_hash, capacity, rate_per_sec FROM users"))
+            users = cursor.fetchall()
+            cursor.execute(sql("SELECT key_hash, name, expires_at FROM api_keys"))
+            return int(cursor_at), users, cursor.fetchall()
+
+        self._cursor, users, keys = await self._interaction("load users", load)
+        for name, key_hash, capacity, rate in users:
             self._by_name[name] = User(name, key_hash, int(capacity), float(rate))
-        keys = await self._call("load keys", lambda: self.pool.runQuery(
-            "SELECT key_hash, name, expires_at FROM api_keys"))
         for key_hash, name, expires_at in keys:
             user = self._by_name.get(name)
             if user is not None:
                 self._keys[key_hash] = (user, None if expires_at is None else float(expires_at))
-        log.info("Loaded {count} users and {keys} keys", count=len(rows), keys=len(self._keys))
+        self.synced_at = self.clock.seconds()
+        log.info("Loaded {count} users and {keys} keys from {db}", count=len(users), keys=len(self._keys),
+                 db=database.description)
+
+    # --- seeing other gateways' changes ---------------------------------
+
+    async def sync(self) -> int:
+        """Read the change log past what was seen; reload the users named there.
+
+        Returns how many users were reloaded.  Run every
+        :data:`SYNC_INTERVAL` seconds (under a supervisor that logs a failure
+        and keeps trying).
+        """
+        if self.synced_at is None:
+            return 0  # not loaded yet
+        sql = self._sql
+        after = self._cursor
+        now = self.wall()
+        prune = now - self._pruned_at > CHANGES_KEPT / 6
+        seen = frozenset(self._ahead)
+
+        def read(cursor: Any) -> Tuple[List[Any], List[Any], List[Any]]:
+            if prune:
+                cursor.execute(sql("DELETE FROM user_changes WHERE at < ?"), (now - CHANGES_KEPT,))
+            cursor.execute(sql("SELECT seq, name FROM user_changes WHERE seq > ? ORDER BY seq LIMIT 10000"),
+                           (after,))
+            changes = [(int(seq), name) for seq, name in cursor.fetchall() if int(seq) not in seen]
+            names = sorted({name for _, name in changes})
+            users: List[Any] = []
+            keys: List[Any] = []
+            for start in range(0, len(names), 500):
+                part = names[start:start + 500]
+                marks = ", ".join("?" * len(part))
+                cursor.execute(sql(f"SELECT name, key_hash, capacity, rate_per_sec FROM users WHERE name IN ({marks})"),
+                               part)
+                users += cursor.fetchall()
+                cursor.execute(sql(f"SELECT key_hash, name, expires_at FROM api_keys WHERE name IN ({marks})"), part)
+                keys += cursor.fetchall()
+            return changes, users, keys
+
+        changes, users, keys = await self._interaction("read changes", read, quiet=True)
+        if prune:
+            self._pruned_at = now
+        self.synced_at = self.clock.seconds()
+        if not changes:
+            self._skip_old_gap()
+            return 0
+        names = {name for _, name in changes}
+        self._reload(names, users, keys)
+        for seq, _ in changes:
+            self._ahead.add(seq)
+        self._advance()
+        return len(names)
+
+    def _advance(self) -> None:
+        while self._cursor + 1 in self._ahead:
+            self._cursor += 1
+            self._ahead.discard(self._cursor)
+        self._skip_old_gap()
+
+    def _skip_old_gap(self) -> None:
+        """A hole in the sequence waits :data:`GAP_PATIENCE`, then counts as a rollback."""
+        if not self._ahead:
+            self._gap_since = None
+            return
+        now = self.clock.seconds()
+        if self._gap_since is None:
+            self._gap_since = now
+        elif now - self._gap_since >= GAP_PATIENCE:
+            self._cursor = min(self._ahead) - 1
+            self._gap_since = None
+            self._advance()
+
+    def _reload(self, names: Iterable[str], users: List[Any], keys: List[Any]) -> None:
+        """Make the memory copy of ``names`` what the database says."""
+        rows = {row[0]: row for row in users}
+        for name in names:
+            row = rows.get(name)
+            current = self._by_name.get(name)
+            if row is None:
+                if current is not None:
+                    self._forget(current)
+                    self.on_deleted(name)
+                continue
+            _, key_hash, capacity, rate = row
+            if current is None:
+                current = self._by_name[name] = User(name, key_hash, int(capacity), float(rate))
+            else:
+                current.key_hash, current.capacity, current.rate_per_sec = key_hash, int(capacity), float(rate)
+            for stale, (owner, _) in list(self._keys.items()):
+                if owner.name == name:
+                    del self._keys[stale]
+        for key_hash, name, expires_at in keys:
+            user = self._by_name.get(name)
+            if user is not None:
+                self._keys[key_hash] = (user, None if expires_at is None else float(expires_at))
+
+    def _forget(self, user: User) -> None:
+        self._by_name.pop(user.name, None)
+        for key_hash, (owner, _) in list(self._keys.items()):
+            if owner is user:
+                del self._keys[key_hash]
+
+    # --- the request path -----------------------------------------------
 
     def watch(self) -> None:
-        """Check that the database file is still the one opened (run every second)."""
-        if self.path is None or self._identity is None:
-            return
-        now = _file_identity(self.path)
-        if now == self._identity:
-            return
-        problem = (f"the user database file {self.path} was deleted" if now is None
-                   else f"the user database file {self.path} was replaced")
-        if problem != self.problem:
+        """Check that the database is still the one opened (run every second)."""
+        problem = self.database.problem() if self.database is not None else None
+        if problem is not None and problem != self.problem:
             log.error("{problem} while running: refusing writes; restart lbsvc after"
                       " restoring it", problem=problem)
-        self.problem = problem
+        if problem is not None:
+            self.problem = problem
 
     def _writable(self) -> None:
         self.watch()
@@ -236,6 +303,9 @@ class UserStore:
             return None
         return user
 
+    def _changed(self, cursor: Any, name: str) -> None:
+        cursor.execute(self._sql("INSERT INTO user_changes (name, at) VALUES (?, ?)"), (name, self.wall()))
+
     async def rotate(self, user: User, grace: float) -> str:
         """A new key for ``user``; its other keys stay valid ``grace`` seconds more."""
         self._writable()
@@ -243,17 +313,19 @@ class UserStore:
         new_hash = hash_key(api_key)
         now = self.wall()
         expires_at = now + grace
+        sql = self._sql
 
         def change(cursor: Any) -> None:
-            cursor.execute("DELETE FROM api_keys WHERE name = ? AND expires_at IS NOT NULL AND expires_at <= ?",
+            cursor.execute(sql("DELETE FROM api_keys WHERE name = ? AND expires_at IS NOT NULL AND expires_at <= ?"),
                            (user.name, now))
-            cursor.execute("UPDATE api_keys SET expires_at = ? WHERE name = ? AND"
-                           " (expires_at IS NULL OR expires_at > ?)", (expires_at, user.name, expires_at))
-            cursor.execute("INSERT INTO api_keys (key_hash, name, expires_at) VALUES (?, ?, NULL)",
+            cursor.execute(sql("UPDATE api_keys SET expires_at = ? WHERE name = ? AND"
+                               " (expires_at IS NULL OR expires_at > ?)"), (expires_at, user.name, expires_at))
+            cursor.execute(sql("INSERT INTO api_keys (key_hash, name, expires_at) VALUES (?, ?, NULL)"),
                            (new_hash, user.name))
-            cursor.execute("UPDATE users SET key_hash = ? WHERE name = ?", (new_hash, user.name))
+            cursor.execute(sql("UPDATE users SET key_hash = ? WHERE name = ?"), (new_hash, user.name))
+            self._changed(cursor, user.name)
 
-        await self._call("rotate key", lambda: self.pool.runInteraction(change))
+        await self._interaction("rotate key", change)
         self._writable()
         for key_hash, (owner, old_expiry) in list(self._keys.items()):
             if owner is user and (old_expiry is None or old_expiry > expires_at):
@@ -265,33 +337,36 @@ class UserStore:
     async def delete(self, user: User) -> None:
         """Forget ``user`` and every key of it."""
         self._writable()
+        sql = self._sql
 
         def remove(cursor: Any) -> None:
-            cursor.execute("DELETE FROM api_keys WHERE name = ?", (user.name,))
-            cursor.execute("DELETE FROM users WHERE name = ?", (user.name,))
+            cursor.execute(sql("DELETE FROM api_keys WHERE name = ?"), (user.name,))
+            cursor.execute(sql("DELETE FROM users WHERE name = ?"), (user.name,))
+            self._changed(cursor, user.name)
 
-        await self._call("delete user", lambda: self.pool.runInteraction(remove))
-        self._by_name.pop(user.name, None)
-        for key_hash, (owner, _) in list(self._keys.items()):
-            if owner is user:
-                del self._keys[key_hash]
+        await self._interaction("delete user", remove)
+        self._forget(user)
 
     async def create(self, name: str) -> Tuple[User, str]:
         """A new user with default limits, and its API key (shown only now)."""
         self._writable()
+        assert self.database is not None
         if name in self._by_name:
             raise DuplicateUser(name)
         api_key = str(uuid.uuid4())
         user = User(name, hash_key(api_key), DEFAULT_CAPACITY, DEFAULT_RATE)
-        try:
-            def insert(cursor: Any) -> None:
-                cursor.execute("INSERT INTO users (name, key_hash, capacity, rate_per_sec) VALUES (?, ?, ?, ?)",
-                               (user.name, user.key_hash, user.capacity, user.rate_per_sec))
-                cursor.execute("INSERT INTO api_keys (key_hash, name, expires_at) VALUES (?, ?, NULL)",
-                               (user.key_hash, user.name))
+        sql = self._sql
 
-            await self._call("insert user", lambda: self.pool.runInteraction(insert))
-        except sqlite3.IntegrityError:
+        def insert(cursor: Any) -> None:
+            cursor.execute(sql("INSERT INTO users (name, key_hash, capacity, rate_per_sec) VALUES (?, ?, ?, ?)"),
+                           (user.name, user.key_hash, user.capacity, user.rate_per_sec))
+            cursor.execute(sql("INSERT INTO api_keys (key_hash, name, expires_at) VALUES (?, ?, NULL)"),
+                           (user.key_hash, user.name))
+            self._changed(cursor, user.name)
+
+        try:
+            await self._interaction("insert user", insert)
+        except self.database.integrity_errors:
             raise DuplicateUser(name) from None
         self._writable()
         self._remember(user)
@@ -300,14 +375,19 @@ class UserStore:
     async def change(self, user: User, capacity: int, rate: float) -> User:
         """Store new limits for ``user``."""
         self._writable()
-        await self._call("update limits", lambda: self.pool.runOperation(
-            "UPDATE users SET capacity = ?, rate_per_sec = ? WHERE name = ?",
-            (capacity, rate, user.name),
-        ))
+        sql = self._sql
+
+        def update(cursor: Any) -> None:
+            cursor.execute(sql("UPDATE users SET capacity = ?, rate_per_sec = ? WHERE name = ?"),
+                           (capacity, rate, user.name))
+            self._changed(cursor, user.name)
+
+        await self._interaction("update limits", update)
         self._writable()
         user.capacity, user.rate_per_sec = capacity, rate
         return user
 
     def close(self) -> None:
         """Close the connection pool."""
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()

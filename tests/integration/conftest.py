@@ -15,6 +15,7 @@ from tests.integration.harness import (
     delete_stream,
     unique_stream,
 )
+from tests.integration.lbharness import create_database, drop_database
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,6 +24,17 @@ def broker_answers() -> None:
         socket.create_connection(("127.0.0.1", 5672), timeout=3).close()
     except OSError:
         pytest.fail("no RabbitMQ on 127.0.0.1:5672: run scripts/ensure-broker (scripts/test does)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def user_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a gateway keeps its users: each test runs on SQLite and on its own PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "users.sqlite3")
+        return
+    url = create_database()
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture

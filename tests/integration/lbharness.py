@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -79,16 +81,51 @@ def write_servers(path: Path, backends: List[Backend], interval: float = 0.2) ->
     )
 
 
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+"""The development machines' PostgreSQL (trust auth); each test makes its own database."""
+
+
+def create_database() -> str:
+    """A new, empty PostgreSQL database; its URL."""
+    import psycopg
+
+    name = f"lbsvc_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return f"{POSTGRES}/{name}"
+
+
+def drop_database(url: str) -> None:
+    """Drop a database made by :func:`create_database` (its connections are cut)."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def stored_key_hashes(database: str) -> List[str]:
+    """Every key hash in the users' database (SQLite path or PostgreSQL URL)."""
+    if database.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(database) as connection:
+            return [r[0] for r in connection.execute("SELECT key_hash FROM api_keys").fetchall()]
+    with sqlite3.connect(database) as connection:
+        return [r[0] for r in connection.execute("SELECT key_hash FROM api_keys").fetchall()]
+
+
 class Gateway(Daemon):
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, database: Optional[str] = None, name: str = "lbsvc") -> None:
         self.port, self.admin_port = free_port(), free_port()
+        self.database = database or str(workdir / "users.sqlite3")
         env = {
             "LBSVC_ENDPOINT": f"tcp:{self.port}:interface=127.0.0.1",
             "LBSVC_ADMIN_ENDPOINT": f"tcp:{self.admin_port}:interface=127.0.0.1",
             "LBSVC_SERVERS": str(workdir / "servers.yaml"),
-            "LBSVC_DATABASE": str(workdir / "users.sqlite3"),
+            "LBSVC_DATABASE": self.database,
         }
-        super().__init__("lbsvc", [], env, workdir, "lbsvc")
+        super().__init__("lbsvc", [], env, workdir, name)
 
     @property
     def url(self) -> str:

@@ -26,9 +26,9 @@ def backends() -> Iterator[List[Backend]]:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, backends: List[Backend]) -> Iterator[Gateway]:
+def gateway(tmp_path: Path, backends: List[Backend], user_database: str) -> Iterator[Gateway]:
     write_servers(tmp_path / "servers.yaml", backends)
-    gw = Gateway(tmp_path).start().wait_ready()  # type: ignore[attr-defined]
+    gw = Gateway(tmp_path, user_database).start().wait_ready()  # type: ignore[attr-defined]
     yield gw
     gw.stop()
     assert_no_logged_errors([gw])

@@ -11,16 +11,16 @@ import pytest
 
 from lbsvc.users import hash_key
 from tests.integration.harness import assert_no_logged_errors, wait_until
-from tests.integration.lbharness import Backend, Gateway, write_servers
+from tests.integration.lbharness import Backend, Gateway, stored_key_hashes, write_servers
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def lb(tmp_path: Path) -> Iterator[Tuple[Gateway, Backend]]:
+def lb(tmp_path: Path, user_database: str) -> Iterator[Tuple[Gateway, Backend]]:
     backend = Backend("one")
     write_servers(tmp_path / "servers.yaml", [backend])
-    gateway = Gateway(tmp_path)
+    gateway = Gateway(tmp_path, user_database)
     gateway.env.update({"LBSVC_MAX_CAPACITY": "100", "LBSVC_MAX_RATE": "10"})
     gateway.start().wait_ready()
     yield gateway, backend
@@ -39,8 +39,8 @@ def test_rotate_with_a_grace_period_then_delete(lb: Tuple[Gateway, Backend], tmp
     assert gateway.call("GET", "/user/tokens/profile", key=old)[0] == 200  # within the grace period
     assert gateway.call("GET", "/user/tokens/profile", key=new)[0] == 200
     wait_until(lambda: gateway.call("GET", "/user/tokens/profile", key=old)[0] == 401, 5, "the old key to expire")
-    rows = sqlite3.connect(str(tmp_path / "users.sqlite3")).execute("SELECT key_hash FROM api_keys").fetchall()
-    assert (hash_key(new),) in rows and not any(new in str(r) for r in rows)  # hashed at rest
+    rows = stored_key_hashes(gateway.database)
+    assert hash_key(new) in rows and not any(new in r for r in rows)  # hashed at rest
     code, _, body = gateway.call("POST", "/user/keys/rotate", key=new)  # no body: no grace
     newest = json.loads(body)["api_key"]
     assert gateway.call("GET", "/user/tokens/profile", key=new)[0] == 401
@@ -81,7 +81,7 @@ def test_users_of_the_previous_schema_keep_their_keys(tmp_path: Path) -> None:
         code, _, body = gateway.call("GET", "/user/tokens/profile", key="old-key")
         assert code == 200 and json.loads(body)["capacity"] == 7
         assert "migrated to version 1" in gateway.log()
-        assert sqlite3.connect(str(database)).execute("PRAGMA user_version").fetchone() == (1,)
+        assert sqlite3.connect(str(database)).execute("PRAGMA user_version").fetchone() == (2,)
     finally:
         gateway.stop()
         backend.stop()

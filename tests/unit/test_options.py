@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from gradesvc import tap as gradesvc_tap
 from lbsvc import tap as lbsvc_tap
-from lbsvc.users import StorageUnavailable, check_database
+from lbsvc.userdb import SQLiteDatabase, StorageUnavailable
 
 CREDENTIALS = {"GRADESVC_ADMIN_USER": "admin", "GRADESVC_ADMIN_PASSWORD": "pw"}
 
@@ -90,7 +90,7 @@ def test_lbsvc_refuses_bad_options(tmp_path: Path, args: List[str], message: str
 
 def test_a_database_that_cannot_be_opened_stops_lbsvc_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(StorageUnavailable, match="cannot open the user database"):
-        check_database(str(tmp_path / "missing-dir" / "users.sqlite3"))
+        SQLiteDatabase(str(tmp_path / "missing-dir" / "users.sqlite3")).check()
     options = gateway(["--database", str(tmp_path / "missing-dir" / "users.sqlite3")],
                       {"LBSVC_SERVERS": servers_file(tmp_path)})
     with pytest.raises(SystemExit) as exit:

@@ -73,7 +73,7 @@ class World:
             "servers": [{"name": "a", "url": "http://10.0.0.1:8001"}, {"name": "b", "url": "http://10.0.0.2:8002"}],
             "timeouts": {"response": 5, "body": 2},
         })
-        users = UserStore(pool=None, clock=self.clock)  # type: ignore[arg-type]
+        users = UserStore(None, self.clock)
         users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
         buckets = Buckets(self.clock)
         self.pool = BackendPool(servers)

@@ -1,0 +1,220 @@
+"""Where users are stored: SQLite (embedded, the default) or PostgreSQL.
+
+``--database`` is a SQLite path or a ``postgresql://user:password@host:port/db``
+URL.  :func:`open_database` returns an :class:`IUserDatabase`: an adbapi
+connection pool plus what differs between the two (placeholders, how the
+schema version is kept, which driver exceptions mean what).  Both run the same
+statements, written once with ``?`` placeholders.
+
+PostgreSQL is reached through psycopg 3 (its pure-Python implementation loads
+``libpq`` with ctypes, so it runs on PyPy too) inside adbapi's threads: every
+call runs off the reactor thread, bounded by the store's deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Optional, Tuple, Type
+from urllib.parse import urlsplit
+
+from twisted.enterprise import adbapi
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+log = Logger()
+
+BUSY_TIMEOUT = 1.0
+"""Seconds SQLite waits for a lock (and PostgreSQL for a connection) before giving up."""
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name VARCHAR(64) PRIMARY KEY,
+    key_hash CHAR(64) NOT NULL UNIQUE,
+    capacity INTEGER NOT NULL,
+    rate_per_sec DOUBLE PRECISION NOT NULL
+)
+"""
+MIGRATIONS = [
+    # 1: several keys per user, each with an optional expiry (rotation with a
+    # grace period); the users' existing keys become their first key.
+    [
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            key_hash CHAR(64) PRIMARY KEY,
+            name VARCHAR(64) NOT NULL REFERENCES users(name),
+            expires_at DOUBLE PRECISION
+        )""",
+        ("INSERT INTO api_keys (key_hash, name, expires_at) SELECT key_hash, name, NULL FROM users"
+         " WHERE key_hash NOT IN (SELECT key_hash FROM api_keys)"),
+    ],
+    # 2: a log of changed user names, which every gateway polls to see the
+    # others' creates, changes, rotations and deletes.
+    [
+        ("CREATE TABLE IF NOT EXISTS user_changes (seq {serial}, name VARCHAR(64) NOT NULL,"
+         " at DOUBLE PRECISION NOT NULL)"),
+    ],
+]
+"""Schema changes in order; the database records how many are applied."""
+
+
+class StorageUnavailable(Exception):
+    """The user database cannot be used now (locked, gone, unreachable, too slow)."""
+
+
+class IUserDatabase(Interface):
+    """One kind of SQL database holding the users."""
+
+    description = Attribute("What to call it in logs: a path, or a URL without its password.")
+    pool = Attribute("The ``adbapi.ConnectionPool``.")
+    integrity_errors = Attribute("Exception types of a violated constraint (a duplicate name).")
+    unavailable_errors = Attribute("Exception types meaning the database cannot be used now.")
+
+    def sql(statement: str) -> str:
+        """``statement`` (written with ``?`` placeholders) for this driver."""
+
+    def migrate(cursor: Any) -> int:
+        """Create the schema and apply pending migrations (in a transaction); the version."""
+
+    def check() -> None:
+        """Open the database once, synchronously, at start; :class:`StorageUnavailable` saying why."""
+
+    def problem() -> Optional[str]:
+        """Why writes must be refused now (the SQLite file was deleted or replaced), or None."""
+
+
+def _apply(cursor: Any, version: int, serial: str) -> int:
+    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        for statement in statements:
+            cursor.execute(statement.format(serial=serial))
+        log.info("User database migrated to version {number}", number=number)
+    return len(MIGRATIONS)
+
+
+def _file_identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _sqlite_setup(connection: Any) -> None:
+    # Close the cursor at once: PyPy does not finalise it by reference
+    # counting, and an open statement blocks every later commit.
+    connection.execute("PRAGMA journal_mode=WAL").close()
+
+
+@implementer(IUserDatabase)
+class SQLiteDatabase:
+    """A SQLite file: one connection, one thread; the version in ``PRAGMA user_version``."""
+
+    integrity_errors: Tuple[Type[Exception], ...] = (sqlite3.IntegrityError,)
+    unavailable_errors: Tuple[Type[Exception], ...] = (sqlite3.OperationalError, sqlite3.DatabaseError)
+
+    def __init__(self, path: str) -> None:
+        self.path = self.description = path
+        self.pool = adbapi.ConnectionPool(
+            "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1,
+            cp_openfun=_sqlite_setup, timeout=BUSY_TIMEOUT,
+        )
+        self._identity: Optional[Tuple[int, int]] = None
+
+    def sql(self, statement: str) -> str:
+        """SQLite takes ``?`` as it is."""
+        return statement
+
+    def migrate(self, cursor: Any) -> int:
+        """Schema, then migrations; ``PRAGMA user_version`` counts them."""
+        self._identity = _file_identity(self.path)
+        cursor.execute(SCHEMA)
+        cursor.execute("PRAGMA user_version")
+        version = int(cursor.fetchone()[0])
+        reached = _apply(cursor, version, "INTEGER PRIMARY KEY AUTOINCREMENT")
+        if reached != version:
+            cursor.execute(f"PRAGMA user_version = {reached}")
+        return reached
+
+    def check(self) -> None:
+        """Open the file and create the first table now."""
+        try:
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT)
+            try:
+                connection.execute(SCHEMA).close()
+                connection.execute("SELECT count(*) FROM users").close()
+                connection.commit()
+            finally:
+                connection.close()
+        except sqlite3.Error as e:
+            raise StorageUnavailable(f"cannot open the user database {self.path}: {e}") from None
+
+    def problem(self) -> Optional[str]:
+        """The file deleted or replaced since it was opened (writes would be lost)."""
+        if self._identity is None:
+            return None
+        now = _file_identity(self.path)
+        if now == self._identity:
+            return None
+        return (f"the user database file {self.path} was deleted" if now is None
+                else f"the user database file {self.path} was replaced")
+
+
+@implementer(IUserDatabase)
+class PostgresDatabase:
+    """A PostgreSQL database through psycopg 3; the version in ``lbsvc_schema``."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # only needed for PostgreSQL
+
+        self.url = url
+        parts = urlsplit(url)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        self.description = f"postgresql://{parts.username + '@' if parts.username else ''}{netloc}{parts.path}"
+        self.integrity_errors: Tuple[Type[Exception], ...] = (psycopg.IntegrityError,)
+        self.unavailable_errors: Tuple[Type[Exception], ...] = (psycopg.Error,)
+        self._psycopg = psycopg
+        self.pool = adbapi.ConnectionPool(
+            "psycopg", url, connect_timeout=max(1, int(BUSY_TIMEOUT)), cp_min=1, cp_max=4,
+            cp_reconnect=True, cp_noisy=False,
+        )
+
+    def sql(self, statement: str) -> str:
+        """psycopg's placeholders are ``%s``."""
+        return statement.replace("?", "%s")
+
+    def migrate(self, cursor: Any) -> int:
+        """Schema, then migrations, under an advisory lock (gateways may start together)."""
+        cursor.execute("SELECT pg_advisory_xact_lock(7416)")
+        cursor.execute(SCHEMA)
+        cursor.execute("CREATE TABLE IF NOT EXISTS lbsvc_schema (version INTEGER NOT NULL)")
+        cursor.execute("SELECT version FROM lbsvc_schema")
+        row = cursor.fetchone()
+        version = int(row[0]) if row else 0
+        reached = _apply(cursor, version, "BIGSERIAL PRIMARY KEY")
+        if row is None:
+            cursor.execute("INSERT INTO lbsvc_schema (version) VALUES (%s)", (reached,))
+        elif reached != version:
+            cursor.execute("UPDATE lbsvc_schema SET version = %s", (reached,))
+        return reached
+
+    def check(self) -> None:
+        """Connect once; an unreachable server is not fatal (the store retries), bad credentials are."""
+        try:
+            self._psycopg.connect(self.url, connect_timeout=2).close()
+        except self._psycopg.OperationalError as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            if "authentication" in text or "does not exist" in text or "password" in text:
+                raise StorageUnavailable(f"cannot open the user database {self.description}: {text}") from None
+            log.warn("User database {db} not reachable yet ({error}); retrying", db=self.description, error=text)
+
+    def problem(self) -> Optional[str]:
+        """Nothing to watch: the server owns its files."""
+        return None
+
+
+def open_database(spec: str) -> IUserDatabase:
+    """The database ``--database`` names: a ``postgresql://`` URL, else a SQLite path."""
+    if spec.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(spec)
+    return SQLiteDatabase(spec)
