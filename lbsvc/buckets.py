@@ -7,6 +7,10 @@ bucket is credited for exactly the time it spent not full (``rate * (now -
 since)``), so in any window of ``t`` seconds at most ``capacity + rate * t``
 tokens are ever handed out.
 
+:class:`IBucketStore` is what the proxy and the user API use: these buckets
+(:class:`MemoryBucketStore`), or Redis shared by every gateway
+(:mod:`lbsvc.redisbuckets`).
+
 A tick credits at most :data:`SLICE` buckets, resuming where the last one
 stopped, so the reactor is never held for long however many users are
 active; ``take``, ``peek`` and ``change`` credit their bucket themselves before
@@ -17,10 +21,13 @@ the tokens it earned.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, TypeVar, Union
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface, implementer
+
+T = TypeVar("T")
 
 TICK = 0.05
 SLICE = 20_000
@@ -163,3 +170,61 @@ class Buckets:
     def refilling(self) -> int:
         """How many buckets are not full."""
         return len(self._refilling)
+
+
+Verdict = Tuple[bool, Bucket]
+"""Whether a token was taken, and the bucket as it is now."""
+
+Settled = Union[T, "defer.Deferred[T]"]
+"""A value now (in-memory buckets) or later (a shared store)."""
+
+
+class IBucketStore(Interface):
+    """Where the token buckets live: this process (``memory``) or Redis, shared."""
+
+    def take(name: str, capacity: int, rate: float) -> Settled[Verdict]:
+        """Spend one token of ``name``'s bucket if there is one."""
+
+    def peek(name: str, capacity: int, rate: float) -> Settled[Bucket]:
+        """The bucket, credited up to now, without spending anything."""
+
+    def change(name: str, capacity: int, rate: float) -> Settled[Bucket]:
+        """New limits at once; the level is capped at the new capacity."""
+
+    def forget(name: str) -> Settled[None]:
+        """Drop the bucket of a deleted user."""
+
+
+@implementer(IBucketStore)
+class MemoryBucketStore:
+    """The buckets of this process (``--buckets memory``): answers at once."""
+
+    def __init__(self, buckets: Buckets) -> None:
+        self.buckets = buckets
+
+    def take(self, name: str, capacity: int, rate: float) -> Verdict:
+        """Spend one token here."""
+        bucket = self.buckets.take(name, capacity, rate)
+        if bucket is None:
+            return False, self.buckets.peek(name, capacity, rate)
+        return True, bucket
+
+    def peek(self, name: str, capacity: int, rate: float) -> Bucket:
+        """The bucket here."""
+        return self.buckets.peek(name, capacity, rate)
+
+    def change(self, name: str, capacity: int, rate: float) -> Bucket:
+        """New limits here."""
+        return self.buckets.change(name, capacity, rate)
+
+    def forget(self, name: str) -> None:
+        """Drop the bucket here."""
+        self.buckets.forget(name)
+
+
+async def settled(value: Settled[T]) -> T:
+    """The value of a :data:`Settled`, waiting for it if it is not there yet."""
+    if isinstance(value, defer.Deferred):
+        result: T = await value
+        return result
+    return value

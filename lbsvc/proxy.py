@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
-from lbsvc.buckets import Buckets
+from lbsvc.buckets import IBucketStore, Verdict
 from lbsvc.keys import user_of
 from lbsvc.target import origin_target
 from lbsvc.upstream import (
@@ -46,6 +46,7 @@ from lbsvc.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
+from lbsvc.users import User
 from svckit.requestbody import RequestBody
 from svckit.responses import STREAMED, BytesResponse, HTTPError, Streamed, retry_after
 from svckit.web import client_gone
@@ -236,7 +237,7 @@ class _Relay:
 class Proxy:
     """The handler of every path outside ``/user/``: rate-limit, forward."""
 
-    def __init__(self, buckets: Buckets, pool: BackendPool, upstream: UpstreamPool,
+    def __init__(self, buckets: IBucketStore, pool: BackendPool, upstream: UpstreamPool,
                  clock: IReactorTime, registry: CollectorRegistry) -> None:
         self.buckets = buckets
         self.pool = pool
@@ -250,9 +251,14 @@ class Proxy:
     def __call__(self, request: server.Request) -> Any:
         """Spend a token (429 without one), then forward."""
         user = user_of(request)
-        bucket = self.buckets.take(user.name, user.capacity, user.rate_per_sec)
-        if bucket is None:
-            bucket = self.buckets.peek(user.name, user.capacity, user.rate_per_sec)
+        verdict = self.buckets.take(user.name, user.capacity, user.rate_per_sec)
+        if isinstance(verdict, defer.Deferred):  # a shared store: Redis answers later
+            return verdict.addCallback(self._admitted, request, user)
+        return self._admitted(verdict, request, user)
+
+    def _admitted(self, verdict: Verdict, request: server.Request, user: User) -> Any:
+        taken, bucket = verdict
+        if not taken:
             raise HTTPError(429, "rate limit exceeded", {
                 "Retry-After": retry_after(bucket.retry_after()),
                 "RateLimit-Limit": str(user.capacity),

@@ -20,3 +20,8 @@ class GatewaySettings:
     max_body: int = 64 * 1024 * 1024
     max_capacity: int = 1_000_000_000
     max_rate: float = 1_000_000.0
+    buckets: str = "memory"
+    """``memory``, or a ``redis://host:port/db`` URL."""
+    bucket_store_fallback: str = "local"
+    redis_timeout: float = 0.05
+    workers: int = 1

@@ -12,10 +12,11 @@ from twisted.python import usage
 from lbsvc import config as servers_config
 from lbsvc.admin import admin_router
 from lbsvc.backends import BackendPool
-from lbsvc.buckets import TICK, Buckets
+from lbsvc.buckets import TICK, Buckets, IBucketStore, MemoryBucketStore
 from lbsvc.gateway import gateway_router
 from lbsvc.healthcheck import HealthChecker, http_probe, probe_agent
 from lbsvc.proxy import Proxy
+from lbsvc.redisbuckets import FALLBACKS, RedisBucketStore, parse_redis_url
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
 from lbsvc.settings import GatewaySettings
 from lbsvc.upstream import UpstreamPool
@@ -24,7 +25,7 @@ from lbsvc.userdb import StorageUnavailable, open_database
 from lbsvc.users import SYNC_INTERVAL, UserStore
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
-from svckit.options import EnvOptions, access_log_destination, endpoint_description
+from svckit.options import EnvOptions, access_log_destination, endpoint_description, positive_float
 from svckit.readiness import Readiness
 from svckit.responses import HTTPError
 from svckit.site import listen
@@ -50,6 +51,13 @@ class Options(EnvOptions):
         ["max-body", None, str(MAX_BODY), "Largest request body proxied, bytes [LBSVC_MAX_BODY]."],
         ["max-capacity", None, str(MAX_CAPACITY), "Highest capacity a user may set [LBSVC_MAX_CAPACITY]."],
         ["max-rate", None, str(MAX_RATE), "Highest rate_per_sec a user may set [LBSVC_MAX_RATE]."],
+        ["buckets", None, "memory",
+         "Token buckets: memory (this process) or redis://host:port/db (shared) [LBSVC_BUCKETS]."],
+        ["bucket-store-fallback", None, "local",
+         ("While Redis is unreachable: local (each process its own bucket) or deny (503)"
+          " [LBSVC_BUCKET_STORE_FALLBACK].")],
+        ["redis-timeout", None, "0.05", "Seconds a Redis call may take [LBSVC_REDIS_TIMEOUT]."],
+        ["workers", None, "1", "Gateway processes sharing the port (more than 1 needs Redis) [LBSVC_WORKERS]."],
     ]
     envVars = {
         "endpoint": "LBSVC_ENDPOINT",
@@ -60,6 +68,10 @@ class Options(EnvOptions):
         "max-body": "LBSVC_MAX_BODY",
         "max-capacity": "LBSVC_MAX_CAPACITY",
         "max-rate": "LBSVC_MAX_RATE",
+        "buckets": "LBSVC_BUCKETS",
+        "bucket-store-fallback": "LBSVC_BUCKET_STORE_FALLBACK",
+        "redis-timeout": "LBSVC_REDIS_TIMEOUT",
+        "workers": "LBSVC_WORKERS",
     }
     settings: GatewaySettings
 
@@ -83,6 +95,24 @@ class Options(EnvOptions):
         except (ValueError, HTTPError) as e:
             raise usage.UsageError(f"--max-capacity must be 1 ... {MAX_CAPACITY} and --max-rate"
                                    f" {MIN_RATE} ... {MAX_RATE} ({e})") from None
+        buckets = self["buckets"]
+        if buckets != "memory":
+            try:
+                parse_redis_url(buckets)
+            except ValueError as e:
+                raise usage.UsageError(f"--buckets must be memory or redis://host:port/db: {e}") from None
+        if self["bucket-store-fallback"] not in FALLBACKS:
+            raise usage.UsageError(f"--bucket-store-fallback must be one of {', '.join(FALLBACKS)}")
+        redis_timeout = positive_float("--redis-timeout", self["redis-timeout"])
+        try:
+            workers = int(self["workers"])
+        except ValueError:
+            raise usage.UsageError(f"--workers must be a whole number, not {self['workers']!r}") from None
+        if not 1 <= workers <= 256:
+            raise usage.UsageError("--workers must be 1 ... 256")
+        if workers > 1 and buckets == "memory":
+            raise usage.UsageError(f"--workers {workers} needs --buckets redis://...: with memory buckets"
+                                   f" every worker would have its own, and limits would multiply by {workers}")
         self.settings = GatewaySettings(
             endpoint=endpoint_description(self["endpoint"]),
             admin_endpoint=endpoint_description(self["admin-endpoint"]),
@@ -93,6 +123,10 @@ class Options(EnvOptions):
             max_body=max_body,
             max_capacity=max_capacity,
             max_rate=max_rate,
+            buckets=buckets,
+            bucket_store_fallback=self["bucket-store-fallback"],
+            redis_timeout=redis_timeout,
+            workers=workers,
         )
 
 
@@ -113,6 +147,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     readiness = Readiness(USERS)
     users = UserStore(database, reactor)
     buckets = Buckets(reactor)
+    store: IBucketStore = MemoryBucketStore(buckets)
+    if settings.buckets != "memory":
+        store = RedisBucketStore(settings.buckets, buckets, settings.bucket_store_fallback,
+                                 settings.redis_timeout, reactor, registry)
     users.on_deleted = buckets.forget
     pool = BackendPool(settings.servers)
     probes = probe_agent(reactor, settings.servers.timeouts.connect)
@@ -126,6 +164,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     gauges.add("lbsvc_backend_in_flight", "Requests in flight per backend.",
                lambda: {(b.name,): b.in_flight for b in pool.backends}, ["backend"])
     gauges.add("lbsvc_ready", "1 when ready.", lambda: int(readiness.ready))
+    if isinstance(store, RedisBucketStore):
+        redis_store = store
+        gauges.add("lbsvc_bucket_store_up", "1 while Redis decides the buckets, 0 while the fallback does.",
+                   lambda: int(redis_store.up))
 
     top = service.MultiService()
     access_log = AccessLog(settings.access_log, reactor)
@@ -148,8 +190,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     gateway = GatewayService(reactor, users, pool, checker, checks, settings.servers_path, readiness)
     gateway.setServiceParent(top)
     upstream = UpstreamPool(reactor, settings.servers.timeouts.connect, settings.servers.pool_size)
-    proxy = Proxy(buckets, pool, upstream, reactor, registry)
-    api = UserAPI(users, buckets, settings.max_capacity, settings.max_rate)
+    proxy = Proxy(store, pool, upstream, reactor, registry)
+    api = UserAPI(users, store, settings.max_capacity, settings.max_rate)
     router = gateway_router(users, api, proxy, settings.max_body, registry)
     listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
     admin = admin_router(pool, readiness, registry)

@@ -6,7 +6,7 @@ from typing import Any, Dict, Union
 
 from twisted.web import server
 
-from lbsvc.buckets import Buckets
+from lbsvc.buckets import IBucketStore, settled
 from lbsvc.keys import user_of
 from lbsvc.users import DuplicateUser, StorageUnavailable, User, UserStore, valid_name
 from svckit.responses import HTTPError, JSONResponse, unavailable
@@ -23,9 +23,9 @@ def _rate(value: float) -> Union[int, float]:
     return int(value) if float(value).is_integer() else value
 
 
-def profile(user: User, buckets: Buckets) -> Dict[str, Any]:
+async def profile(user: User, buckets: IBucketStore) -> Dict[str, Any]:
     """The profile object: limits and the live level as an integer."""
-    bucket = buckets.peek(user.name, user.capacity, user.rate_per_sec)
+    bucket = await settled(buckets.peek(user.name, user.capacity, user.rate_per_sec))
     return {
         "name": user.name,
         "capacity": user.capacity,
@@ -74,7 +74,7 @@ def optional_json(request: server.Request) -> Dict[str, Any]:
 class UserAPI:
     """The handlers of ``/user/...``."""
 
-    def __init__(self, users: UserStore, buckets: Buckets, max_capacity: int = MAX_CAPACITY,
+    def __init__(self, users: UserStore, buckets: IBucketStore, max_capacity: int = MAX_CAPACITY,
                  max_rate: float = MAX_RATE) -> None:
         self.users = users
         self.buckets = buckets
@@ -100,9 +100,9 @@ class UserAPI:
             201,
         )
 
-    def profile(self, request: server.Request) -> JSONResponse:
+    async def profile(self, request: server.Request) -> JSONResponse:
         """``GET /user/tokens/profile``: limits and tokens left; costs no token."""
-        return JSONResponse(profile(user_of(request), self.buckets))
+        return JSONResponse(await profile(user_of(request), self.buckets))
 
     async def change(self, request: server.Request) -> JSONResponse:
         """``POST /user/tokens/change {"capacity": C, "rate_per_sec": R}`` (either or both)."""
@@ -117,8 +117,8 @@ class UserAPI:
             await self.users.change(user, capacity, rate)
         except StorageUnavailable as e:
             raise unavailable(str(e)) from None
-        self.buckets.change(user.name, capacity, rate)
-        return JSONResponse(profile(user, self.buckets))
+        await settled(self.buckets.change(user.name, capacity, rate))
+        return JSONResponse(await profile(user, self.buckets))
 
     async def rotate(self, request: server.Request) -> JSONResponse:
         """``POST /user/keys/rotate [{"grace_seconds": S}]``: a new key; the old ones last S more seconds."""
@@ -140,5 +140,5 @@ class UserAPI:
             await self.users.delete(user)
         except StorageUnavailable as e:
             raise unavailable(str(e)) from None
-        self.buckets.forget(user.name)
+        await settled(self.buckets.forget(user.name))
         return JSONResponse({"deleted": user.name})

@@ -158,6 +158,44 @@ class SQLiteDatabase:
                 else f"the user database file {self.path} was replaced")
 
 
+class _QuietConnection(adbapi.Connection):
+    """A pooled connection whose failed rollback (the server is gone) drops it without a traceback."""
+
+    def rollback(self) -> None:
+        connection: Any = self._connection
+        try:
+            connection.rollback()
+        except Exception:
+            self._pool.disconnect(connection)
+            raise adbapi.ConnectionLost() from None
+
+
+class ReconnectingPool(adbapi.ConnectionPool):
+    """adbapi's pool, reconnecting after a lost server without logging tracebacks.
+
+    ``cp_reconnect`` logs "Rollback failed" with two tracebacks for every call
+    made while the server is away; the store logs one line for such a call
+    and ``/ready`` says what is wrong, which is what an operator can act on.
+    """
+
+    connectionFactory = _QuietConnection
+
+    def _runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Any:
+        conn = self.connectionFactory(self)
+        trans = self.transactionFactory(self, conn)
+        try:
+            result = interaction(trans, *args, **kw)
+            trans.close()
+            conn.commit()
+            return result
+        except BaseException:
+            try:
+                conn.rollback()
+            except adbapi.ConnectionLost:
+                pass
+            raise
+
+
 @implementer(IUserDatabase)
 class PostgresDatabase:
     """A PostgreSQL database through psycopg 3; the version in ``lbsvc_schema``."""
@@ -174,7 +212,7 @@ class PostgresDatabase:
         self.integrity_errors: Tuple[Type[Exception], ...] = (psycopg.IntegrityError,)
         self.unavailable_errors: Tuple[Type[Exception], ...] = (psycopg.Error,)
         self._psycopg = psycopg
-        self.pool = adbapi.ConnectionPool(
+        self.pool = ReconnectingPool(
             "psycopg", url, connect_timeout=max(1, int(BUSY_TIMEOUT)), cp_min=1, cp_max=4,
             cp_reconnect=True, cp_noisy=False,
         )

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from lbsvc import config
 from lbsvc.backends import BackendPool
-from lbsvc.buckets import Buckets
+from lbsvc.buckets import Buckets, MemoryBucketStore
 from lbsvc.gateway import gateway_router
 from lbsvc.proxy import Proxy
 from lbsvc.upstream import UpstreamConnection, UpstreamPool
@@ -75,7 +75,7 @@ class World:
         })
         users = UserStore(None, self.clock)
         users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
-        buckets = Buckets(self.clock)
+        buckets = MemoryBucketStore(Buckets(self.clock))
         self.pool = BackendPool(servers)
         self.upstream = UpstreamPool(self.clock, 1.0, 4, endpoint_for=lambda h, p: Dial(self, (h, p)))
         registry = new_registry()

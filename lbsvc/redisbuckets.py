@@ -1,0 +1,227 @@
+"""Token buckets in Redis, one budget per user for every gateway (``--buckets redis://...``).
+
+Each token is taken by one server-side Lua script (:data:`SCRIPT`) in one
+round trip: it credits the bucket for the time since its last visit by the
+Redis server's own clock (``TIME``, so the gateways' clocks do not matter),
+takes the token if there is one, and stores the level (a full bucket is
+deleted, an emptier one expires when it would be full again).  Redis runs
+scripts one at a time, so however many gateways ask at once, no window of
+``t`` seconds admits more than ``C + R·t``.  The profile runs the same script
+with a cost of 0: it reads without spending.
+
+Redis calls are bounded by ``--redis-timeout`` (50 ms by default) so a slow
+Redis never stalls the gateway.  While Redis cannot be used, requests are
+decided by ``--bucket-store-fallback``: ``local`` (each process enforces its
+own bucket, as with ``--buckets memory``; limits then multiply by the number
+of processes) or ``deny`` (503 with ``Retry-After``).  After a failure Redis
+is left alone for :data:`RETRY_AFTER` seconds, then tried again; the switch
+both ways is logged, and counted on ``/metrics``
+(``lbsvc_bucket_store_up``, ``lbsvc_bucket_store_fallback_total{mode}``).
+
+The client is ``txredisapi`` (Twisted-native, pure Python, runs on PyPy);
+its connection reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+import txredisapi
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lbsvc.buckets import Bucket, Buckets, IBucketStore, MemoryBucketStore, Verdict
+from svckit.responses import HTTPError
+
+log = Logger()
+
+KEY_PREFIX = "lbsvc:bucket:"
+RETRY_AFTER = 1.0
+"""Seconds Redis is left alone after a failure before it is tried again."""
+FALLBACKS = ("local", "deny")
+
+SCRIPT = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'level', 'at')
+local level = tonumber(state[1])
+local at = tonumber(state[2])
+if level == nil or at == nil then
+  level = capacity
+  at = now
+end
+if now > at then
+  level = level + (now - at) * rate
+end
+if level > capacity then
+  level = capacity
+end
+local taken = 0
+if cost > 0 and level >= cost then
+  level = level - cost
+  taken = 1
+end
+if level >= capacity then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'level', string.format('%.17g', level), 'at', string.format('%.17g', now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - level) / rate * 1000) + 1000)
+end
+return {taken, string.format('%.17g', level)}
+"""
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
+
+
+class BucketStoreUnavailable(HTTPError):
+    """Redis cannot be asked and the fallback is ``deny``."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the rate limit store is unavailable", {"Retry-After": "1"})
+
+
+def parse_redis_url(url: str) -> Tuple[str, int, int]:
+    """``redis://host[:port][/db]`` → (host, port, db); ``ValueError`` saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"expected redis://host[:port][/db], not {url!r}")
+    db_part = parts.path.strip("/") or "0"
+    if not db_part.isdigit():
+        raise ValueError(f"the database of {url!r} must be a number")
+    return parts.hostname, parts.port or 6379, int(db_part)
+
+
+@implementer(IBucketStore)
+class RedisBucketStore:
+    """Buckets in Redis, with a local or denying fallback."""
+
+    def __init__(self, url: str, local: Buckets, fallback: str, timeout: float, clock: IReactorTime,
+                 registry: CollectorRegistry, connection: Any = None) -> None:
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
+        self.url = url
+        self.local = MemoryBucketStore(local)
+        self.fallback = fallback
+        self.timeout = timeout
+        self.clock = clock
+        host, port, db = parse_redis_url(url)
+        self.redis = connection if connection is not None else txredisapi.lazyConnection(
+            host, port, dbid=db, reconnect=True, connectTimeout=max(timeout, 1.0), convertNumbers=False)
+        self.up = True
+        self._retry_at = 0.0
+        self._fallbacks = Counter("lbsvc_bucket_store_fallback", "Bucket decisions made without Redis,"
+                                  " by fallback mode.", ["mode"], registry=registry).labels(fallback)
+        self._errors = Counter("lbsvc_bucket_store_errors", "Redis calls that failed or timed out.",
+                               registry=registry)
+
+    # --- IBucketStore -----------------------------------------------------
+
+    def take(self, name: str, capacity: int, rate: float) -> defer.Deferred[Verdict]:
+        """Spend one token in Redis (or by the fallback)."""
+        return self._run(name, capacity, rate, 1)
+
+    def peek(self, name: str, capacity: int, rate: float) -> defer.Deferred[Bucket]:
+        """Read the bucket without spending."""
+        return self._run(name, capacity, rate, 0).addCallback(lambda verdict: verdict[1])
+
+    def change(self, name: str, capacity: int, rate: float) -> defer.Deferred[Bucket]:
+        """New limits: the next script run caps the level at the new capacity."""
+        self.local.change(name, capacity, rate)
+        return self.peek(name, capacity, rate)
+
+    def forget(self, name: str) -> defer.Deferred[None]:
+        """Delete the bucket everywhere."""
+        self.local.forget(name)
+        d = self._bounded(self.redis.delete(KEY_PREFIX + name))
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                self._failed(result)
+
+        return d.addBoth(done)
+
+    # --- internals --------------------------------------------------------
+
+    def _run(self, name: str, capacity: int, rate: float, cost: int) -> defer.Deferred[Verdict]:
+        if not self.up and self.clock.seconds() < self._retry_at:
+            return defer.maybeDeferred(self._without_redis, name, capacity, rate, cost)
+        args = [str(capacity), repr(float(rate)), str(cost)]
+        d = self._bounded(self._script([KEY_PREFIX + name], args))
+
+        def answered(result: Any) -> Verdict:
+            if not self.up and self.clock.seconds() >= self._retry_at:  # not an answer sent before the failure
+                self.up = True
+                log.info("Redis buckets at {url} reachable again", url=self.url)
+            taken, level = result
+            bucket = Bucket(capacity, rate)
+            bucket.level = float(level)
+            return bool(int(taken)), bucket
+
+        def failed(reason: Failure) -> Verdict:
+            self._failed(reason)
+            return self._without_redis(name, capacity, rate, cost)
+
+        return d.addCallbacks(answered, failed)
+
+    def _script(self, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = self.redis.evalsha(SCRIPT_SHA, keys, args)
+
+        def unknown(reason: Failure) -> Any:
+            if reason.check(txredisapi.ScriptDoesNotExist) or (
+                    reason.check(txredisapi.ResponseError) and "NOSCRIPT" in str(reason.value)):
+                return self.redis.eval(SCRIPT, keys, args)  # loads it for next time
+            return reason
+
+        return d.addErrback(unknown)
+
+    def _bounded(self, call: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """``call``, or a timeout after :attr:`timeout` seconds (the call itself is left to finish)."""
+        out: defer.Deferred[Any] = defer.Deferred()
+        timer: Optional[IDelayedCall] = None
+
+        def result(value: Any) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if out.called:
+                return
+            if isinstance(value, Failure):
+                out.errback(value)
+            else:
+                out.callback(value)
+
+        def too_slow() -> None:
+            if not out.called:
+                out.errback(defer.TimeoutError(f"Redis did not answer within {self.timeout}s"))
+
+        def check() -> None:
+            # Once more after the reactor's next look at the sockets: a busy
+            # reactor runs timers before reading an answer that did arrive.
+            self.clock.callLater(0, too_slow)
+
+        timer = self.clock.callLater(self.timeout, check)
+        call.addBoth(result)
+        return out
+
+    def _failed(self, reason: Failure) -> None:
+        self._errors.inc()
+        self._retry_at = self.clock.seconds() + RETRY_AFTER
+        if self.up:
+            self.up = False
+            log.warn("Redis buckets at {url} unavailable ({error}); deciding by the {mode!r} fallback",
+                     url=self.url, error=reason.getErrorMessage(), mode=self.fallback)
+
+    def _without_redis(self, name: str, capacity: int, rate: float, cost: int) -> Verdict:
+        self._fallbacks.inc()
+        if self.fallback == "deny":
+            raise BucketStoreUnavailable()
+        if cost == 0:
+            return True, self.local.peek(name, capacity, rate)
+        return self.local.take(name, capacity, rate)

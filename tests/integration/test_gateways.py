@@ -1,0 +1,178 @@
+"""Several gateways as one: shared users (SQLite file or PostgreSQL), one budget in Redis.
+
+Real ``twistd -n lbsvc`` processes, the machine's PostgreSQL (a database per
+test), and a private ``redis-server`` on a free port that tests kill and
+restart.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator, List, Tuple
+
+import pytest
+
+from tests.integration.harness import assert_no_logged_errors, http, metric, wait_until
+from tests.integration.lbharness import Backend, Gateway, RedisServer, create_database, drop_database, write_servers
+from tests.integration.relay import Relay
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    started = Backend("one")
+    yield started
+    started.stop()
+
+
+def gateways(tmp_path: Path, database: str, backend: Backend, redis: RedisServer, count: int = 2,
+             **env: str) -> List[Gateway]:
+    # Patient health checks: the load tests keep this machine's two cores busy.
+    (tmp_path / "servers.yaml").write_text(
+        "health_check: {path: /health, interval: 2, timeout: 2, fall: 3}\n"
+        f'servers:\n  - {{name: one, url: "{backend.url}"}}\n')
+    started = []
+    for n in range(count):
+        gateway = Gateway(tmp_path, database, name=f"lbsvc-{n}")
+        gateway.env.update({"LBSVC_BUCKETS": redis.url, **env})
+        started.append(gateway.start())
+    for gateway in started:
+        gateway.wait_ready()
+    return started
+
+
+def within(seconds: float, condition: Callable[[], bool], what: str) -> float:
+    """Poll ``condition``; fail unless it holds within ``seconds``; the time it took."""
+    start = time.monotonic()
+    wait_until(condition, seconds, what)
+    return time.monotonic() - start
+
+
+def admitted(targets: List[Gateway], key: str, seconds: float, connections: int = 100) -> Tuple[int, float]:
+    """Requests answered 200 by ``targets`` (round robin) from ``connections`` threads for ``seconds``."""
+    ok = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(n: int) -> None:
+        gateway = targets[n % len(targets)]
+        while time.monotonic() < deadline:
+            code = gateway.call("GET", "/x", key=key)[0]
+            assert code in (200, 429), code
+            if code == 200:
+                with lock:
+                    ok[0] += 1
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(client, range(connections)))
+    return ok[0], time.monotonic() - start
+
+
+def test_two_gateways_behave_as_one(tmp_path: Path, user_database: str, backend: Backend,
+                                    redis: RedisServer) -> None:
+    # A Redis timeout longer than the default: 100 client threads, two gateways
+    # and Redis share two cores here, and an answer slower than 50 ms would be
+    # decided by the local fallback (which is not exact, by design).
+    a, b = gateways(tmp_path, user_database, backend, redis, LBSVC_REDIS_TIMEOUT="1")
+    try:
+        key = a.create("shared")
+        within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=key)[0] == 200, "the user on b")
+        assert a.call("POST", "/user/tokens/change", {"capacity": 40, "rate_per_sec": 10}, key=key)[0] == 200
+        within(1.0, lambda: json.loads(b.call("GET", "/user/tokens/profile", key=key)[2])["capacity"] == 40,
+               "the new limits on b")
+        # One budget: 100 connections split over both gateways admit at most C + R·t.
+        count, elapsed = admitted([a, b], key, 2.0)
+        bound = 40 + 10 * elapsed
+        assert 40 <= count <= bound, (count, bound)
+        for gateway in (a, b):
+            assert metric(f"http://127.0.0.1:{gateway.admin_port}/metrics", "lbsvc_bucket_store_fallback_total",
+                          mode="local") == 0
+        # Rotation and deletion on one are seen on the other.
+        code, _, body = b.call("POST", "/user/keys/rotate", key=key)
+        assert code == 200
+        new = json.loads(body)["api_key"]
+        within(1.0, lambda: a.call("GET", "/user/tokens/profile", key=key)[0] == 401, "the old key refused on a")
+        within(1.0, lambda: a.call("GET", "/user/tokens/profile", key=new)[0] == 200, "the new key on a")
+        assert a.call("POST", "/user/delete", key=new)[0] == 200
+        within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=new)[0] == 401, "the deletion on b")
+    finally:
+        for gateway in (a, b):
+            gateway.stop()
+    assert_no_logged_errors([a, b])
+
+
+@pytest.mark.parametrize("mode", ["local", "deny"])
+def test_redis_killed_and_restarted_under_load(tmp_path: Path, backend: Backend, redis: RedisServer,
+                                               mode: str) -> None:
+    (gateway,) = gateways(tmp_path, str(tmp_path / "users.sqlite3"), backend, redis, count=1,
+                          LBSVC_BUCKET_STORE_FALLBACK=mode)
+    admin = f"http://127.0.0.1:{gateway.admin_port}/metrics"
+    try:
+        key = gateway.create("steady")
+        assert gateway.call("POST", "/user/tokens/change", {"capacity": 1000, "rate_per_sec": 1000},
+                            key=key)[0] == 200
+        assert gateway.call("GET", "/x", key=key)[0] == 200
+        redis.kill()
+        answers = [gateway.call("GET", "/x", key=key) for _ in range(20)]
+        if mode == "local":
+            assert [a[0] for a in answers] == [200] * 20  # each process enforces its own bucket
+        else:
+            assert [a[0] for a in answers] == [503] * 20
+            assert answers[0][1]["retry-after"] == "1"
+        assert metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode) >= 19
+        assert metric(admin, "lbsvc_bucket_store_up") == 0
+        redis.start()
+        within(10.0, lambda: gateway.call("GET", "/x", key=key)[0] == 200
+               and metric(admin, "lbsvc_bucket_store_up") == 1, "Redis used again")
+        fallbacks = metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode)
+        for _ in range(10):
+            assert gateway.call("GET", "/x", key=key)[0] == 200
+        assert metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode) == fallbacks
+        log = gateway.log()
+        assert "unavailable" in log and "reachable again" in log
+    finally:
+        gateway.stop()
+    assert_no_logged_errors([gateway])
+
+
+def test_postgresql_unreachable_is_503_and_recovers_without_restart(tmp_path: Path, backend: Backend) -> None:
+    url = create_database()
+    relay = Relay(("127.0.0.1", 5432))
+    through_relay = url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+    write_servers(tmp_path / "servers.yaml", [backend])
+    gateway = Gateway(tmp_path, through_relay).start().wait_ready()
+    ready = f"http://127.0.0.1:{gateway.admin_port}/ready"
+    try:
+        key = gateway.create("known")
+        relay.cut()
+        start = time.monotonic()
+        code, headers, body = gateway.call("POST", "/user/create", {"name": "during"})
+        assert code == 503 and headers["retry-after"] and "Error" in json.loads(body)
+        assert time.monotonic() - start < 2.5
+        assert gateway.call("POST", "/user/tokens/change", {"capacity": 9}, key=key)[0] == 503
+        assert gateway.call("GET", "/x", key=key)[0] == 200  # known users are still served
+        wait_until(lambda: http("GET", ready)[0] == 503, 10, "/ready to say the user changes are unseen")
+        assert "user_sync" in json.loads(http("GET", ready)[2])["problems"]
+        relay.restore()
+        wait_until(lambda: gateway.call("POST", "/user/create", {"name": "after"})[0] == 201, 15,
+                   "writes accepted again")
+        wait_until(lambda: http("GET", ready)[0] == 200, 10, "/ready again")
+    finally:
+        gateway.stop()
+        relay.close()
+        drop_database(url)
+    errors = [line for line in gateway.logged_errors() if "User database" not in line]
+    assert errors == []
