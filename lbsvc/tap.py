@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from twisted.application import service
 from twisted.internet import task
@@ -23,12 +23,13 @@ from lbsvc.upstream import UpstreamPool
 from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, UserAPI, parse_capacity, parse_rate
 from lbsvc.userdb import StorageUnavailable, open_database
 from lbsvc.users import SYNC_INTERVAL, UserStore
+from lbsvc.workers import AdoptedPort, ParentWatch, WorkerPool, bind, inherited
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
 from svckit.options import EnvOptions, access_log_destination, endpoint_description, positive_float
 from svckit.readiness import Readiness
 from svckit.responses import HTTPError
-from svckit.site import listen
+from svckit.site import listen, make_site
 from svckit.supervisor import Supervisor
 
 log = Logger()
@@ -74,6 +75,10 @@ class Options(EnvOptions):
         "workers": "LBSVC_WORKERS",
     }
     settings: GatewaySettings
+
+    def argv(self) -> List[str]:
+        """These options as a command line (for the workers of ``--workers``)."""
+        return [f"--{name}={self[name]}" for name, *_ in self.optParameters if name]
 
     def postOptions(self) -> None:
         """Validate everything into :class:`GatewaySettings`; load ``servers.yaml`` now."""
@@ -193,7 +198,22 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     proxy = Proxy(store, pool, upstream, reactor, registry)
     api = UserAPI(users, store, settings.max_capacity, settings.max_rate)
     router = gateway_router(users, api, proxy, settings.max_body, registry)
-    listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
+    adopted = inherited()
+    if adopted is not None:  # a worker of a --workers parent: its socket, no admin endpoint
+        AdoptedPort(reactor, adopted[0], adopted[1], make_site(router, access_log)).setServiceParent(gateway)
+        ParentWatch(reactor).setServiceParent(top)
+        return top
+    if settings.workers > 1:
+        try:
+            shared = bind(settings.endpoint)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"lbsvc: cannot listen on {settings.endpoint} for {settings.workers} workers: {e}") from None
+        AdoptedPort(reactor, shared.fileno(), shared.family, make_site(router, access_log)).setServiceParent(gateway)
+        workers = WorkerPool(reactor, settings.workers, shared.fileno(), shared.family, options.argv())
+        workers.socket = shared  # kept open as long as the pool
+        workers.setServiceParent(top)
+    else:
+        listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
     admin = admin_router(pool, readiness, registry)
     listen(reactor, settings.admin_endpoint, admin, AccessLog(OFF, reactor)).setServiceParent(top)
     return top

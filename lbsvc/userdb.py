@@ -6,9 +6,12 @@ connection pool plus what differs between the two (placeholders, how the
 schema version is kept, which driver exceptions mean what).  Both run the same
 statements, written once with ``?`` placeholders.
 
-PostgreSQL is reached through psycopg 3 (its pure-Python implementation loads
-``libpq`` with ctypes, so it runs on PyPy too) inside adbapi's threads: every
-call runs off the reactor thread, bounded by the store's deadline.
+PostgreSQL is reached through pg8000 (pure Python, DB-API 2, maintained; it
+runs on CPython and PyPy alike) inside adbapi's threads: every call runs off
+the reactor thread, bounded by the store's deadline.  psycopg 3 was the first
+choice; its pure-Python implementation drives ``libpq`` through ctypes in a
+way Debian's PyPy 3.9 cannot (``cannot create weak reference to 'weakref'
+object`` on connect), and its C builds do not exist for PyPy.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from typing import Any, Optional, Tuple, Type
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.enterprise import adbapi
 from twisted.logger import Logger
@@ -61,13 +64,22 @@ class StorageUnavailable(Exception):
     """The user database cannot be used now (locked, gone, unreachable, too slow)."""
 
 
+class Conflict(Exception):
+    """A write broke a uniqueness constraint (a name or key that exists)."""
+
+
 class IUserDatabase(Interface):
     """One kind of SQL database holding the users."""
 
     description = Attribute("What to call it in logs: a path, or a URL without its password.")
     pool = Attribute("The ``adbapi.ConnectionPool``.")
-    integrity_errors = Attribute("Exception types of a violated constraint (a duplicate name).")
     unavailable_errors = Attribute("Exception types meaning the database cannot be used now.")
+
+    def is_conflict(error: Exception) -> bool:
+        """Whether ``error`` is a violated uniqueness constraint."""
+
+    def describe(error: Exception) -> str:
+        """A one-line reason for a log or an answer."""
 
     def sql(statement: str) -> str:
         """``statement`` (written with ``?`` placeholders) for this driver."""
@@ -90,6 +102,11 @@ def _apply(cursor: Any, version: int, serial: str) -> int:
     return len(MIGRATIONS)
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _file_identity(path: str) -> Optional[Tuple[int, int]]:
     try:
         st = os.stat(path)
@@ -108,8 +125,7 @@ def _sqlite_setup(connection: Any) -> None:
 class SQLiteDatabase:
     """A SQLite file: one connection, one thread; the version in ``PRAGMA user_version``."""
 
-    integrity_errors: Tuple[Type[Exception], ...] = (sqlite3.IntegrityError,)
-    unavailable_errors: Tuple[Type[Exception], ...] = (sqlite3.OperationalError, sqlite3.DatabaseError)
+    unavailable_errors: Tuple[Type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, path: str) -> None:
         self.path = self.description = path
@@ -122,6 +138,14 @@ class SQLiteDatabase:
     def sql(self, statement: str) -> str:
         """SQLite takes ``?`` as it is."""
         return statement
+
+    def is_conflict(self, error: Exception) -> bool:
+        """``sqlite3.IntegrityError``."""
+        return isinstance(error, sqlite3.IntegrityError)
+
+    def describe(self, error: Exception) -> str:
+        """The driver's message."""
+        return _first_line(error)
 
     def migrate(self, cursor: Any) -> int:
         """Schema, then migrations; ``PRAGMA user_version`` counts them."""
@@ -159,15 +183,21 @@ class SQLiteDatabase:
 
 
 class _QuietConnection(adbapi.Connection):
-    """A pooled connection whose failed rollback (the server is gone) drops it without a traceback."""
+    """A pooled connection that, after a failed call, is dropped (without a traceback) unless it still works."""
 
     def rollback(self) -> None:
         connection: Any = self._connection
         try:
             connection.rollback()
+            cursor = connection.cursor()  # is it still alive? (adbapi's own check)
+            cursor.execute(self._pool.good_sql)
+            cursor.close()
+            connection.commit()
+            return
         except Exception:
-            self._pool.disconnect(connection)
-            raise adbapi.ConnectionLost() from None
+            pass
+        self._pool.disconnect(connection)
+        raise adbapi.ConnectionLost()
 
 
 class ReconnectingPool(adbapi.ConnectionPool):
@@ -179,6 +209,12 @@ class ReconnectingPool(adbapi.ConnectionPool):
     """
 
     connectionFactory = _QuietConnection
+
+    def _close(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:
+            pass  # the server is gone already: nothing to close
 
     def _runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Any:
         conn = self.connectionFactory(self)
@@ -198,28 +234,43 @@ class ReconnectingPool(adbapi.ConnectionPool):
 
 @implementer(IUserDatabase)
 class PostgresDatabase:
-    """A PostgreSQL database through psycopg 3; the version in ``lbsvc_schema``."""
+    """A PostgreSQL database through pg8000; the version in ``lbsvc_schema``."""
 
     def __init__(self, url: str) -> None:
-        import psycopg  # only needed for PostgreSQL
+        import pg8000.dbapi  # only needed for PostgreSQL
 
-        self.url = url
         parts = urlsplit(url)
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        self.description = f"postgresql://{parts.username + '@' if parts.username else ''}{netloc}{parts.path}"
-        self.integrity_errors: Tuple[Type[Exception], ...] = (psycopg.IntegrityError,)
-        self.unavailable_errors: Tuple[Type[Exception], ...] = (psycopg.Error,)
-        self._psycopg = psycopg
-        self.pool = ReconnectingPool(
-            "psycopg", url, connect_timeout=max(1, int(BUSY_TIMEOUT)), cp_min=1, cp_max=4,
-            cp_reconnect=True, cp_noisy=False,
-        )
+        self.connect_args = {
+            "user": unquote(parts.username or "postgres"),
+            "password": unquote(parts.password) if parts.password else None,
+            "host": parts.hostname or "127.0.0.1",
+            "port": parts.port or 5432,
+            "database": unquote(parts.path.lstrip("/")) or None,
+            "timeout": 5,
+        }
+        netloc = f"{self.connect_args['host']}:{self.connect_args['port']}"
+        self.description = f"postgresql://{self.connect_args['user']}@{netloc}{parts.path}"
+        self._driver = pg8000.dbapi
+        self.unavailable_errors: Tuple[Type[Exception], ...] = (pg8000.dbapi.Error, OSError)
+        self.pool = ReconnectingPool("pg8000.dbapi", cp_min=1, cp_max=4, cp_reconnect=True, cp_noisy=False,
+                                     **self.connect_args)
 
     def sql(self, statement: str) -> str:
-        """psycopg's placeholders are ``%s``."""
+        """pg8000's placeholders are ``%s``."""
         return statement.replace("?", "%s")
+
+    def is_conflict(self, error: Exception) -> bool:
+        """SQLSTATE class 23: integrity constraint violation."""
+        details = error.args[0] if error.args else None
+        return isinstance(error, self._driver.DatabaseError) and isinstance(details, dict) \
+            and str(details.get("C", "")).startswith("23")
+
+    def describe(self, error: Exception) -> str:
+        """The server's message, or the driver's."""
+        details = error.args[0] if error.args else None
+        if isinstance(details, dict) and "M" in details:
+            return str(details["M"])
+        return _first_line(error)
 
     def migrate(self, cursor: Any) -> int:
         """Schema, then migrations, under an advisory lock (gateways may start together)."""
@@ -237,14 +288,15 @@ class PostgresDatabase:
         return reached
 
     def check(self) -> None:
-        """Connect once; an unreachable server is not fatal (the store retries), bad credentials are."""
+        """Connect once; an unreachable server is not fatal (the store retries), a refusal is."""
         try:
-            self._psycopg.connect(self.url, connect_timeout=2).close()
-        except self._psycopg.OperationalError as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            if "authentication" in text or "does not exist" in text or "password" in text:
-                raise StorageUnavailable(f"cannot open the user database {self.description}: {text}") from None
-            log.warn("User database {db} not reachable yet ({error}); retrying", db=self.description, error=text)
+            self._driver.connect(**{**self.connect_args, "timeout": 2}).close()
+        except self._driver.DatabaseError as e:  # the server answered: wrong password, no such database
+            raise StorageUnavailable(f"cannot open the user database {self.description}:"
+                                     f" {self.describe(e)}") from None
+        except (self._driver.Error, OSError) as e:
+            log.warn("User database {db} not reachable yet ({error}); retrying", db=self.description,
+                     error=self.describe(e))
 
     def problem(self) -> Optional[str]:
         """Nothing to watch: the server owns its files."""

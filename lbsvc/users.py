@@ -36,11 +36,12 @@ import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar
 
 import attrs
+from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lbsvc.userdb import IUserDatabase, SQLiteDatabase, StorageUnavailable, open_database
+from lbsvc.userdb import Conflict, IUserDatabase, SQLiteDatabase, StorageUnavailable, open_database
 
 log = Logger()
 
@@ -128,16 +129,19 @@ class UserStore:
         assert self.database is not None
         d = call()
         d.addTimeout(DEADLINE, self.clock)
+        database = self.database
         try:
             return await d
-        except self.database.integrity_errors:
-            raise
         except defer.TimeoutError:
             if not quiet:
                 log.error("User database: {what} took more than {deadline}s", what=what, deadline=DEADLINE)
             raise StorageUnavailable("the user database is not answering") from None
-        except self.database.unavailable_errors as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except Exception as e:
+            if database.is_conflict(e):
+                raise Conflict(database.describe(e)) from None
+            if not isinstance(e, (*database.unavailable_errors, adbapi.ConnectionLost)):
+                raise
+            reason = database.describe(e)
             if not quiet:
                 log.error("User database: {what} failed: {error}", what=what, error=reason)
             raise StorageUnavailable(f"the user database is unavailable ({reason})") from None
@@ -366,7 +370,7 @@ class UserStore:
 
         try:
             await self._interaction("insert user", insert)
-        except self.database.integrity_errors:
+        except Conflict:
             raise DuplicateUser(name) from None
         self._writable()
         self._remember(user)

@@ -176,3 +176,47 @@ def test_postgresql_unreachable_is_503_and_recovers_without_restart(tmp_path: Pa
         drop_database(url)
     errors = [line for line in gateway.logged_errors() if "User database" not in line]
     assert errors == []
+
+
+def children(pid: int) -> List[int]:
+    """Process ids whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_workers_share_the_port_and_one_budget(tmp_path: Path, backend: Backend, redis: RedisServer) -> None:
+    (gateway,) = gateways(tmp_path, str(tmp_path / "users.sqlite3"), backend, redis, count=1,
+                          LBSVC_WORKERS="2", LBSVC_REDIS_TIMEOUT="1")
+    assert gateway.process is not None
+    parent = gateway.process.pid
+    try:
+        wait_until(lambda: len(children(parent)) == 1, 10, "one worker process")
+        (worker,) = children(parent)
+        key = gateway.create("busy")
+        assert gateway.call("POST", "/user/tokens/change", {"capacity": 40, "rate_per_sec": 10}, key=key)[0] == 200
+        within(1.0, lambda: all(gateway.call("GET", "/user/tokens/profile", key=key)[0] == 200 for _ in range(6)),
+               "the user on both workers")
+        before = cpu_ticks(worker)
+        count, elapsed = admitted([gateway], key, 2.0)
+        assert 40 <= count <= 40 + 10 * elapsed, (count, elapsed)
+        assert cpu_ticks(worker) > before  # the worker took its share of the connections
+        gateway.process.kill()  # the parent dies: its worker stops too
+        gateway.process.wait()
+        wait_until(lambda: not Path(f"/proc/{worker}").exists() or "Z" in
+                   Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0], 5, "the worker to stop")
+    finally:
+        gateway.stop()
+    assert_no_logged_errors([gateway])

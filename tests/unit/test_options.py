@@ -97,3 +97,16 @@ def test_a_database_that_cannot_be_opened_stops_lbsvc_with_one_line(tmp_path: Pa
         lbsvc_tap.makeService(options)
     message = str(exit.value.code)
     assert message.startswith("lbsvc: cannot open the user database") and "\n" not in message
+
+
+def test_workers_with_memory_buckets_are_refused(tmp_path: Path) -> None:
+    env = {"LBSVC_SERVERS": servers_file(tmp_path)}
+    with pytest.raises(usage.UsageError, match="limits would multiply by 2"):
+        gateway(["--workers", "2"], env)
+    for bad in (["--buckets", "http://x"], ["--bucket-store-fallback", "maybe"], ["--redis-timeout", "0"],
+                ["--workers", "0"], ["--workers", "two"]):
+        with pytest.raises(usage.UsageError):
+            gateway(bad, env)
+    settings = gateway(["--workers", "2", "--buckets", "redis://127.0.0.1:6379/3"], env).settings
+    assert (settings.workers, settings.buckets, settings.bucket_store_fallback, settings.redis_timeout) == \
+        (2, "redis://127.0.0.1:6379/3", "local", 0.05)
