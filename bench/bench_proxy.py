@@ -16,10 +16,19 @@ short text; it is never the bottleneck):
 
 The server under test is pinned to core 0, ``wrk`` and the backend to core 1
 (where the machine has two).  Each server is warmed up first
-(``BENCH_WARMUP``: 20 s on PyPy, for its JIT; 3 s on CPython), then measured
-``BENCH_ROUNDS`` times for ``BENCH_SECONDS``; the median is reported, with
+(``BENCH_WARMUP``: 20 s on PyPy, for its JIT; 3 s on CPython); all are up
+at once, idle but for the one being measured, and are measured in turns,
+``BENCH_ROUNDS`` rounds (default 5) of ``BENCH_SECONDS`` each, so that a
+slower minute of a shared machine hits every contender alike; the median is
+reported, with
 the CPU seconds (user + system) the server process used per 10,000 proxied
 requests over the timed rounds.
+
+On PyPy every Twisted contender runs with ``PYPY_GC_NURSERY=16M`` (unless
+set otherwise): PyPy's default nursery on this machine is small enough that
+minor collections cost about a third of lbsvc's throughput (10.4k req/s with
+the default, 14-16k with 16M, measured with this benchmark's method); the
+README recommends the same setting for running lbsvc on PyPy.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -51,9 +62,11 @@ from common import (
 )
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if sys.implementation.name == "pypy" else "3"))
 CONNECTIONS = 32
+if sys.implementation.name == "pypy":
+    os.environ.setdefault("PYPY_GC_NURSERY", "16M")  # inherited by every server started here
 HERE = Path(__file__).resolve().parent
 CPYTHON = ROOT / ".venv" / "bin" / "python"
 SERVER_CORE = ["taskset", "-c", "0"] if CLIENT_CPUS else []
@@ -108,18 +121,31 @@ def wrk_run(url: str, seconds: int, header: Optional[str]) -> Tuple[float, int]:
     return float(rate.group(1)), int(total.group(1))
 
 
-def measure(url: str, pid: Optional[int], header: Optional[str] = None,
-            warmup: int = WARMUP) -> Tuple[float, Optional[float]]:
-    """Median requests/s, and CPU seconds per 10,000 requests of ``pid``."""
-    wrk_run(url, warmup, header)
-    before = cpu_seconds(pid) if pid else 0.0
-    rates, requests = [], 0
-    for _ in range(ROUNDS):
-        rate, n = wrk_run(url, SECONDS, header)
-        rates.append(rate)
-        requests += n
-    cpu = (cpu_seconds(pid) - before) / requests * 10_000 if pid else None
-    return statistics.median(rates), cpu
+@attrs.define
+class Contender:
+    """One server under test, measured in turns with the others."""
+
+    name: str
+    url: str
+    pid: Optional[int]
+    header: Optional[str] = None
+    warmup: int = WARMUP
+    rates: List[float] = attrs.Factory(list)
+    requests: int = 0
+    cpu: float = 0.0
+
+    def round(self) -> None:
+        before = cpu_seconds(self.pid) if self.pid else 0.0
+        rate, n = wrk_run(self.url, SECONDS, self.header)
+        self.rates.append(rate)
+        self.requests += n
+        if self.pid:
+            self.cpu += cpu_seconds(self.pid) - before
+
+    def result(self) -> Tuple[float, Optional[float]]:
+        """Median requests/s, and CPU seconds per 10,000 requests."""
+        per_10k = self.cpu / self.requests * 10_000 if self.pid else None
+        return statistics.median(self.rates), per_10k
 
 
 def main() -> None:
@@ -132,20 +158,19 @@ def main() -> None:
         nginx(workdir, "ceiling", CEILING.format(port=ceiling_port, backend=backend_port), SERVER_CORE),
     ]
     daemons = []
-    results: Dict[str, Tuple[float, Optional[float]]] = {}
+    contenders: List[Contender] = []
     try:
         wait_until(lambda: http("GET", f"http://127.0.0.1:{backend_port}/")[0] == 200, 30, "the nginx backend")
         wait_until(lambda: http("GET", f"http://127.0.0.1:{ceiling_port}/")[0] == 200, 30, "the nginx proxy")
-        results["backend direct (nginx)"] = measure(f"http://127.0.0.1:{backend_port}/", None, warmup=1)
-        results["nginx proxy_pass, keepalive"] = measure(f"http://127.0.0.1:{ceiling_port}/", None, warmup=1)
+        contenders.append(Contender("backend direct (nginx)", f"http://127.0.0.1:{backend_port}/", None, warmup=1))
+        contenders.append(Contender("nginx proxy_pass, keepalive", f"http://127.0.0.1:{ceiling_port}/", None, warmup=1))
         if CPYTHON.exists():
             aio = subprocess.Popen([*SERVER_CORE, str(CPYTHON), str(HERE / "aiohttp_proxy.py")],
                                    env={**os.environ, "BENCH_PORT": str(aio_port),
                                         "BENCH_BACKEND_PORT": str(backend_port)})
             processes.append(aio)
             wait_until(lambda: http("GET", f"http://127.0.0.1:{aio_port}/")[0] == 200, 30, "the aiohttp proxy")
-            results["aiohttp proxy (CPython)"] = measure(f"http://127.0.0.1:{aio_port}/", aio.pid, warmup=3)
-            aio.terminate()
+            contenders.append(Contender("aiohttp proxy (CPython)", f"http://127.0.0.1:{aio_port}/", aio.pid, warmup=3))
         for name, tac, port in (("stock ReverseProxyResource", "stock_proxy.tac", stock_port),
                                 ("Agent + pool proxy", "agent_proxy.tac", agent_port)):
             daemon = twistd_tac(HERE / tac, workdir, tac.split(".")[0],
@@ -154,8 +179,7 @@ def main() -> None:
             pin_server(daemon)
             wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] == 200, 30, name)
             assert daemon.process is not None
-            results[name] = measure(f"http://127.0.0.1:{port}/", daemon.process.pid)
-            daemon.stop()
+            contenders.append(Contender(name, f"http://127.0.0.1:{port}/", daemon.process.pid))
         for name, env in (("lbsvc (access log on, the default)", {}),
                           ("lbsvc (access log off)", {"LBSVC_ACCESS_LOG": "off"})):
             sub = workdir / name.split()[-2]
@@ -164,15 +188,19 @@ def main() -> None:
             daemons.append(lb)
             pin_server(lb)
             assert lb.process is not None
-            results[name] = measure(f"http://127.0.0.1:{port}/", lb.process.pid, f"Authorization: {key}")
-            lb.stop()
+            contenders.append(Contender(name, f"http://127.0.0.1:{port}/", lb.process.pid, f"Authorization: {key}"))
+        for contender in contenders:  # every server warm before any is timed
+            wrk_run(contender.url, contender.warmup, contender.header)
+        for turn in range(ROUNDS):  # in turns, so a slower minute of the machine hits all alike
+            for contender in contenders[turn % len(contenders):] + contenders[:turn % len(contenders)]:
+                contender.round()
     finally:
         for daemon in daemons:
             daemon.stop()
         for process in processes:
             process.terminate()
             process.wait(10)
-    report(results)
+    report({c.name: c.result() for c in contenders})
 
 
 def report(results: Dict[str, Tuple[float, Optional[float]]]) -> None:

@@ -21,12 +21,13 @@ its body gets 408 and the backend keeps its place.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Set, Union
+from typing import Any, Dict, List, Optional, Set, Union
 
 from prometheus_client import CollectorRegistry, Counter
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
@@ -108,8 +109,41 @@ def text(code: int, message: str) -> BytesResponse:
     return BytesResponse(message.encode("utf-8"), code)
 
 
-class _Retry(Exception):
-    """This backend did not take the request; try the next one."""
+class Deadlines:
+    """The deadlines of the exchanges in flight, checked by one timer.
+
+    A ``callLater`` and its ``cancel`` for every request (and a ``reset`` for
+    every piece of a body) cost a measurable share of a proxied request; here
+    setting a deadline is a dictionary store, and one ``LoopingCall`` looks
+    every :attr:`resolution` seconds (while anything is in flight) for those
+    that passed.  Timeouts are thus late by up to ``resolution`` seconds.
+    """
+
+    def __init__(self, clock: IReactorTime, resolution: float = 0.1) -> None:
+        self.clock = clock
+        self.resolution = resolution
+        self._due: Dict[Any, float] = {}
+        self._loop = task.LoopingCall(self._sweep)
+        self._loop.clock = clock
+
+    def set(self, watched: Any, seconds: float) -> None:
+        """``watched.expired()`` is called once ``seconds`` pass without another ``set``."""
+        self._due[watched] = self.clock.seconds() + seconds
+        if not self._loop.running:
+            self._loop.start(self.resolution, now=False)
+
+    def clear(self, watched: Any) -> None:
+        """No deadline for ``watched`` any more."""
+        self._due.pop(watched, None)
+
+    def _sweep(self) -> None:
+        now = self.clock.seconds()
+        due = self._due
+        for watched in [w for w, at in due.items() if at <= now]:
+            del due[watched]
+            watched.expired()
+        if not due and self._loop.running:
+            self._loop.stop()
 
 
 @implementer(IResponseSink)
@@ -131,9 +165,10 @@ class _Relay:
         self.failed: Optional[BytesResponse] = None
         timeouts = proxy.pool.config.timeouts
         self._clock = proxy.clock
+        self._deadlines = proxy.deadlines
         self._response_timeout = timeouts.response
         self._body_timeout = timeouts.body
-        self._timer: Optional[IDelayedCall] = self._clock.callLater(self._response_timeout, self._no_answer)
+        self._deadlines.set(self, self._response_timeout)
         self._body_seen = -1
         self.streamed: Optional[RequestBody] = body if isinstance(body, RequestBody) else None
         self._body_timer: Optional[IDelayedCall] = (
@@ -169,13 +204,11 @@ class _Relay:
         else:
             request.registerProducer(self.connection.transport, True)
             self.relaying = True
-            self._restart(self._body_timeout, self._stalled)
+            self._deadlines.set(self, self._body_timeout)
 
     def data(self, chunk: bytes) -> None:
         """A piece of the response body: on to the client."""
-        timer = self._timer
-        if timer is not None:
-            timer.reset(self._body_timeout)
+        self._deadlines.set(self, self._body_timeout)
         if client_gone(self.request):
             self.connection.cancel()
         else:
@@ -183,33 +216,29 @@ class _Relay:
 
     def stop(self) -> None:
         """The exchange is over: timers off, the backend's transport released."""
-        for timer in (self._timer, self._body_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._timer = self._body_timer = None
+        self._deadlines.clear(self)
+        if self._body_timer is not None and self._body_timer.active():
+            self._body_timer.cancel()
+        self._body_timer = None
         if self.relaying:
             self.relaying = False
             if not client_gone(self.request):
                 self.request.unregisterProducer()
 
-    def _restart(self, seconds: float, then: Callable[[], None]) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._clock.callLater(seconds, then)
-
-    def _no_answer(self) -> None:
-        self._timer = None
-        if not self.connection.body_done:
+    def expired(self) -> None:
+        """Its deadline passed: no answer in time, or a response body that stalled."""
+        if self.answered:
+            self._stalled()
+        elif not self.connection.body_done:
             # Still sending the body: the body check decides whose fault it is.
-            self._timer = self._clock.callLater(self._response_timeout, self._no_answer)
-            return
-        self.proxy.backend_failed(self.backend, "timeout", "did not answer within {seconds}s",
-                                  seconds=self._response_timeout)
-        self.failed = text(504, "Gateway timeout")
-        self.connection.cancel()
+            self._deadlines.set(self, self._response_timeout)
+        else:
+            self.proxy.backend_failed(self.backend, "timeout", "did not answer within {seconds}s",
+                                      seconds=self._response_timeout)
+            self.failed = text(504, "Gateway timeout")
+            self.connection.cancel()
 
     def _stalled(self) -> None:
-        self._timer = None
         self.proxy.backend_failed(self.backend, "body_stalled", "sent no body for {seconds}s; cut off",
                                   seconds=self._body_timeout)
         self.connection.cancel()
@@ -243,6 +272,7 @@ class Proxy:
         self.pool = pool
         self.upstream = upstream
         self.clock = clock
+        self.deadlines = Deadlines(clock)
         self._upstream = Counter(
             "lbsvc_upstream_requests", "Requests sent upstream by backend and outcome.",
             ["backend", "outcome"], registry=registry,
@@ -265,7 +295,7 @@ class Proxy:
                 "RateLimit-Remaining": str(int(bucket.level)),
                 "RateLimit-Reset": str(bucket.reset_after()),
             })
-        return defer.ensureDeferred(self._forward(request))
+        return _Forwarding(self, request).start()
 
     def backend_failed(self, backend: Backend, outcome: str, why: str, **fields: Any) -> None:
         """A passive failure: counted, logged, and the backend taken out."""
@@ -283,70 +313,150 @@ class Proxy:
         request.content.seek(0)  # type: ignore[union-attr]
         return FileBodyProducer(request.content)
 
-    async def _forward(self, request: server.Request) -> Union[Streamed, BytesResponse]:
-        body = self._body(request)
-        tried: List[Backend] = []
-        while True:
-            backend = self.pool.choose(tried)
-            if backend is None:
-                return text(503, "No available servers")
-            tried.append(backend)
-            backend.in_flight += 1
-            try:
-                return await self._attempt(request, backend, body)
-            except _Retry:
-                continue
-            finally:
-                backend.in_flight -= 1
 
-    async def _attempt(self, request: server.Request, backend: Backend,
-                       body: Optional[IBodyProducer]) -> Union[Streamed, BytesResponse]:
-        """One backend: the answer relayed, the gateway's own answer, or :class:`_Retry`."""
-        fresh = False
-        while True:
-            try:
-                connection = await self.upstream.connection(backend, fresh=fresh)
-            except ConnectFailed as e:
-                if client_gone(request):
-                    raise defer.CancelledError() from None
-                self._upstream.labels(backend.name, "connect_error").inc()
-                log.info("Backend {name} unreachable ({error}); trying the next", name=backend.name, error=e)
-                self.pool.connect_failed(backend)
-                raise _Retry() from None
+class _Forwarding:
+    """One proxied request: backends in turn, each on a pooled connection.
+
+    Written as callbacks rather than a coroutine: this is the data path, and
+    a coroutine (with ``ensureDeferred`` and an ``await`` per step) cost a
+    measurable share of a proxied request.  :attr:`done` fires with the
+    gateway's own answer or :data:`STREAMED` once the backend's answer was
+    relayed; cancelling it (the client left) drops the upstream connection.
+    """
+
+    def __init__(self, proxy: Proxy, request: server.Request) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.body = proxy._body(request)
+        self.tried: List[Backend] = []
+        self.backend: Optional[Backend] = None
+        self.connection: Optional[UpstreamConnection] = None
+        self.relay: Optional[_Relay] = None
+        self.fresh = False
+        self.connecting: Optional[defer.Deferred[UpstreamConnection]] = None
+        self.done: defer.Deferred[Union[Streamed, BytesResponse]] = defer.Deferred(self._cancel)
+
+    def start(self) -> defer.Deferred[Union[Streamed, BytesResponse]]:
+        """Forward; the Deferred of the answer."""
+        self._next_backend()
+        return self.done
+
+    # --- choosing and connecting -------------------------------------------
+
+    def _next_backend(self) -> None:
+        backend = self.proxy.pool.choose(self.tried)
+        if backend is None:
+            self._answer(text(503, "No available servers"))
+            return
+        self.tried.append(backend)
+        backend.in_flight += 1
+        self.backend = backend
+        self.fresh = False
+        self._connect()
+
+    def _connect(self) -> None:
+        assert self.backend is not None
+        d = self.proxy.upstream.connection(self.backend, fresh=self.fresh)
+        self.connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.connecting = None
+        backend = self._release()
+        if self.done.called:
+            return
+        if not reason.check(ConnectFailed) or client_gone(self.request) or backend is None:
+            self._fail(reason if not client_gone(self.request) else Failure(defer.CancelledError()))
+            return
+        proxy = self.proxy
+        proxy._upstream.labels(backend.name, "connect_error").inc()
+        log.info("Backend {name} unreachable ({error}); trying the next", name=backend.name,
+                 error=reason.getErrorMessage())
+        proxy.pool.connect_failed(backend)
+        self._next_backend()
+
+    def _connected(self, connection: UpstreamConnection) -> None:
+        self.connecting = None
+        backend = self.backend
+        if self.done.called or backend is None:  # the client left meanwhile
+            connection.cancel()
+            return
+        self.connection = connection
+        try:
             host = backend.host if b":" not in backend.host else b"[" + backend.host + b"]"
-            head = upstream_head(request, b"%s:%d" % (host, backend.port))
-            relay = _Relay(request, connection, backend, body, self)
-            exchange = connection.request(head, body, relay, head_only=request.method == b"HEAD")
-            try:
-                await exchange
-            except StaleConnection:
-                relay.stop()
-                if body is not None and getattr(body, "started", True):
-                    return self._broken(backend, relay, "closed a reused connection mid-request")
-                fresh = True  # the idle connection had been closed: once more, on a new one
-                continue
-            except BadResponse as e:
-                relay.stop()
-                return self._broken(backend, relay, f"answered badly: {e}")
-            except defer.CancelledError:
-                relay.stop()
-                connection.cancel()
-                if relay.failed is not None:
-                    if request.startedWriting:
-                        raise
-                    return relay.failed
-                raise
-            except Exception:
-                relay.stop()
-                connection.cancel()
-                raise
-            relay.stop()
-            self._upstream.labels(backend.name, str(request.code)).inc()
-            return STREAMED
+            head = upstream_head(self.request, b"%s:%d" % (host, backend.port))
+            relay = self.relay = _Relay(self.request, connection, backend, self.body, self.proxy)
+            exchange = connection.request(head, self.body, relay, head_only=self.request.method == b"HEAD")
+        except Exception:
+            connection.cancel()
+            self._release()
+            self._fail(Failure())
+            return
+        exchange.addCallbacks(self._exchanged, self._exchange_failed)
 
-    def _broken(self, backend: Backend, relay: _Relay, why: str) -> BytesResponse:
-        self.backend_failed(backend, "error", why)
-        if relay.answered:
+    # --- the exchange ----------------------------------------------------------
+
+    def _exchanged(self, _: object) -> None:
+        assert self.relay is not None and self.backend is not None
+        self.relay.stop()
+        self.proxy._upstream.labels(self.backend.name, str(self.request.code)).inc()
+        self._release()
+        self._answer(STREAMED)
+
+    def _exchange_failed(self, reason: Failure) -> None:
+        relay, connection = self.relay, self.connection
+        assert relay is not None and connection is not None
+        relay.stop()
+        if self.done.called:
+            self._release()
+            return
+        if reason.check(StaleConnection):
+            if self.body is not None and getattr(self.body, "started", True):
+                self._broken("closed a reused connection mid-request")
+            else:
+                self.fresh = True  # the idle connection had been closed: once more, on a new one
+                self._connect()
+            return
+        if reason.check(BadResponse):
+            self._broken(f"answered badly: {reason.getErrorMessage()}")
+            return
+        connection.cancel()
+        self._release()
+        if reason.check(defer.CancelledError) and relay.failed is not None and not self.request.startedWriting:
+            self._answer(relay.failed)  # a timer's answer: 504 or 408
+        else:
+            self._fail(reason)
+
+    def _broken(self, why: str) -> None:
+        assert self.relay is not None and self.backend is not None
+        self.proxy.backend_failed(self.backend, "error", why)
+        self._release()
+        if self.relay.answered:
             # The status is out: the router can only cut the client's connection.
-            raise defer.CancelledError("upstream answer broke off")
-        return text(502, "Bad gateway")
+            self._fail(Failure(defer.CancelledError("upstream answer broke off")))
+        else:
+            self._answer(text(502, "Bad gateway"))
+
+    # --- the end ------------------------------------------------------------------
+
+    def _release(self) -> Optional[Backend]:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.in_flight -= 1
+        return backend
+
+    def _answer(self, response: Union[Streamed, BytesResponse]) -> None:
+        if not self.done.called:
+            self.done.callback(response)
+
+    def _fail(self, reason: Failure) -> None:
+        if not self.done.called:
+            self.done.errback(reason)
+
+    def _cancel(self, _: object) -> None:
+        """The client went away: stop connecting, or drop the upstream connection."""
+        if self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
+            connecting.cancel()
+        elif self.connection is not None:
+            self.connection.cancel()

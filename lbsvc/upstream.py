@@ -117,6 +117,7 @@ class UpstreamConnection(Protocol):
         self._received_any = False
         self._body: Optional[IBodyProducer] = None
         self._body_done = True
+        self._aborted = False
 
     # --- connection -----------------------------------------------------
 
@@ -145,8 +146,9 @@ class UpstreamConnection(Protocol):
             done.errback(BadResponse(f"connection lost mid-response: {reason.getErrorMessage()}"))
 
     def abort(self) -> None:
-        """Drop the connection now (the client left, or a timeout)."""
-        if self.connected and self.transport is not None:
+        """Drop the connection now (the client left, or a timeout); once."""
+        if self.connected and not self._aborted and self.transport is not None:
+            self._aborted = True
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     # --- one exchange ---------------------------------------------------

@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -114,17 +114,40 @@ def test_two_gateways_behave_as_one(tmp_path: Path, user_database: str, backend:
     assert_no_logged_errors([a, b])
 
 
+class Load:
+    """Four threads calling the gateway until stopped; the status codes seen."""
+
+    def __init__(self, gateway: Gateway, key: str) -> None:
+        self.codes: List[int] = []
+        self.running = True
+        self.threads = [threading.Thread(target=self._run, args=(gateway, key)) for _ in range(4)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, gateway: Gateway, key: str) -> None:
+        while self.running:
+            self.codes.append(gateway.call("GET", "/x", key=key)[0])
+
+    def stop(self) -> List[int]:
+        self.running = False
+        for thread in self.threads:
+            thread.join()
+        return self.codes
+
+
 @pytest.mark.parametrize("mode", ["local", "deny"])
 def test_redis_killed_and_restarted_under_load(tmp_path: Path, backend: Backend, redis: RedisServer,
                                                mode: str) -> None:
     (gateway,) = gateways(tmp_path, str(tmp_path / "users.sqlite3"), backend, redis, count=1,
                           LBSVC_BUCKET_STORE_FALLBACK=mode)
     admin = f"http://127.0.0.1:{gateway.admin_port}/metrics"
+    load: Optional[Load] = None
     try:
         key = gateway.create("steady")
         assert gateway.call("POST", "/user/tokens/change", {"capacity": 1000, "rate_per_sec": 1000},
                             key=key)[0] == 200
         assert gateway.call("GET", "/x", key=key)[0] == 200
+        load = Load(gateway, key)  # requests keep flowing through the kill and the restart
         redis.kill()
         answers = [gateway.call("GET", "/x", key=key) for _ in range(20)]
         if mode == "local":
@@ -137,6 +160,8 @@ def test_redis_killed_and_restarted_under_load(tmp_path: Path, backend: Backend,
         redis.start()
         within(10.0, lambda: gateway.call("GET", "/x", key=key)[0] == 200
                and metric(admin, "lbsvc_bucket_store_up") == 1, "Redis used again")
+        codes = load.stop()
+        assert codes and set(codes) <= ({200} if mode == "local" else {200, 503}), set(codes)
         fallbacks = metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode)
         for _ in range(10):
             assert gateway.call("GET", "/x", key=key)[0] == 200
@@ -144,6 +169,8 @@ def test_redis_killed_and_restarted_under_load(tmp_path: Path, backend: Backend,
         log = gateway.log()
         assert "unavailable" in log and "reachable again" in log
     finally:
+        if load is not None:
+            load.stop()
         gateway.stop()
     assert_no_logged_errors([gateway])
 
@@ -197,8 +224,9 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def test_workers_share_the_port_and_one_budget(tmp_path: Path, backend: Backend, redis: RedisServer) -> None:
-    (gateway,) = gateways(tmp_path, str(tmp_path / "users.sqlite3"), backend, redis, count=1,
+def test_workers_share_the_port_and_one_budget(tmp_path: Path, user_database: str, backend: Backend,
+                                               redis: RedisServer) -> None:
+    (gateway,) = gateways(tmp_path, user_database, backend, redis, count=1,
                           LBSVC_WORKERS="2", LBSVC_REDIS_TIMEOUT="1")
     assert gateway.process is not None
     parent = gateway.process.pid

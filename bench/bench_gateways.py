@@ -1,0 +1,123 @@
+"""Several gateways: Redis buckets vs memory buckets, --workers 2 vs 1, admission accuracy.
+
+* proxied req/s of one lbsvc process with ``--buckets redis://`` (a private
+  redis-server) vs ``memory`` (goal: at least 0.8x);
+* proxied req/s of ``--workers 2`` vs ``--workers 1`` (both on Redis) on this
+  machine (wrk shares the two cores with them here, so nothing is pinned);
+* admission accuracy: two gateways on one SQLite file and one Redis, wrk
+  against both at once for ``BENCH_SECONDS``, a user with capacity C and rate
+  R: the 200s counted on both gateways' ``/metrics`` must be at most
+  C + R·t (goal: 0 over-admission).
+
+Same nginx backend as ``bench_proxy.py``; the server is warmed up first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_proxy import BACKEND, CONNECTIONS, SECONDS, WARMUP, nginx, wrk_run
+from common import Daemon, free_port, http, lbsvc_with_user, machine, record, runtime, wait_until
+
+from tests.integration.harness import metric
+
+
+def redis_server(workdir: Path) -> Tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                                      text=True).stdout.strip() == "PONG", 10, "redis-server")
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def rate(url: str, key: str) -> float:
+    wrk_run(url, WARMUP, f"Authorization: {key}")
+    runs = sorted(wrk_run(url, SECONDS, f"Authorization: {key}")[0] for _ in range(3))
+    return runs[1]
+
+
+def wrk_any(url: str, seconds: int, key: str) -> subprocess.Popen:
+    """A wrk run that accepts 429s (the accuracy run), started in the background."""
+    return subprocess.Popen(["wrk", "-t1", f"-c{CONNECTIONS // 2}", f"-d{seconds}s", "-H", f"Authorization: {key}", url],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def admitted(gateway: Daemon, admin_port: int) -> float:
+    return metric(f"http://127.0.0.1:{admin_port}/metrics", "lbsvc_http_requests_total", route="proxy", code="200")
+
+
+def main() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateways-"))
+    backend_port = free_port()
+    processes: List[subprocess.Popen] = [nginx(workdir, "backend", BACKEND.format(port=backend_port), [])]
+    redis, redis_url = redis_server(workdir)
+    processes.append(redis)
+    daemons: List[Daemon] = []
+    rows = []
+    try:
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{backend_port}/")[0] == 200, 30, "the nginx backend")
+        results: Dict[str, float] = {}
+        for name, env in (("memory", {}), ("redis", {"LBSVC_BUCKETS": redis_url}),
+                          ("redis, --workers 2", {"LBSVC_BUCKETS": redis_url, "LBSVC_WORKERS": "2"})):
+            sub = workdir / re.sub(r"\W+", "-", name)
+            sub.mkdir()
+            lb, port, key = lbsvc_with_user(sub, backend_port, 10**9, 10**6, env)
+            daemons.append(lb)
+            time.sleep(0.5)  # the other worker sees the new limits (the change log is polled every 250 ms)
+            results[name] = rate(f"http://127.0.0.1:{port}/", key)
+            lb.stop()
+        rows.append(["proxied req/s, Redis buckets vs memory buckets (one process)", f"{results['redis']:,.0f}",
+                     f"{results['memory']:,.0f}", f"{results['redis'] / results['memory']:.2f}x", runtime(), machine()])
+        rows.append(["proxied req/s, --workers 2 vs 1 (Redis buckets)", f"{results['redis, --workers 2']:,.0f}",
+                     f"{results['redis']:,.0f}", f"{results['redis, --workers 2'] / results['redis']:.2f}x",
+                     runtime(), machine()])
+        rows.append(accuracy(workdir, backend_port, redis_url, daemons))
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+    record(rows)
+
+
+def accuracy(workdir: Path, backend_port: int, redis_url: str, daemons: List[Daemon]) -> List[str]:
+    """Two gateways, one user (C=100, R=50/s), wrk on both: 200s vs C + R·t."""
+    capacity, per_second = 100, 50.0
+    sub = workdir / "accuracy"
+    sub.mkdir()
+    env = {"LBSVC_BUCKETS": redis_url, "LBSVC_REDIS_TIMEOUT": "1"}
+    a, a_port, key = lbsvc_with_user(sub, backend_port, capacity, per_second, env)
+    daemons.append(a)
+    b_port, b_admin = free_port(), free_port()
+    b = Daemon("lbsvc", [], {**a.env, "LBSVC_ENDPOINT": f"tcp:{b_port}:interface=127.0.0.1",
+                             "LBSVC_ADMIN_ENDPOINT": f"tcp:{b_admin}:interface=127.0.0.1"}, sub, "lbsvc-b").start()
+    daemons.append(b)
+    wait_until(lambda: http("GET", f"http://127.0.0.1:{b_port}/user/tokens/profile", None,
+                            {"Authorization": key})[0] == 200, 30, "the second gateway")
+    a_admin = int(a.env["LBSVC_ADMIN_ENDPOINT"].split(":")[1])
+    start = time.monotonic()
+    runs = [wrk_any(f"http://127.0.0.1:{port}/", SECONDS, key) for port in (a_port, b_port)]
+    for run in runs:
+        run.wait()
+    elapsed = time.monotonic() - start
+    total = admitted(a, a_admin) + admitted(b, b_admin)
+    bound = capacity + per_second * elapsed
+    over = max(0.0, total - bound)
+    profile = json.loads(http("GET", f"http://127.0.0.1:{a_port}/user/tokens/profile", None, {"Authorization": key})[2])
+    print(f"accuracy: admitted {total:.0f} over {elapsed:.1f}s, bound {bound:.0f}, profile now {profile}")
+    return [f"admission across 2 gateways (C={capacity}, R={per_second:.0f}/s, {elapsed:.1f}s): over-admission",
+            f"{over:.0f}", f"bound {bound:.0f}, admitted {total:.0f}", "goal 0", runtime(), machine()]
+
+
+if __name__ == "__main__":
+    main()

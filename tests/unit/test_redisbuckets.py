@@ -1,0 +1,138 @@
+"""Redis buckets in memory: a scripted connection and an injected clock.
+
+The Lua script itself runs against a real redis-server in the integration
+tests; here: the timeout, both fallbacks, the return to Redis, the script
+loaded on NOSCRIPT, and what the answers become.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import pytest
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from lbsvc.buckets import Buckets
+from lbsvc.redisbuckets import KEY_PREFIX, SCRIPT, SCRIPT_SHA, BucketStoreUnavailable, RedisBucketStore, parse_redis_url
+from svckit.metrics import new_registry, sample_value
+from tests.unit.fired import fired
+
+
+class FakeRedis:
+    """Answers ``evalsha`` from a queue of outcomes, or leaves the call hanging."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, Any, Any]] = []
+        self.pending: List[defer.Deferred[Any]] = []
+        self.answers: List[Any] = []
+        self.scripts: set = set()
+
+    def _answer(self) -> defer.Deferred[Any]:
+        if not self.answers:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.pending.append(d)
+            return d
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(answer)
+
+    def evalsha(self, sha: str, keys: Any, args: Any) -> defer.Deferred[Any]:
+        self.calls.append(("evalsha", keys, args))
+        if sha not in self.scripts:
+            return defer.fail(txredisapi.ScriptDoesNotExist(f"No script matching hash: {sha} found"))
+        return self._answer()
+
+    def eval(self, script: str, keys: Any, args: Any) -> defer.Deferred[Any]:
+        self.calls.append(("eval", keys, args))
+        self.scripts.add(SCRIPT_SHA if script == SCRIPT else "?")
+        return self._answer()
+
+    def delete(self, key: str) -> defer.Deferred[Any]:
+        self.calls.append(("delete", key, None))
+        return self._answer()
+
+
+def store(fallback: str = "local", redis: Optional[FakeRedis] = None) -> Tuple[RedisBucketStore, FakeRedis, Clock, Any]:
+    clock = Clock()
+    redis = redis or FakeRedis()
+    registry = new_registry()
+    return (RedisBucketStore("redis://127.0.0.1:6379/0", Buckets(clock), fallback, 0.05, clock, registry, redis),
+            redis, clock, registry)
+
+
+def fallbacks(registry: Any, mode: str) -> float:
+    return sample_value(registry, "lbsvc_bucket_store_fallback_total", {"mode": mode})
+
+
+def test_a_token_is_one_script_call_and_the_script_is_loaded_once() -> None:
+    s, redis, _, _ = store()
+    redis.answers = [[1, "4"], [0, "0.25"]]
+    taken, bucket = fired(s.take("alice", 5, 1.0))
+    assert taken and bucket.level == 4.0
+    assert redis.calls == [("evalsha", [KEY_PREFIX + "alice"], ["5", "1.0", "1"]),
+                           ("eval", [KEY_PREFIX + "alice"], ["5", "1.0", "1"])]
+    taken, bucket = fired(s.take("alice", 5, 1.0))
+    assert not taken and bucket.level == 0.25 and bucket.retry_after() == 0.75
+    assert [c[0] for c in redis.calls] == ["evalsha", "eval", "evalsha"]
+
+
+def test_peek_costs_nothing() -> None:
+    s, redis, _, _ = store()
+    redis.scripts.add(SCRIPT_SHA)
+    redis.answers = [[0, "3.5"]]
+    assert fired(s.peek("bob", 5, 1.0)).level == 3.5
+    assert redis.calls[0][2][2] == "0"
+
+
+def test_a_slow_redis_is_decided_locally_then_tried_again() -> None:
+    s, redis, clock, registry = store("local")
+    redis.scripts.add(SCRIPT_SHA)
+    d = s.take("carol", 2, 1.0)
+    clock.advance(0.05)
+    clock.advance(0)  # one more reactor turn for an answer that did arrive
+    taken, _ = fired(d)
+    assert taken and not s.up and fallbacks(registry, "local") == 1
+    # Within RETRY_AFTER, Redis is not asked: the local bucket decides.
+    assert fired(s.take("carol", 2, 1.0))[0] is True
+    assert fired(s.take("carol", 2, 1.0))[0] is False  # capacity 2, spent locally
+    assert len(redis.calls) == 1
+    redis.pending[0].callback([1, "1"])  # the late answer changes nothing
+    assert not s.up
+    clock.advance(1.0)
+    redis.answers = [[1, "0"]]
+    assert fired(s.take("carol", 2, 1.0))[0] is True and s.up and len(redis.calls) == 2
+
+
+def test_deny_fallback_is_503() -> None:
+    s, redis, clock, registry = store("deny")
+    redis.scripts.add(SCRIPT_SHA)
+    redis.answers = [txredisapi.ConnectionError("Lost connection")]
+    d = s.take("dave", 2, 1.0)
+    with pytest.raises(BucketStoreUnavailable) as refused:
+        fired(d)
+    assert refused.value.code == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert fallbacks(registry, "deny") == 1 and sample_value(registry, "lbsvc_bucket_store_errors_total") == 1
+
+
+def test_forget_deletes_the_key() -> None:
+    s, redis, _, _ = store()
+    redis.answers = [1]
+    fired(s.forget("erin"))
+    assert redis.calls == [("delete", KEY_PREFIX + "erin", None)]
+
+
+@pytest.mark.parametrize("url, parsed", [
+    ("redis://127.0.0.1:6380/2", ("127.0.0.1", 6380, 2)),
+    ("redis://cache", ("cache", 6379, 0)),
+])
+def test_redis_urls(url: str, parsed: Tuple[str, int, int]) -> None:
+    assert parse_redis_url(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["http://x", "redis://", "redis://x/db"])
+def test_bad_redis_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        parse_redis_url(url)
