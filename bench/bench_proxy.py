@@ -29,6 +29,10 @@ set otherwise): PyPy's default nursery on this machine is small enough that
 minor collections cost about a third of lbsvc's throughput (10.4k req/s with
 the default, 14-16k with 16M, measured with this benchmark's method); the
 README recommends the same setting for running lbsvc on PyPy.
+
+``BENCH_PREVIOUS_TWISTD=/path/to/other/checkout/.venv/bin/twistd`` adds that
+release's lbsvc as one more contender (the issue's "CPU per request compared
+with today's" was measured so).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if sys.implementation.name == "pypy" else "3"))
 CONNECTIONS = 32
+PREVIOUS = os.environ.get("BENCH_PREVIOUS_TWISTD", "")
+"""The ``twistd`` of another lbsvc release (its own venv) to measure alongside, for CPU per request."""
 if sys.implementation.name == "pypy":
     os.environ.setdefault("PYPY_GC_NURSERY", "16M")  # inherited by every server started here
 HERE = Path(__file__).resolve().parent
@@ -180,11 +186,14 @@ def main() -> None:
             wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] == 200, 30, name)
             assert daemon.process is not None
             contenders.append(Contender(name, f"http://127.0.0.1:{port}/", daemon.process.pid))
-        for name, env in (("lbsvc (access log on, the default)", {}),
-                          ("lbsvc (access log off)", {"LBSVC_ACCESS_LOG": "off"})):
-            sub = workdir / name.split()[-2]
+        lbsvcs = [("lbsvc (access log on, the default)", {}, None),
+                  ("lbsvc (access log off)", {"LBSVC_ACCESS_LOG": "off"}, None)]
+        if PREVIOUS:
+            lbsvcs.append(("lbsvc, previous release (access log on)", {}, PREVIOUS))
+        for number, (name, env, twistd) in enumerate(lbsvcs):
+            sub = workdir / f"lbsvc-{number}"
             sub.mkdir()
-            lb, port, key = lbsvc_with_user(sub, backend_port, 10**9, 10**6, env)
+            lb, port, key = lbsvc_with_user(sub, backend_port, 10**9, 10**6, env, twistd)
             daemons.append(lb)
             pin_server(lb)
             assert lb.process is not None

@@ -100,7 +100,7 @@ def record(rows: List[List[str]]) -> None:
 
 
 def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float,
-                    extra_env: Optional[dict] = None) -> Tuple[Daemon, int, str]:
+                    extra_env: Optional[dict] = None, twistd: Optional[str] = None) -> Tuple[Daemon, int, str]:
     """Start lbsvc in front of one backend, create a user with these limits.
 
     Returns the daemon, its port and the user's API key (the caller stops it).
@@ -114,7 +114,10 @@ def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float
         "LBSVC_SERVERS": str(workdir / "servers.yaml"),
         "LBSVC_DATABASE": str(workdir / "users.sqlite3"),
         **(extra_env or {}),
-    }, workdir, "lbsvc").start()
+    }, workdir, "lbsvc")
+    if twistd:
+        lb.twistd = twistd
+    lb.start()
     for port in (backend_port, admin_port):
         wait_until(lambda p=port: http("GET", f"http://127.0.0.1:{p}/")[0] in (200, 404), 30, f"port {port}")
     base = f"http://127.0.0.1:{lb_port}"

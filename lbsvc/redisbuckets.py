@@ -18,8 +18,13 @@ is left alone for :data:`RETRY_AFTER` seconds, then tried again; the switch
 both ways is logged, and counted on ``/metrics``
 (``lbsvc_bucket_store_up``, ``lbsvc_bucket_store_fallback_total{mode}``).
 
-The client is ``txredisapi`` (Twisted-native, pure Python, runs on PyPy);
-its connection reconnects by itself.
+The client is ``txredisapi``'s ``RedisProtocol`` (Twisted-native, pure
+Python, runs on PyPy) on one connection kept up by Twisted's
+``ClientService`` (:class:`RedisLink`).  Its ``lazyConnection`` handler was
+measured first: it routes every command through a pool lookup and two extra
+Deferreds, and queues commands while Redis is away (so every request would
+wait out the timeout); the link hands the connected protocol to the store
+directly, and while there is none the fallback decides at once.
 """
 
 from __future__ import annotations
@@ -30,13 +35,17 @@ from urllib.parse import urlsplit
 
 import txredisapi
 from prometheus_client import CollectorRegistry, Counter
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lbsvc.buckets import Bucket, Buckets, IBucketStore, MemoryBucketStore, Verdict
+from lbsvc.upstream import client_endpoint
 from svckit.responses import HTTPError
 
 log = Logger()
@@ -99,12 +108,73 @@ def parse_redis_url(url: str) -> Tuple[str, int, int]:
     return parts.hostname, parts.port or 6379, int(db_part)
 
 
+class _ProtocolFactory(Factory):
+    """Builds ``txredisapi`` protocols for :class:`RedisLink` (and takes their error reports)."""
+
+    noisy = False
+    isLazy = True  # read by the protocol when AUTH or SELECT fails
+
+    def __init__(self, db: int) -> None:
+        self.db = db
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = txredisapi.RedisProtocol(dbid=self.db, convertNumbers=False)
+        protocol.factory = self
+        return protocol
+
+    def stopTrying(self) -> None:
+        """Called by the protocol on a refused SELECT; the link keeps trying anyway."""
+
+    def connectionError(self, message: str) -> None:
+        """Called by the protocol on a refused SELECT."""
+        log.error("Redis refused the connection's setup: {message}", message=message)
+
+
+class RedisLink(service.Service):
+    """One connection to Redis, kept up by ``ClientService``; the protocol while it is up."""
+
+    def __init__(self, reactor: Any, url: str, connect_timeout: float = 1.0) -> None:
+        host, port, db = parse_redis_url(url)
+        self.client = ClientService(
+            client_endpoint(reactor, host.encode("idna"), port, connect_timeout), _ProtocolFactory(db),
+            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0), clock=reactor,
+            prepareConnection=self._prepare,
+        )
+        self.protocol: Any = None
+
+    def _prepare(self, protocol: Any) -> defer.Deferred[Any]:
+        ready: defer.Deferred[Any] = protocol.whenConnected()  # after SELECT
+        return ready.addCallback(self._ready)
+
+    def _ready(self, protocol: Any) -> Any:
+        self.protocol = protocol
+        return protocol
+
+    def current(self) -> Any:
+        """The connected protocol, or None while Redis is away."""
+        protocol = self.protocol
+        if protocol is not None and protocol.connected:
+            return protocol
+        return None
+
+    def startService(self) -> None:
+        """Connect, and keep reconnecting."""
+        super().startService()
+        self.client.startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Disconnect."""
+        super().stopService()
+        d: defer.Deferred[None] = self.client.stopService()
+        return d
+
+
 @implementer(IBucketStore)
 class RedisBucketStore:
     """Buckets in Redis, with a local or denying fallback."""
 
     def __init__(self, url: str, local: Buckets, fallback: str, timeout: float, clock: IReactorTime,
-                 registry: CollectorRegistry, connection: Any = None) -> None:
+                 registry: CollectorRegistry, link: Any) -> None:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
         self.url = url
@@ -112,9 +182,8 @@ class RedisBucketStore:
         self.fallback = fallback
         self.timeout = timeout
         self.clock = clock
-        host, port, db = parse_redis_url(url)
-        self.redis = connection if connection is not None else txredisapi.lazyConnection(
-            host, port, dbid=db, reconnect=True, connectTimeout=max(timeout, 1.0), convertNumbers=False)
+        self.link = link
+        """Whose ``current()`` is the connected Redis protocol, or None (:class:`RedisLink`)."""
         self.up = True
         self._retry_at = 0.0
         self._fallbacks = Counter("lbsvc_bucket_store_fallback", "Bucket decisions made without Redis,"
@@ -140,7 +209,10 @@ class RedisBucketStore:
     def forget(self, name: str) -> defer.Deferred[None]:
         """Delete the bucket everywhere."""
         self.local.forget(name)
-        d = self._bounded(self.redis.delete(KEY_PREFIX + name))
+        redis = self.link.current()
+        if redis is None:
+            return defer.succeed(None)  # its level expires by itself
+        d = self._bounded(redis.delete(KEY_PREFIX + name))
 
         def done(result: Any) -> None:
             if isinstance(result, Failure):
@@ -153,8 +225,12 @@ class RedisBucketStore:
     def _run(self, name: str, capacity: int, rate: float, cost: int) -> defer.Deferred[Verdict]:
         if not self.up and self.clock.seconds() < self._retry_at:
             return defer.maybeDeferred(self._without_redis, name, capacity, rate, cost)
+        redis = self.link.current()
+        if redis is None:
+            self._failed(Failure(txredisapi.ConnectionError("not connected")))
+            return defer.maybeDeferred(self._without_redis, name, capacity, rate, cost)
         args = [str(capacity), repr(float(rate)), str(cost)]
-        d = self._bounded(self._script([KEY_PREFIX + name], args))
+        d = self._bounded(self._script(redis, [KEY_PREFIX + name], args))
 
         def answered(result: Any) -> Verdict:
             if not self.up and self.clock.seconds() >= self._retry_at:  # not an answer sent before the failure
@@ -171,13 +247,13 @@ class RedisBucketStore:
 
         return d.addCallbacks(answered, failed)
 
-    def _script(self, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = self.redis.evalsha(SCRIPT_SHA, keys, args)
+    def _script(self, redis: Any, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = redis.evalsha(SCRIPT_SHA, keys, args)
 
         def unknown(reason: Failure) -> Any:
             if reason.check(txredisapi.ScriptDoesNotExist) or (
                     reason.check(txredisapi.ResponseError) and "NOSCRIPT" in str(reason.value)):
-                return self.redis.eval(SCRIPT, keys, args)  # loads it for next time
+                return redis.eval(SCRIPT, keys, args)  # loads it for next time
             return reason
 
         return d.addErrback(unknown)

@@ -16,7 +16,7 @@ from lbsvc.buckets import TICK, Buckets, IBucketStore, MemoryBucketStore
 from lbsvc.gateway import gateway_router
 from lbsvc.healthcheck import HealthChecker, http_probe, probe_agent
 from lbsvc.proxy import Proxy
-from lbsvc.redisbuckets import FALLBACKS, RedisBucketStore, parse_redis_url
+from lbsvc.redisbuckets import FALLBACKS, RedisBucketStore, RedisLink, parse_redis_url
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
 from lbsvc.settings import GatewaySettings
 from lbsvc.upstream import UpstreamPool
@@ -153,9 +153,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     users = UserStore(database, reactor)
     buckets = Buckets(reactor)
     store: IBucketStore = MemoryBucketStore(buckets)
+    link: Optional[RedisLink] = None
     if settings.buckets != "memory":
+        link = RedisLink(reactor, settings.buckets)
         store = RedisBucketStore(settings.buckets, buckets, settings.bucket_store_fallback,
-                                 settings.redis_timeout, reactor, registry)
+                                 settings.redis_timeout, reactor, registry, link)
     users.on_deleted = buckets.forget
     pool = BackendPool(settings.servers)
     probes = probe_agent(reactor, settings.servers.timeouts.connect)
@@ -175,6 +177,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
                    lambda: int(redis_store.up))
 
     top = service.MultiService()
+    if link is not None:
+        link.setServiceParent(top)
     access_log = AccessLog(settings.access_log, reactor)
     access_log.setServiceParent(top)
     def failed(name: str) -> None:

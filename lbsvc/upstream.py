@@ -402,6 +402,18 @@ class _ConnectionFactory(Factory):
         return UpstreamConnection(self.pool, self.key)
 
 
+def client_endpoint(reactor: Any, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
+    """A TCP client endpoint: an IP address directly, a name through ``HostnameEndpoint``."""
+    name = host.decode("ascii")
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, name, port, timeout=timeout)
+    kind = endpoints.TCP4ClientEndpoint if address.version == 4 else endpoints.TCP6ClientEndpoint
+    endpoint: IStreamClientEndpoint = kind(reactor, name, port, timeout=timeout)
+    return endpoint
+
+
 class UpstreamPool:
     """Idle connections per backend, and new ones when none is idle."""
 
@@ -415,14 +427,7 @@ class UpstreamPool:
         self._endpoints: Dict[Tuple[bytes, int], IStreamClientEndpoint] = {}
 
     def _endpoint(self, host: bytes, port: int) -> IStreamClientEndpoint:
-        name = host.decode("ascii")
-        try:
-            address = ipaddress.ip_address(name)
-        except ValueError:
-            return endpoints.HostnameEndpoint(self.reactor, name, port, timeout=self.connect_timeout)
-        kind = endpoints.TCP4ClientEndpoint if address.version == 4 else endpoints.TCP6ClientEndpoint
-        endpoint: IStreamClientEndpoint = kind(self.reactor, name, port, timeout=self.connect_timeout)
-        return endpoint
+        return client_endpoint(self.reactor, host, port, self.connect_timeout)
 
     @property
     def idle(self) -> int:

@@ -116,13 +116,15 @@ class Daemon:
         self.plugin, self.args, self.env, self.workdir, self.name = plugin, args, env, workdir, name
         self.process: Optional[subprocess.Popen] = None
         self.log_path = workdir / f"{name}.log"
+        self.twistd = TWISTD
+        """The ``twistd`` to run (the benchmarks may point one at another release)."""
 
     def start(self) -> Daemon:
         env = dict(os.environ)
         env.update(self.env)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile=-", *([self.plugin] if self.plugin else []), *self.args],
+            [self.twistd, "-n", "--pidfile=", "--logfile=-", *([self.plugin] if self.plugin else []), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir),
         )
         log.close()

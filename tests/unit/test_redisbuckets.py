@@ -21,7 +21,15 @@ from tests.unit.fired import fired
 
 
 class FakeRedis:
-    """Answers ``evalsha`` from a queue of outcomes, or leaves the call hanging."""
+    """Answers ``evalsha`` from a queue of outcomes, or leaves the call hanging.
+
+    It is also its own link: ``current()`` is itself while ``connected``.
+    """
+
+    connected = True
+
+    def current(self) -> Optional[FakeRedis]:
+        return self if self.connected else None
 
     def __init__(self) -> None:
         self.calls: List[Tuple[str, Any, Any]] = []
@@ -136,3 +144,11 @@ def test_redis_urls(url: str, parsed: Tuple[str, int, int]) -> None:
 def test_bad_redis_urls(url: str) -> None:
     with pytest.raises(ValueError):
         parse_redis_url(url)
+
+
+def test_no_connection_is_decided_at_once() -> None:
+    s, redis, clock, registry = store("deny")
+    redis.connected = False
+    with pytest.raises(BucketStoreUnavailable):
+        fired(s.take("fay", 2, 1.0))
+    assert redis.calls == [] and not s.up
