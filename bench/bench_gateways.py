@@ -25,7 +25,7 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_proxy import BACKEND, CONNECTIONS, SECONDS, WARMUP, nginx, wrk_run
-from common import Daemon, free_port, http, lbsvc_with_user, machine, record, runtime, wait_until
+from common import Daemon, free_port, http, lbsvc_with_user, machine, record, runtime, stop_all, wait_until
 
 from tests.integration.harness import metric
 
@@ -82,11 +82,7 @@ def main() -> None:
                      runtime(), machine()])
         rows.append(accuracy(workdir, backend_port, redis_url, daemons))
     finally:
-        for daemon in daemons:
-            daemon.stop()
-        for process in processes:
-            process.terminate()
-            process.wait(10)
+        stop_all(daemons, processes)
     record(rows)
 
 

@@ -61,6 +61,7 @@ from common import (
     pin_server,
     record,
     runtime,
+    stop_all,
     twistd_tac,
     wait_until,
 )
@@ -204,11 +205,7 @@ def main() -> None:
             for contender in contenders[turn % len(contenders):] + contenders[:turn % len(contenders)]:
                 contender.round()
     finally:
-        for daemon in daemons:
-            daemon.stop()
-        for process in processes:
-            process.terminate()
-            process.wait(10)
+        stop_all(daemons, processes)
     report({c.name: c.result() for c in contenders})
 
 

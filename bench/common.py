@@ -26,7 +26,7 @@ from tests.integration.harness import (  # noqa: E402  (shared with the tests)
 )
 
 __all__ = ["Daemon", "GradeReplica", "delete_stream", "free_port", "http", "unique_stream",
-           "wait_until", "wrk", "runtime", "machine", "record", "twistd_tac", "lbsvc_with_user", "pin_server"]
+           "wait_until", "wrk", "runtime", "stop_all", "machine", "record", "twistd_tac", "lbsvc_with_user", "pin_server"]
 
 
 SERVER_CPUS = {0}
@@ -97,6 +97,15 @@ def record(rows: List[List[str]]) -> None:
     if target:
         with open(target, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def stop_all(daemons: List[Daemon], processes: List[subprocess.Popen]) -> None:
+    """Stop the benchmark's daemons, then its other processes (nginx, Redis, aiohttp)."""
+    for daemon in daemons:
+        daemon.stop()
+    for process in processes:
+        process.terminate()
+        process.wait(10)
 
 
 def lbsvc_with_user(workdir: Path, backend_port: int, capacity: int, rate: float,

@@ -12,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
+
 from tests.integration.harness import Daemon, free_port, http, wait_until
 
 
@@ -75,12 +77,18 @@ class Backend:
         self.connections.clear()
 
 
+def servers_file(path: Path, servers: Dict[str, str], health_check: Dict[str, Any], **settings: Any) -> None:
+    """Write a ``servers.yaml`` of these backends (name → URL) and settings."""
+    document = {**settings, "health_check": health_check,
+                "servers": [{"name": name, "url": url} for name, url in servers.items()]}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
 def write_servers(path: Path, backends: List[Backend], interval: float = 0.2) -> None:
-    servers = "\n".join(f'  - {{name: {b.name}, url: "{b.url}"}}' for b in backends)
-    path.write_text(
-        f"algorithm: round_robin\nhealth_check: {{path: /health, interval: {interval}, timeout: 0.5, fall: 1, rise: 1}}\n"
-        f"upstream_timeout: 5\nservers:\n{servers}\n"
-    )
+    """The tests' usual ``servers.yaml``: quick health checks (one failure takes a backend out)."""
+    servers_file(path, {b.name: b.url for b in backends},
+                 {"path": "/health", "interval": interval, "timeout": 0.5, "fall": 1, "rise": 1},
+                 algorithm="round_robin", upstream_timeout=5)
 
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"

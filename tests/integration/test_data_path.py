@@ -18,7 +18,7 @@ from typing import Iterator, List, Tuple
 import pytest
 
 from tests.integration.harness import assert_no_logged_errors, free_port, metric, wait_until
-from tests.integration.lbharness import Backend, Gateway
+from tests.integration.lbharness import Backend, Gateway, servers_file
 
 MiB = 1024 * 1024
 
@@ -101,9 +101,8 @@ def peak_rss_kib(pid: int) -> int:
 
 
 def servers(path: Path, urls: List[Tuple[str, str]], response: float = 30) -> None:
-    entries = "\n".join(f'  - {{name: {name}, url: "{url}"}}' for name, url in urls)
-    path.write_text(f"health_check: {{path: /, interval: 60, timeout: 1}}\n"
-                    f"timeouts: {{connect: 2, response: {response}, body: 5}}\nservers:\n{entries}\n")
+    servers_file(path, dict(urls), {"path": "/", "interval": 60, "timeout": 1},
+                 timeouts={"connect": 2, "response": response, "body": 5})
 
 
 @pytest.fixture

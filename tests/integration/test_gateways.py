@@ -17,7 +17,15 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from tests.integration.harness import assert_no_logged_errors, http, metric, wait_until
-from tests.integration.lbharness import Backend, Gateway, RedisServer, create_database, drop_database, write_servers
+from tests.integration.lbharness import (
+    Backend,
+    Gateway,
+    RedisServer,
+    create_database,
+    drop_database,
+    servers_file,
+    write_servers,
+)
 from tests.integration.relay import Relay
 
 pytestmark = pytest.mark.integration
@@ -40,9 +48,8 @@ def backend() -> Iterator[Backend]:
 def gateways(tmp_path: Path, database: str, backend: Backend, redis: RedisServer, count: int = 2,
              **env: str) -> List[Gateway]:
     # Patient health checks: the load tests keep this machine's two cores busy.
-    (tmp_path / "servers.yaml").write_text(
-        "health_check: {path: /health, interval: 2, timeout: 2, fall: 3}\n"
-        f'servers:\n  - {{name: one, url: "{backend.url}"}}\n')
+    servers_file(tmp_path / "servers.yaml", {"one": backend.url},
+                 {"path": "/health", "interval": 2, "timeout": 2, "fall": 3})
     started = []
     for n in range(count):
         gateway = Gateway(tmp_path, database, name=f"lbsvc-{n}")
