@@ -337,3 +337,16 @@ def test_only_configured_backends_are_ever_dialled(target: bytes) -> None:
         assert line.startswith(b"GET /") and line.endswith(b" HTTP/1.1")
     else:
         assert client.value() == b"" or 400 <= response(client)[0] < 500
+
+
+def test_a_malformed_chunk_mid_body_drops_the_upstream_request() -> None:
+    world = World()
+    channel, client = world.client()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n")
+    assert world.sent().endswith(b"3\r\nabc\r\n")  # already on its way
+    channel.dataReceived(b"zz\r\nnot a chunk\r\n")
+    assert client.value().startswith(b"HTTP/1.1 400") and client.disconnecting
+    channel.connectionLost(error.ConnectionDone())
+    assert world.upstreams[0][2].disconnecting and world.upstream.idle == 0
+    assert all(b.healthy for b in world.pool.backends)  # the client's fault
