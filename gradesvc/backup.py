@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
+from gradesvc.identity import Anchor, StateIdentity, StreamId
 from gradesvc.snapshot import snapshot_chunks
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
@@ -83,12 +84,14 @@ class ChunkProducer:
 
 
 class Backup:
-    """``GET /backup``: a ``csv.gz`` snapshot; 503 until this replica is ready."""
+    """``GET /backup``: a ``csv.gz`` snapshot naming its stream and anchor; 503 until ready."""
 
     def __init__(
         self,
         store: GradeStore,
         status: ReplicaStatus,
+        stream: StreamId,
+        anchor: Callable[[], Optional[Anchor]],
         registry: CollectorRegistry,
         replica_id: str,
         wall: Callable[[], float],
@@ -96,6 +99,8 @@ class Backup:
     ) -> None:
         self.store = store
         self.status = status
+        self.stream = stream
+        self.anchor = anchor
         self.replica_id = replica_id
         self.wall = wall
         self.cooperator = cooperator
@@ -103,10 +108,11 @@ class Backup:
 
     async def __call__(self, request: server.Request) -> Streamed:
         """Stream the snapshot; return once it is all written."""
-        if not self.status.ready:
+        anchor = self.anchor()
+        if not self.status.ready or anchor is None or anchor.sha256 is None:
             raise self.status.not_ready()
         now = datetime.fromtimestamp(self.wall(), timezone.utc)
-        offset = self.status.applied_offset
+        offset = anchor.offset
         name = f"gradesvc-{self.replica_id}-{now.strftime('%Y%m%dT%H%M%SZ')}.csv.gz"
         request.setHeader(b"content-type", b"application/gzip")
         request.setHeader(
@@ -116,7 +122,7 @@ class Backup:
         users = len(self.store)
         log.info("Serving backup of {users} users at stream offset {offset}", users=users, offset=offset)
         self._backups.inc()
-        producer = ChunkProducer(request, snapshot_chunks(self.store, offset, now), self.cooperator)
+        producer = ChunkProducer(request, snapshot_chunks(self.store, StateIdentity(self.stream, anchor), now), self.cooperator)
         try:
             await producer.done
         except defer.CancelledError:

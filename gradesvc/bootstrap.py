@@ -10,12 +10,19 @@ A peer that fails half-way (dies, stalls for ``idle_timeout`` seconds, sends
 garbage) leaves only correctly versioned rows behind, which the merge rule
 (the later stream offset wins) makes harmless; the loader moves on to the next peer, and with no peer left it
 starts from the beginning of the stream.
+
+A snapshot is checked as soon as its head is read, before a single row is
+stored: it must name this replica's stream, and its anchor must be in the
+stream (:mod:`gradesvc.verification`); the body is paused meanwhile.  A peer
+serving another stream, another life of this one, or a previous release's
+snapshot (which names no stream) is refused with an error line naming the
+peer and what it serves, and the next peer is tried.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 import treq
 from twisted.application import service
@@ -26,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
+from gradesvc.identity import Anchor, StateIdentity, StreamId
 from gradesvc.snapshot import SnapshotReader
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
@@ -42,16 +50,26 @@ class PeerStalled(Exception):
     """A peer sent nothing of its snapshot for too long."""
 
 
+class ForeignSnapshot(Exception):
+    """A peer's snapshot is not of this replica's stream, or not of its current life."""
+
+
+Verify = Callable[[Anchor], Awaitable[Optional[str]]]
+Feed = Callable[[bytes], Union[None, "defer.Deferred[None]"]]
+
+
 class _SnapshotBody(Protocol):
     """Feeds a response body to ``feed``; gives up when it stalls or ``feed`` fails.
 
     Giving up closes the connection (``stopProducing``), so a peer that stops
-    sending without closing cannot hold a bootstrapping replica forever.
+    sending without closing cannot hold a bootstrapping replica forever.  When
+    ``feed`` returns a Deferred (a check of what was read so far), the body is
+    paused, and the idle timer with it, until that fires; a failed check gives up.
     """
 
     def __init__(
         self,
-        feed: Callable[[bytes], None],
+        feed: Feed,
         done: defer.Deferred[None],
         clock: IReactorTime,
         idle_timeout: float,
@@ -62,6 +80,8 @@ class _SnapshotBody(Protocol):
         self.idle_timeout = idle_timeout
         self.error: Optional[BaseException] = None
         self._timer: Optional[IDelayedCall] = None
+        self._checking: Optional[defer.Deferred[None]] = None
+        self._lost: Optional[Failure] = None
 
     def connectionMade(self) -> None:
         self._timer = self.clock.callLater(self.idle_timeout, self._stalled)
@@ -72,9 +92,37 @@ class _SnapshotBody(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.idle_timeout)
         try:
-            self.feed(data)
+            check = self.feed(data)
         except Exception as e:
             self._give_up(e)
+            return
+        if check is not None:
+            self._pause_for(check)
+
+    def _pause_for(self, check: defer.Deferred[None]) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._checking = check
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+        def passed(_: object) -> None:
+            self._checking = None
+            if self._lost is not None:
+                self._ended(self._lost)
+            elif self.error is None:
+                self._timer = self.clock.callLater(self.idle_timeout, self._stalled)
+                self.transport.resumeProducing()  # type: ignore[union-attr]
+
+        def failed(failure: Failure) -> None:
+            self._checking = None
+            error: BaseException = self.error or failure.value or ForeignSnapshot("refused")
+            self.error = error
+            if self._lost is not None:
+                self._ended(self._lost)
+            else:
+                self._give_up(error)
+
+        check.addCallbacks(passed, failed)
 
     def _stalled(self) -> None:
         self._give_up(PeerStalled(f"no snapshot data for {self.idle_timeout:g}s"))
@@ -88,6 +136,12 @@ class _SnapshotBody(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._checking is not None:
+            self._lost = reason  # the whole body came before its head was checked
+            return
+        self._ended(reason)
+
+    def _ended(self, reason: Failure) -> None:
         if self.error is not None:
             self.done.errback(self.error)
         elif reason.check(ResponseDone):
@@ -104,6 +158,8 @@ class Bootstrap:
         store: GradeStore,
         status: ReplicaStatus,
         peers: Sequence[str],
+        stream: StreamId,
+        verify: Verify,
         *,
         clock: IReactorTime,
         http: Any = treq,
@@ -115,43 +171,64 @@ class Bootstrap:
         self.store = store
         self.status = status
         self.peers = list(peers)
+        self.stream = stream
+        self.verify = verify
         self.http = http
         self.connect_timeout = connect_timeout
 
-    async def run(self) -> int:
-        """Load a snapshot at start; return the stream offset to resume after (-1: none)."""
-        offset = await self.load(-1)
-        if offset is not None:
-            return offset
+    async def run(self) -> Optional[Anchor]:
+        """Load a snapshot at start; its anchor, or None to replay the stream from its start."""
+        anchor = await self.load(-1)
+        if anchor is not None:
+            return anchor
         if self.peers:
             log.warn("No peer gave a snapshot; replaying the stream from its start")
         else:
             log.info("No peers configured; replaying the stream from its start")
-        return -1
+        return None
 
-    async def load(self, needed: int) -> Optional[int]:
+    async def load(self, needed: int) -> Optional[Anchor]:
         """Load the first peer snapshot reflecting offset ``needed`` or later.
 
-        Returns its offset, or None when no peer has one.  A snapshot that
+        Returns its anchor, or None when no peer has one.  A snapshot that
         is too old is still merged (harmless: the later offset wins per
         field) and the next peer is tried.
         """
         started = self.clock.seconds()
         self.status.loading_snapshot()
         for peer in self.peers:
-            offset = await self._try_peer(peer.rstrip("/"))
-            if offset is not None and offset < needed:
+            self.status.waiting_for = f"the snapshot of peer {peer}"
+            anchor = await self._try_peer(peer.rstrip("/"))
+            if anchor is not None and anchor.offset < needed:
                 log.warn("Snapshot of {peer} reflects offset {offset}, before {needed}; trying the next",
-                         peer=peer, offset=offset, needed=needed)
-            elif offset is not None:
+                         peer=peer, offset=anchor.offset, needed=needed)
+            elif anchor is not None:
                 log.info(
                     "Loaded {rows} rows from {peer} in {seconds:.2f}s; resuming the"
                     " stream after offset {offset}",
-                    rows=self.status.snapshot_rows, peer=peer, offset=offset,
+                    rows=self.status.snapshot_rows, peer=peer, offset=anchor.offset,
                     seconds=self.clock.seconds() - started,
                 )
-                return offset
+                return anchor
         return None
+
+    async def _check_head(self, peer: str, reader: SnapshotReader) -> None:
+        """The snapshot's head is read: refuse a foreign one, else let its rows in."""
+        declared = reader.identity
+        assert declared is not None
+        if declared.stream is None:
+            problem: Optional[str] = ("it names no stream (a previous release's peer): upgrade that"
+                                      " peer first, or let this replica replay the stream")
+        elif declared.stream != self.stream:
+            problem = f"this replica serves stream {self.stream}"
+        else:
+            self.status.waiting_for = f"the broker, to check the snapshot of {peer}"
+            problem = await self.verify(declared.anchor)
+            self.status.waiting_for = f"the snapshot of peer {peer}"
+        if problem is not None:
+            self.status.state_refused(f"peer {peer}", declared.describe(), problem)
+            raise ForeignSnapshot(f"it serves {declared.describe()}, but {problem}")
+        reader.release()
 
     async def furthest_peer(self) -> int:
         """The highest offset a ready peer has applied (-1: none answered)."""
@@ -170,10 +247,10 @@ class Bootstrap:
                 best = max(best, offset)
         return best
 
-    async def _try_peer(self, peer: str) -> Optional[int]:
+    async def _try_peer(self, peer: str) -> Optional[Anchor]:
         url = f"{peer}/backup"
         log.info("Requesting snapshot from {url}", url=url)
-        reader = SnapshotReader(self.store)
+        reader = SnapshotReader(self.store, hold=True)
         try:
             response = await self.http.get(url, unbuffered=True, timeout=self.connect_timeout)
             if response.code != 200:
@@ -183,18 +260,25 @@ class Bootstrap:
             self.status.snapshot_peer = peer
             next_report = PROGRESS_EVERY
 
-            def chunk(data: bytes) -> None:
+            def chunk(data: bytes) -> Optional[defer.Deferred[None]]:
                 nonlocal next_report
+                held = reader.waiting
                 reader.feed(data)
+                if reader.waiting and not held:
+                    return defer.ensureDeferred(self._check_head(peer, reader))
                 self.status.snapshot_rows = reader.rows
                 if reader.rows >= next_report:
                     next_report += PROGRESS_EVERY
                     log.info("Snapshot from {peer}: {rows} rows loaded", peer=peer, rows=reader.rows)
+                return None
 
             body: defer.Deferred[None] = defer.Deferred()
             response.deliverBody(_SnapshotBody(chunk, body, self.clock, self.idle_timeout))
             await body
-            offset = reader.finish()
+            identity: StateIdentity = reader.finish()
+        except ForeignSnapshot as e:
+            log.error("Refusing the snapshot of peer {peer}: {error}; trying the next peer", peer=peer, error=e)
+            return None
         except Exception as e:
             if isinstance(e, defer.CancelledError):
                 raise
@@ -203,8 +287,8 @@ class Bootstrap:
                 url=url, rows=reader.rows, error=e,
             )
             return None
-        self.status.snapshot_offset = offset
-        return offset
+        self.status.snapshot_offset = identity.anchor.offset
+        return identity.anchor
 
 
 class BootstrapService(service.Service):
@@ -216,8 +300,8 @@ class BootstrapService(service.Service):
     a peer.
     """
 
-    def __init__(self, bootstrap: Bootstrap, loaded: defer.Deferred[int],
-                 checkpoint: Optional[Callable[[], Awaitable[Optional[int]]]] = None) -> None:
+    def __init__(self, bootstrap: Bootstrap, loaded: defer.Deferred[Optional[Anchor]],
+                 checkpoint: Optional[Callable[[], Awaitable[Optional[Anchor]]]] = None) -> None:
         self.bootstrap = bootstrap
         self.loaded = loaded
         self.checkpoint = checkpoint
@@ -230,36 +314,39 @@ class BootstrapService(service.Service):
         self._running.addErrback(self._failed)
 
     async def _run(self) -> None:
-        offset = None
+        anchor = None
         if self.checkpoint is not None:
             self.bootstrap.status.loading_snapshot()
-            offset = await self.checkpoint()
-        if offset is None:
-            offset = await self.bootstrap.run()
+            self.bootstrap.status.waiting_for = "the checkpoint to load"
+            anchor = await self.checkpoint()
+        if anchor is None:
+            anchor = await self.bootstrap.run()
         elif self.bootstrap.peers:
-            offset = await self._catch_up_from_a_peer(offset)
-        self.loaded.callback(offset)
+            anchor = await self._catch_up_from_a_peer(anchor)
+        self.bootstrap.status.waiting_for = "a broker connection, to subscribe to the stream"
+        self.loaded.callback(anchor)
 
-    async def _catch_up_from_a_peer(self, offset: int) -> int:
+    async def _catch_up_from_a_peer(self, anchor: Anchor) -> Anchor:
         """After the checkpoint: a peer's snapshot too, when it is much further ahead.
 
         Replaying N messages takes about as long as loading N * 16 users, so a
         peer ahead by more than that (and by at least :data:`PEER_AHEAD`) is
         worth a snapshot; rows merge with the checkpoint's by their offsets.
         """
+        offset = anchor.offset
         furthest = await self.bootstrap.furthest_peer()
         worth = max(PEER_AHEAD, len(self.bootstrap.store) // 16)
         if furthest - offset <= worth:
-            return offset
+            return anchor
         log.info("A peer is {ahead} offsets past the checkpoint; loading its snapshot too",
                  ahead=furthest - offset)
         loaded = await self.bootstrap.load(offset + 1)
-        return offset if loaded is None else max(offset, loaded)
+        return anchor if loaded is None or loaded.offset <= offset else loaded
 
     def _failed(self, failure: Failure) -> None:
         if not failure.check(defer.CancelledError):
             log.failure("Bootstrap failed; replaying the stream from its start", failure)
-            self.loaded.callback(-1)
+            self.loaded.callback(None)
 
     def stopService(self) -> None:
         """Abandon a bootstrap in progress."""

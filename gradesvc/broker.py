@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamClien
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from gradesvc.identity import StreamId
 from gradesvc.status import ReplicaStatus
 from svckit.supervisor import backoff
 
@@ -52,6 +53,11 @@ def declare_stream(channel: TwistedChannel, stream: str, cluster_size: int = 1) 
         arguments=arguments,
     )
     return declared
+
+
+def stream_id_of(url: str, stream: str) -> StreamId:
+    """The identity of ``stream`` on the broker of ``url`` (its nodes share one vhost)."""
+    return StreamId(pika.URLParameters(node_urls(url)[0]).virtual_host, stream)
 
 
 def node_urls(value: str) -> List[str]:
@@ -135,6 +141,9 @@ class BrokerService(service.Service):
         self.confirm_timeout = confirm_timeout
         self.on_connect: List[ConnectHook] = []
         self.nodes = NodeRotation(reactor, node_urls(url))
+        self.stream_id = stream_id_of(url, stream)
+        """The stream this replica's state belongs to (all nodes share one vhost)."""
+        self._connected_waiters: List[defer.Deferred[TwistedProtocolConnection]] = []
         self._channel: Optional[TwistedChannel] = None
         self._connection: Optional[TwistedProtocolConnection] = None
         self._failures = 0
@@ -194,6 +203,9 @@ class BrokerService(service.Service):
         self.status.broker_node = redact(self.nodes.url)
         log.info("Connected to the broker at {url}; stream {stream} declared",
                  url=self.status.broker_node, stream=self.stream)
+        waiters, self._connected_waiters = self._connected_waiters, []
+        for waiter in waiters:
+            waiter.callback(connection)
         for hook in self.on_connect:
             await hook(connection)
 
@@ -242,6 +254,14 @@ class BrokerService(service.Service):
     def connection(self) -> Optional[TwistedProtocolConnection]:
         """The current connection, once set up (None while disconnected)."""
         return self._connection
+
+    def when_connected(self) -> defer.Deferred[TwistedProtocolConnection]:
+        """The current connection, or the next one once it is set up."""
+        if self._connection is not None and self.status.connected:
+            return defer.succeed(self._connection)
+        waiter: defer.Deferred[TwistedProtocolConnection] = defer.Deferred(self._connected_waiters.remove)
+        self._connected_waiters.append(waiter)
+        return waiter
 
     def drop_connection(self) -> None:
         """Close the current connection so that ``ClientService`` makes a new one."""

@@ -11,6 +11,14 @@ checkpoint that does not read to its end (truncated, torn, corrupt: gzip's
 CRC and length trailer is checked) is ignored with a log line, and the store
 is left empty for a peer's snapshot or the stream.
 
+A checkpoint names its stream and carries its anchor (:mod:`gradesvc.identity`);
+its file name names the stream too (:mod:`gradesvc.datadir`).  At start its
+head is read first and checked, against the replica's own stream and, by its
+anchor, against the stream's contents (:mod:`gradesvc.verification`), before
+any row reaches the store; one that fails is moved aside with one error line.
+A previous release's checkpoint (no identity) is loaded, checked by its newest
+written field, and adopted under the new name, or moved aside.
+
 Rows read during a checkpoint may already hold writes newer than its offset;
 replaying from the offset + 1 leaves them as they are (the later offset wins
 per field), exactly as with a peer's ``/backup``.
@@ -28,6 +36,8 @@ from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gradesvc.datadir import DataDir
+from gradesvc.identity import Anchor, StateIdentity
 from gradesvc.retention import RetentionWatch
 from gradesvc.snapshot import SnapshotError, SnapshotReader, snapshot_chunks
 from gradesvc.status import Phase, ReplicaStatus
@@ -36,6 +46,9 @@ from gradesvc.storage import GradeStore
 log = Logger()
 
 READ_CHUNK = 256 * 1024
+
+Verify = Callable[[Anchor], Awaitable[Optional[str]]]
+"""``verify(anchor)``: None when the stream holds ``anchor``, else why not."""
 
 
 def _fsync_and_replace(tmp: Path, final: Path) -> None:
@@ -57,8 +70,9 @@ class Checkpoints:
         self,
         store: GradeStore,
         status: ReplicaStatus,
-        data_dir: Path,
-        replica_id: str,
+        data_dir: DataDir,
+        anchor: Callable[[], Optional[Anchor]],
+        verify: Verify,
         *,
         clock: IReactorTime,
         wall: Callable[[], float],
@@ -67,13 +81,17 @@ class Checkpoints:
         self.store = store
         self.status = status
         self.data_dir = data_dir
-        self.path = data_dir / f"checkpoint-{replica_id}.csv.gz"
+        self.path = data_dir.checkpoint
+        self.anchor = anchor
+        self.verify = verify
         self.clock = clock
         self.wall = wall
         self.cooperator: Any = cooperator or task
         self.offset = -1
         """The offset the newest checkpoint written or loaded reflects (-1: none)."""
         self.seconds = 0.0
+        self._generation = 0
+        """Moves on when the checkpoint is refused, so a write in progress is dropped."""
 
     def consistent(self) -> bool:
         """Whether the store now reflects a prefix of the stream (worth a checkpoint)."""
@@ -81,25 +99,31 @@ class Checkpoints:
 
     async def write(self) -> Optional[int]:
         """Write a checkpoint now, unless nothing changed; its offset, or None."""
-        offset = self.status.applied_offset
-        if not self.consistent() or offset == self.offset or offset < 0:
+        anchor = self.anchor()
+        if not self.consistent() or anchor is None or anchor.sha256 is None or anchor.offset == self.offset:
             return None
         started = self.clock.seconds()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.data_dir / f".{self.path.name}.{uuid.uuid4().hex}.tmp"
+        generation = self._generation
+        self.data_dir.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.data_dir.path / f".{self.path.name}.{uuid.uuid4().hex}.tmp"
         generated = datetime.fromtimestamp(self.wall(), timezone.utc)
+        identity = StateIdentity(self.data_dir.stream, anchor)
         try:
             with open(tmp, "wb") as f:
-                await self.cooperator.cooperate(self._write(f, snapshot_chunks(self.store, offset, generated))).whenDone()
+                chunks = snapshot_chunks(self.store, identity, generated)
+                await self.cooperator.cooperate(self._write(f, chunks)).whenDone()
+            if generation != self._generation:
+                tmp.unlink()
+                return None
             await threads.deferToThread(_fsync_and_replace, tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self.offset = offset
+        self.offset = anchor.offset
         self.seconds = self.clock.seconds() - started
         log.info("Checkpoint at offset {offset}: {rows} users in {seconds:.2f}s",
-                 offset=offset, rows=len(self.store), seconds=self.seconds)
-        return offset
+                 offset=anchor.offset, rows=len(self.store), seconds=self.seconds)
+        return anchor.offset
 
     @staticmethod
     def _write(f: Any, chunks: Iterator[bytes]) -> Iterator[None]:
@@ -107,34 +131,85 @@ class Checkpoints:
             f.write(chunk)
             yield None
 
-    async def load(self) -> Optional[int]:
-        """Load the checkpoint into the (empty) store; its offset, or None.
+    async def load(self) -> Optional[Anchor]:
+        """Load this replica's checkpoint into the (empty) store, once verified; its anchor, or None.
 
         A missing file is None; one that does not read to its end is logged,
-        the store is emptied again, and None is returned.
+        the store is emptied again, and None is returned; one of another
+        stream or another life of this one is moved aside (None).
         """
-        if not self.path.exists():
-            log.info("No checkpoint at {path}", path=str(self.path))
-            return None
+        for path in [self.path, *self.data_dir.legacy_checkpoints]:
+            if path.exists():
+                return await self._load(path)
+        log.info("No checkpoint at {path}", path=str(self.path))
+        return None
+
+    async def _load(self, path: Path) -> Optional[Anchor]:
         started = self.clock.seconds()
-        reader = SnapshotReader(self.store)
+        reader = SnapshotReader(self.store, hold=True)
         try:
-            with open(self.path, "rb") as f:
+            with open(path, "rb") as f:
+                await self.cooperator.cooperate(self._read(f, reader, head_only=True)).whenDone()
+                declared = reader.identity
+                if declared is not None and declared.stream is not None:
+                    self.status.waiting_for = "the broker, to check the checkpoint against the stream"
+                    problem = self._foreign(declared) or await self.verify(declared.anchor)
+                    if problem is not None:
+                        self._refuse(path, declared, problem)
+                        return None
+                reader.release()
                 await self.cooperator.cooperate(self._read(f, reader)).whenDone()
-            offset = reader.finish()
+            identity = reader.finish()
         except (OSError, SnapshotError, ValueError) as e:
-            log.error("Checkpoint {path} is unusable ({error}); ignoring it", path=str(self.path), error=e)
+            log.error("Checkpoint {path} is unusable ({error}); ignoring it", path=str(path), error=e)
             self.store.clear()
             return None
-        self.offset = offset
-        log.info("Loaded checkpoint {path}: {rows} users at offset {offset} in {seconds:.2f}s",
-                 path=str(self.path), rows=reader.rows, offset=offset,
+        if identity.stream is None:
+            self.status.waiting_for = "the broker, to check the previous release's checkpoint"
+            problem = await self.verify(identity.anchor)
+            if problem is not None:
+                self.store.clear()
+                self._refuse(path, identity, problem)
+                return None
+            os.replace(path, self.path)
+            log.info("Checkpoint {path} of the previous release verified against stream {stream};"
+                     " kept as {new}", path=str(path), stream=self.data_dir.stream, new=str(self.path))
+        self.offset = identity.anchor.offset
+        log.info("Loaded checkpoint {path}: {rows} users at {anchor} in {seconds:.2f}s",
+                 path=str(path), rows=reader.rows, anchor=identity.anchor.describe(),
                  seconds=self.clock.seconds() - started)
-        return offset
+        return identity.anchor
+
+    def _foreign(self, declared: StateIdentity) -> Optional[str]:
+        if declared.stream != self.data_dir.stream:
+            return f"this replica serves stream {self.data_dir.stream}"
+        return None
+
+    def _refuse(self, path: Path, declared: StateIdentity, problem: str) -> None:
+        """One error line naming both identities; the file moved aside; ``/ready`` told."""
+        target = self.data_dir.move_aside(path)
+        log.error(
+            "Refusing checkpoint {path}: it holds {declared}, but {problem} (this replica serves stream"
+            " {stream}). Moved aside to {target}; rebuilding from a peer or the stream. After"
+            " recreating a stream this is expected: nothing to do.",
+            path=str(path), declared=declared.describe(), problem=problem,
+            stream=self.data_dir.stream, target=str(target),
+        )
+        self.status.state_refused("checkpoint", declared.describe(), problem)
+        if self.status.refused is not None:
+            self.status.refused["moved_to"] = str(target)
+
+    def refuse_current(self, problem: str) -> None:
+        """The state in memory was refused: the checkpoint (of the same state) goes aside too."""
+        self._generation += 1
+        self.offset = -1
+        target = self.data_dir.move_aside(self.path)
+        if target is not None and self.status.refused is not None:
+            self.status.refused["moved_to"] = str(target)
 
     @staticmethod
-    def _read(f: Any, reader: SnapshotReader) -> Iterator[None]:
-        while True:
+    def _read(f: Any, reader: SnapshotReader, head_only: bool = False) -> Iterator[None]:
+        while not (head_only and reader.identity is not None):
             data = f.read(READ_CHUNK)
             if not data:
                 return

@@ -23,5 +23,7 @@ class ReplicaConfig:
     peer_idle_timeout: float = 30.0
     write_timeout: float = 5.0
     data_dir: str = "gradesvc-data"
+    data_dir_given: bool = True
+    """False when ``data_dir`` is the default (then the previous release's default is looked at too)."""
     checkpoint_interval: float = 30.0
     read_wait: float = 2.0

@@ -9,7 +9,7 @@ when it consumes it.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import attrs
 import pika
@@ -128,5 +128,17 @@ def write_properties(message: WriteMessage) -> pika.BasicProperties:
         content_type="application/json",
         type=WRITE_TYPE,
         timestamp=message.written_at // 1000,
+        delivery_mode=2,
+    )
+
+
+def marker_message(replica: str, nonce: str) -> Tuple[bytes, pika.BasicProperties]:
+    """Body and properties of a sync marker: a message only its publisher waits for."""
+    body = json.dumps({"replica": replica, "marker": nonce}).encode()
+    return body, pika.BasicProperties(
+        app_id=replica,
+        message_id=f"{replica}:marker:{nonce}",
+        content_type="application/json",
+        type=MARKER_TYPE,
         delivery_mode=2,
     )

@@ -20,6 +20,14 @@ holds the first offset that was skipped, the skipped offsets carried no
 message and nothing is lost; if retention has dropped it, messages are gone.
 Then the replica leaves ready and re-bootstraps from a peer whose snapshot
 reaches past the gap; with none, it stays in phase ``retention_gap``.
+
+**Identity.** Before every subscribe, the state in memory (loaded or built
+here) is checked against the stream by its anchor (:mod:`gradesvc.verification`):
+a stream deleted and declared again while this replica was away is another
+life, and resuming in it would mix two histories.  On a refusal the replica
+says so (one error line, ``/ready``), moves its checkpoint aside, empties
+the store and rebuilds from a peer whose snapshot verifies, else from the
+stream.
 """
 
 from __future__ import annotations
@@ -28,9 +36,8 @@ import json
 import uuid
 from typing import Any, Awaitable, Callable, Optional
 
-import pika
 from pika.adapters.twisted_connection import TwistedProtocolConnection
-from pika.exceptions import AMQPError
+from pika.exceptions import AMQPError, ConsumerCancelled
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionClosed
@@ -39,23 +46,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gradesvc.broker import BrokerService
-from gradesvc.messages import MARKER_TYPE, WriteMessage
+from gradesvc.identity import Anchor, body_sha256
+from gradesvc.messages import MARKER_TYPE, WriteMessage, marker_message
 from gradesvc.progress import StreamProgress
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
+from gradesvc.verification import StreamVerifier, first_delivery
 from svckit.supervisor import backoff
 
 log = Logger()
 
 PREFETCH = 1000
-PROBE_TIMEOUT = 5.0
 SKIP_REASONS = ("duplicate", "malformed", "marker")
 LAG_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-Rebootstrap = Callable[[int], Awaitable[Optional[int]]]
+Rebootstrap = Callable[[int], Awaitable[Optional[Anchor]]]
 """``rebootstrap(needed)``: load a peer snapshot reflecting offset ``needed`` or
-later; the snapshot's offset, or None when no peer has one."""
+later; the snapshot's anchor, or None when no peer has one."""
 
 
 class StreamGap(Exception):
@@ -90,8 +98,15 @@ class StreamConsumer:
         self.status = status
         self.progress = progress
         self.rebootstrap: Optional[Rebootstrap] = None
-        self.snapshot_loaded: defer.Deferred[int] = defer.Deferred()
-        self.snapshot_loaded.addCallback(self._snapshot_offset)
+        self.verifier: Optional[StreamVerifier] = None
+        """Checks the state against the stream before each subscribe (None: unchecked)."""
+        self.state_refused: Optional[Callable[[str], None]] = None
+        """Called with the reason when the state was refused (moves the checkpoint aside)."""
+        self.snapshot_loaded: defer.Deferred[Optional[Anchor]] = defer.Deferred()
+        self.snapshot_loaded.addCallback(self.loaded)
+        self._loaded: Optional[Anchor] = None
+        self._last_offset = -1
+        self._last_body: Optional[bytes] = None
         self._marker: Optional[str] = None
         self._started_at = self._subscribed_at = clock.seconds()
         self._failures = 0
@@ -121,14 +136,34 @@ class StreamConsumer:
         )
         broker.on_connect.append(self.subscribe)
 
-    def _snapshot_offset(self, offset: int) -> None:
-        self.status.applied_offset = max(self.status.applied_offset, offset)
+    def loaded(self, anchor: Optional[Anchor]) -> None:
+        """A checkpoint or snapshot with this anchor was loaded into the store."""
+        if anchor is not None and anchor.offset > self.status.applied_offset:
+            self.status.applied_offset = anchor.offset
+            self._loaded = anchor
+
+    def anchor(self) -> Optional[Anchor]:
+        """Where the state in memory stands in the stream (None: nothing applied yet)."""
+        applied = self.status.applied_offset
+        if applied < 0:
+            return None
+        if self._last_offset == applied and self._last_body is not None:
+            return Anchor(applied, body_sha256(self._last_body))
+        if self._loaded is not None and self._loaded.offset == applied:
+            return self._loaded
+        return Anchor(applied)
 
     async def subscribe(self, connection: TwistedProtocolConnection) -> None:
-        """Consume from the last applied offset + 1; ready once the marker is back."""
+        """Check the state, consume from the last applied offset + 1; ready once the marker is back."""
         await self.snapshot_loaded
         if self.status.phase is Phase.RETENTION_GAP:
             return
+        anchor = self.anchor()
+        if anchor is not None and self.verifier is not None:
+            problem = await self.verifier.check_on(connection, anchor)
+            if problem is not None:
+                await self._refuse_state(connection, anchor, problem)
+                return
         channel = await connection.channel()
         await channel.basic_qos(prefetch_count=PREFETCH)
         start = self.status.applied_offset + 1
@@ -139,12 +174,33 @@ class StreamConsumer:
         )
         log.info("Consuming stream {stream} from offset {offset}", stream=self.broker.stream, offset=start)
         self.status.catching_up()
+        self.status.waiting_for = (f"its sync marker to come back from the stream's tail"
+                                   f" (consuming from offset {start})")
         self._subscribed_at = self.clock.seconds()
         self._marker = uuid.uuid4().hex
         published = self._publish_marker()
         published.addErrback(self._marker_failed, connection)
         consuming = defer.ensureDeferred(self._consume(connection, channel, queue))
         consuming.addErrback(self._consumer_stopped, connection)
+
+    async def _refuse_state(self, connection: TwistedProtocolConnection, anchor: Anchor, problem: str) -> None:
+        """The state in memory is not of this stream's life: drop it and rebuild."""
+        log.error(
+            "Refusing this replica's state: it reflects stream {stream} up to {anchor}, but {problem}."
+            " The stream was deleted and declared again, or the state is another stream's. Emptying"
+            " the store, moving the checkpoint aside, rebuilding from a peer or the stream.",
+            stream=self.broker.stream_id, anchor=anchor.describe(), problem=problem,
+        )
+        self.status.loading_snapshot()
+        self.status.state_refused("memory", f"state at {anchor.describe()}", problem)
+        self.store.clear()
+        self.status.applied_offset = -1
+        self._loaded, self._last_body, self._last_offset = None, None, -1
+        if self.state_refused is not None:
+            self.state_refused(problem)
+        rebuilt = await self.rebootstrap(-1) if self.rebootstrap is not None else None
+        self.loaded(rebuilt)
+        self.broker.reconnect_later(connection, 0.0)
 
     def _marker_failed(self, failure: Failure, connection: TwistedProtocolConnection) -> None:
         log.warn("Sync marker not published ({error}); reconnecting", error=failure.value)
@@ -169,15 +225,8 @@ class StreamConsumer:
         self.broker.reconnect_later(connection, delay)
 
     def _publish_marker(self) -> defer.Deferred[None]:
-        body = json.dumps({"replica": self.replica_id, "marker": self._marker}).encode()
-        props = pika.BasicProperties(
-            app_id=self.replica_id,
-            message_id=f"{self.replica_id}:marker:{self._marker}",
-            content_type="application/json",
-            type=MARKER_TYPE,
-            delivery_mode=2,
-        )
-        return defer.ensureDeferred(self.broker.publish(body, props))
+        assert self._marker is not None
+        return defer.ensureDeferred(self.broker.publish(*marker_message(self.replica_id, self._marker)))
 
     async def _consume(self, connection: TwistedProtocolConnection, channel: Any, queue: Any) -> None:
         """Apply deliveries in batches: one wait and one ack per batch.
@@ -192,6 +241,14 @@ class StreamConsumer:
         while True:
             try:
                 message = await queue.get()
+            except ConsumerCancelled:
+                # The stream was deleted (or its leader moved) under us: a new
+                # connection declares it again and checks the state against it.
+                log.warn("The broker cancelled the consumer of stream {stream} (deleted?); not ready,"
+                         " reconnecting", stream=self.broker.stream)
+                self.status.catching_up()
+                self.broker.reconnect_later(connection, 1.0)
+                return
             except (AMQPError, ConnectionClosed, defer.CancelledError) as e:
                 # The channel or connection closed: a new connection subscribes again.
                 log.info("Stream consumer stopped: {error!r}", error=e)
@@ -243,23 +300,8 @@ class StreamConsumer:
 
     async def first_offset(self, connection: TwistedProtocolConnection) -> Optional[int]:
         """The offset of the first message the stream still holds (None: unknown)."""
-        channel = await connection.channel()
-        try:
-            await channel.basic_qos(prefetch_count=1)
-            queue, tag = await channel.basic_consume(
-                queue=self.broker.stream, auto_ack=False, arguments={"x-stream-offset": "first"},
-            )
-            got = queue.get()
-            got.addTimeout(PROBE_TIMEOUT, self.clock)
-            try:
-                message = await got
-            except defer.TimeoutError:
-                return None
-            offset = (message.properties.headers or {}).get("x-stream-offset")
-            return offset if isinstance(offset, int) else None
-        finally:
-            if channel.is_open:
-                channel.close()
+        delivery = await first_delivery(connection, self.broker.stream, "first", self.clock)
+        return None if delivery is None else delivery[0]
 
     async def _recover(self, connection: TwistedProtocolConnection, gap: StreamGap) -> None:
         """A real gap: re-bootstrap from a peer past it, or stay in ``retention_gap``."""
@@ -270,11 +312,11 @@ class StreamConsumer:
             first=gap.first_available,
         )
         self.status.loading_snapshot()
-        offset = await self.rebootstrap(gap.first_available - 1) if self.rebootstrap is not None else None
-        if offset is not None:
+        anchor = await self.rebootstrap(gap.first_available - 1) if self.rebootstrap is not None else None
+        if anchor is not None:
             self._rebootstraps.inc()
-            self.status.applied_offset = max(self.status.applied_offset, offset)
-            log.info("Re-bootstrapped to offset {offset}; resubscribing", offset=offset)
+            self.loaded(anchor)
+            log.info("Re-bootstrapped to offset {offset}; resubscribing", offset=anchor.offset)
             self.broker.reconnect_later(connection, 0.0)
             return
         log.critical(
@@ -297,10 +339,12 @@ class StreamConsumer:
             return
         if properties.type == MARKER_TYPE:
             status.applied_offset = offset
+            self._last_offset, self._last_body = offset, body
             self._on_marker(body)
             return
         self._apply(offset, body)
         status.applied_offset = offset
+        self._last_offset, self._last_body = offset, body
 
     def _apply(self, offset: int, body: bytes) -> None:
         try:

@@ -42,6 +42,14 @@ class ReplicaStatus:
     """How old the newest applied write was when it was applied."""
     bootstrap_seconds: Optional[float] = None
     gap: Optional[Dict[str, int]] = None
+    stream: Optional[Dict[str, str]] = None
+    """The stream this replica serves: ``{"vhost": ..., "name": ...}``."""
+    refused: Optional[Dict[str, object]] = None
+    """The last state refused as another stream's (or another life's), and why."""
+    waiting_for: str = "the broker connection"
+    """What the current phase waits for, in words (shown once a phase stalls)."""
+    stalled: Optional[Dict[str, object]] = None
+    """Set while a non-ready phase has made no progress for a while: what, since when."""
 
     @property
     def ready(self) -> bool:
@@ -72,6 +80,10 @@ class ReplicaStatus:
         """The stream lost offsets this replica needed: never ready again."""
         self.gap = {"wanted_offset": wanted, "first_available_offset": first}
         self.phase = Phase.RETENTION_GAP
+
+    def state_refused(self, source: str, state: str, problem: str) -> None:
+        """A checkpoint, a peer's snapshot or the state in memory is not of this stream's life."""
+        self.refused = {"source": source, "state": state, "problem": problem}
 
     def broker_lost(self) -> None:
         """The broker connection is gone: not caught up any more until resubscribed."""
@@ -108,6 +120,12 @@ class ReplicaStatus:
         }
         if self.gap is not None:
             body["retention_gap"] = self.gap
+        if self.stream is not None:
+            body["stream"] = self.stream
+        if self.refused is not None:
+            body["state_refused"] = self.refused
+        if self.stalled is not None:
+            body["stalled"] = self.stalled
         if self.bootstrap_seconds is not None:
             body["bootstrap_seconds"] = round(self.bootstrap_seconds, 3)
         return body

@@ -15,16 +15,19 @@ from twisted.python import usage
 from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
 from gradesvc.bootstrap import Bootstrap, BootstrapService
-from gradesvc.broker import BrokerService, node_urls
+from gradesvc.broker import BrokerService, node_urls, stream_id_of
 from gradesvc.checkpoint import Checkpoints, checkpoint_and_watch
 from gradesvc.config import ReplicaConfig
+from gradesvc.datadir import DEFAULT_ROOT, DataDir, DataDirInUse, default_data_dir
 from gradesvc.gauges import checkpoint_gauges, replica_gauges
 from gradesvc.progress import StreamProgress
 from gradesvc.readapi import ReadAPI, read_router
 from gradesvc.replication import StreamConsumer
 from gradesvc.retention import RetentionWatch
+from gradesvc.stall import StallWatch
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
+from gradesvc.verification import StreamVerifier
 from gradesvc.writeapi import WriteAPI, write_router
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
@@ -68,7 +71,8 @@ class Options(EnvOptions):
          " here before answering 503 [GRADESVC_WRITE_TIMEOUT].")],
         ["read-wait", None, "2", ("Seconds GET /get?min_offset=N waits for offset N"
          " [GRADESVC_READ_WAIT].")],
-        ["data-dir", None, "gradesvc-data", "Directory of this replica's checkpoint [GRADESVC_DATA_DIR]."],
+        ["data-dir", None, None, ("Directory of this replica's checkpoint, held by one process;"
+         " default gradesvc-data/<stream>/<replica-id> [GRADESVC_DATA_DIR].")],
         ["checkpoint-interval", None, "30", "Seconds between checkpoints [GRADESVC_CHECKPOINT_INTERVAL]."],
     ]
     envVars = {
@@ -101,14 +105,15 @@ class Options(EnvOptions):
             raise usage.UsageError("--amqp-url must be an amqp:// URL, or a comma-separated list of them")
         if not self["stream"]:
             raise usage.UsageError("--stream must not be empty")
-        if not self["data-dir"]:
+        if self["data-dir"] == "":
             raise usage.UsageError("--data-dir must not be empty")
+        replica_id = self["replica-id"] or socket.gethostname()
         self.config = ReplicaConfig(
             get_endpoint=endpoint_description(self["get-endpoint"]),
             set_endpoint=endpoint_description(self["set-endpoint"]),
             amqp_url=self["amqp-url"],
             stream=self["stream"],
-            replica_id=self["replica-id"] or socket.gethostname(),
+            replica_id=replica_id,
             peers=parse_peers(self["peers"] or ""),
             admin_user=self["admin-user"],
             admin_password=self["admin-password"],
@@ -116,7 +121,8 @@ class Options(EnvOptions):
             peer_idle_timeout=positive_float("--peer-idle-timeout", str(self["peer-idle-timeout"])),
             write_timeout=positive_float("--write-timeout", str(self["write-timeout"])),
             read_wait=positive_float("--read-wait", str(self["read-wait"])),
-            data_dir=self["data-dir"],
+            data_dir=self["data-dir"] or default_data_dir(self["stream"], replica_id),
+            data_dir_given=bool(self["data-dir"]),
             checkpoint_interval=positive_float("--checkpoint-interval", str(self["checkpoint-interval"])),
         )
 
@@ -129,12 +135,20 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         reactor = default_reactor
     config = options.config
     wall = time.time
-    status = ReplicaStatus()
+    stream = stream_id_of(config.amqp_url, config.stream)
+    data_dir = DataDir(Path(config.data_dir), stream, config.replica_id,
+                       [] if config.data_dir_given else [Path(DEFAULT_ROOT)])
+    try:
+        data_dir.lock()
+    except DataDirInUse as e:
+        raise SystemExit(f"gradesvc: {e}") from None
+    status = ReplicaStatus(stream={"vhost": stream.vhost, "name": stream.name})
     store = GradeStore()
     registry = new_registry()
     replica_gauges(registry, store, status)
 
     top = service.MultiService()
+    data_dir.setServiceParent(top)
     access_log = AccessLog(config.access_log, reactor)
     access_log.setServiceParent(top)
     broker = BrokerService(reactor, config.amqp_url, config.stream, status)
@@ -142,22 +156,27 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     progress = StreamProgress(status, reactor)
     consumer = StreamConsumer(store, config.replica_id, broker, status, progress, registry,
                               wall=wall, clock=reactor)
+    verifier = StreamVerifier(broker, config.replica_id, reactor)
+    consumer.verifier = verifier
 
-    backup = Backup(store, status, registry, config.replica_id, wall)
+    backup = Backup(store, status, stream, consumer.anchor, registry, config.replica_id, wall)
     reads = read_router(ReadAPI(store, status, progress, config.replica_id, config.read_wait), backup, registry)
     listen(reactor, config.get_endpoint, reads, access_log).setServiceParent(top)
     writes = WriteAPI(config.replica_id, broker, status, progress, wall, config.write_timeout)
     guard = basic_auth_guard(admin_portal(config.admin_user, config.admin_password))
     listen(reactor, config.set_endpoint, write_router(writes, guard, registry), access_log).setServiceParent(top)
 
-    bootstrap = Bootstrap(store, status, config.peers, clock=reactor,
+    bootstrap = Bootstrap(store, status, config.peers, stream, verifier.check, clock=reactor,
                           idle_timeout=config.peer_idle_timeout)
     consumer.rebootstrap = bootstrap.load
-    checkpoints = Checkpoints(store, status, Path(config.data_dir), config.replica_id, clock=reactor, wall=wall)
+    checkpoints = Checkpoints(store, status, data_dir, consumer.anchor, verifier.check, clock=reactor, wall=wall)
+    consumer.state_refused = checkpoints.refuse_current
     BootstrapService(bootstrap, consumer.snapshot_loaded, checkpoints.load).setServiceParent(top)
     watch = RetentionWatch()
     checkpoint_gauges(registry, checkpoints, watch)
     periodic = task.LoopingCall(checkpoint_and_watch(checkpoints, consumer.stream_start, watch))
     Supervisor.looping("checkpoints", periodic, config.checkpoint_interval, reactor).setServiceParent(top)
+    stalls = task.LoopingCall(StallWatch(status, reactor, wall).check)
+    Supervisor.looping("stall watch", stalls, 1.0, reactor).setServiceParent(top)
     log.info("gradesvc replica {replica} starting", replica=config.replica_id)
     return top

@@ -97,7 +97,7 @@ def test_a_replica_killed_comes_back_from_its_checkpoint_without_peers(replicas:
     expect_and_converge([solo], acked)
 
 
-def test_a_torn_checkpoint_is_ignored(replicas: Make, tmp_path: Path) -> None:
+def test_a_torn_checkpoint_is_ignored(replicas: Make, tmp_path: Path, stream: str) -> None:
     a = replicas("a", extra_env=FAST).wait_ready()
     b = replicas("b", [a], extra_env=FAST).wait_ready()
     acked: Dict[str, Dict[str, int]] = {}
@@ -106,7 +106,7 @@ def test_a_torn_checkpoint_is_ignored(replicas: Make, tmp_path: Path) -> None:
         acked[f"t{i}"] = {"spp": i}
     wait_until(lambda: checkpointed(b, offset), 30, "b's checkpoint")
     b.stop()
-    path = tmp_path / "gradesvc-data" / "checkpoint-b.csv.gz"
+    path = tmp_path / "gradesvc-data" / stream / "b" / f"checkpoint-%2F-{stream}.csv.gz"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     b.restart().wait_ready(timeout=60)

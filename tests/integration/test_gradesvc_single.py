@@ -29,8 +29,11 @@ def test_appendix_examples(replica: GradeReplica, stream: str) -> None:
     assert "attachment; filename=" in headers["content-disposition"]
     lines = gzip.decompress(body).decode().split("\n")
     assert lines[0].endswith("Z") and lines[0][:4].isdigit()
-    assert lines[2].startswith("user_id,postpaid_limit,spp,shipping_fee,return_fee")
-    assert lines[3].startswith("1,254,2321,20,29,")
+    assert lines[1].startswith("stream_offset,")
+    assert lines[2:4] == ["stream_vhost,/", f"stream_name,{stream}"]
+    assert lines[4].startswith("anchor_sha256,") and len(lines[4]) == len("anchor_sha256,") + 64
+    assert lines[5].startswith("user_id,postpaid_limit,spp,shipping_fee,return_fee")
+    assert lines[6].startswith("1,254,2321,20,29,")
     assert http("GET", replica.read_url + "/") [2] == b"Server solo answer"
 
 

@@ -32,8 +32,9 @@ def backup_rows(replica: GradeReplica) -> Dict[str, Tuple[str, ...]]:
     code, _, body = http("GET", replica.read_url + "/backup", timeout=60)
     assert code == 200, body[:200]
     rows = list(csv.reader(io.StringIO(gzip.decompress(body).decode(), newline="")))
-    assert rows[1][0] == "stream_offset" and rows[2][:5] == ["user_id", *FIELDS]
-    return {r[0]: tuple(r[1:]) for r in rows[3:]}
+    assert rows[1][0] == "stream_offset" and rows[5][:5] == ["user_id", *FIELDS]
+    assert [r[0] for r in rows[2:5]] == ["stream_vhost", "stream_name", "anchor_sha256"]
+    return {r[0]: tuple(r[1:]) for r in rows[6:]}
 
 
 def assert_converged(replicas: List[GradeReplica], timeout: float = 30.0) -> Dict[str, Tuple[str, ...]]:

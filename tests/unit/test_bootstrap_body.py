@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from gradesvc.bootstrap import BootstrapService, PeerStalled, _SnapshotBody
+from gradesvc.identity import Anchor
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
 from tests.unit.fired import fired
@@ -72,6 +73,9 @@ def test_end_of_body(reason: Exception, ok: bool) -> None:
     assert not clock.getDelayedCalls() and transport.stopped == 0
 
 
+DIGEST = "12" * 32
+
+
 class StubBootstrap:
     """Just what BootstrapService asks of a Bootstrap."""
 
@@ -86,11 +90,11 @@ class StubBootstrap:
     async def furthest_peer(self) -> int:
         return self.furthest
 
-    async def load(self, needed: int) -> Optional[int]:
+    async def load(self, needed: int) -> Optional[Anchor]:
         self.loads.append(needed)
-        return self.furthest
+        return Anchor(self.furthest, DIGEST)
 
-    async def run(self) -> int:
+    async def run(self) -> Optional[Anchor]:
         raise AssertionError("the checkpoint was usable")
 
 
@@ -104,11 +108,11 @@ def test_a_peer_snapshot_after_the_checkpoint_only_when_much_further_ahead(
         furthest: int, users: int, loads: List[int]) -> None:
     stub = StubBootstrap(furthest, users)
 
-    async def checkpoint() -> Optional[int]:
-        return 1_000
+    async def checkpoint() -> Optional[Anchor]:
+        return Anchor(1_000, DIGEST)
 
-    loaded: defer.Deferred[int] = defer.Deferred()
+    loaded: defer.Deferred[Optional[Anchor]] = defer.Deferred()
     service = BootstrapService(stub, loaded, checkpoint)  # type: ignore[arg-type]
     service.startService()
-    assert fired(loaded) == (furthest if loads else 1_000)
+    assert fired(loaded) == Anchor(furthest if loads else 1_000, DIGEST)
     assert stub.loads == loads

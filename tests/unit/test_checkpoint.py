@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Awaitable, Callable, Optional
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
 from gradesvc.checkpoint import Checkpoints
+from gradesvc.datadir import DataDir
+from gradesvc.identity import Anchor, StreamId
 from gradesvc.retention import RetentionWatch
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
 from tests.conftest import LoggedErrors
+
+STREAM = StreamId("/", "grades")
+DIGEST = "cd" * 32
+
+
+async def verified(anchor: Anchor) -> Optional[str]:
+    return None
 
 
 def replica(tmp_path: Path, users: int = 3000) -> Checkpoints:
@@ -21,22 +31,26 @@ def replica(tmp_path: Path, users: int = 3000) -> Checkpoints:
         store.apply_patch(f"u{i}", {"spp": i, "return_fee": -i}, i)
     store.apply_patch('odd "one",\n', {"postpaid_limit": 2**63 - 1}, users)
     status = ReplicaStatus(phase=Phase.READY, connected=True, applied_offset=users)
-    return Checkpoints(store, status, tmp_path / "data", "r1", clock=reactor, wall=lambda: 1_800_000_000.0)
+    return Checkpoints(store, status, DataDir(tmp_path / "data", STREAM, "r1"),
+                       lambda: Anchor(status.applied_offset, DIGEST), verified,
+                       clock=reactor, wall=lambda: 1_800_000_000.0)
 
 
-def fresh(source: Checkpoints) -> Checkpoints:
-    return Checkpoints(GradeStore(), ReplicaStatus(), source.data_dir, "r1", clock=reactor,
-                       wall=lambda: 1_800_000_000.0)
+def fresh(source: Checkpoints, verify: Callable[[Anchor], Awaitable[Optional[str]]] = verified,
+          stream: StreamId = STREAM) -> Checkpoints:
+    return Checkpoints(GradeStore(), ReplicaStatus(), DataDir(source.data_dir.path, stream, "r1"),
+                       lambda: None, verify, clock=reactor, wall=lambda: 1_800_000_000.0)
 
 
 @pytest_twisted.ensureDeferred
 async def test_written_then_loaded_is_the_same_state(tmp_path: Path) -> None:
     source = replica(tmp_path)
     assert await source.write() == 3000
-    assert source.path.exists() and [p.name for p in source.data_dir.iterdir()] == [source.path.name]
+    assert source.path.name == "checkpoint-%2F-grades.csv.gz"
+    assert source.path.exists() and [p.name for p in source.data_dir.path.iterdir()] == [source.path.name]
     assert await source.write() is None  # nothing changed since
     target = fresh(source)
-    assert await target.load() == 3000
+    assert await target.load() == Anchor(3000, DIGEST)
     assert {u: target.store.get(u) for u in target.store} == {u: source.store.get(u) for u in source.store}
 
 

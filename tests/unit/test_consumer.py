@@ -10,6 +10,7 @@ from pika.adapters.twisted_connection import ClosableDeferredQueue, ReceivedMess
 from pika.spec import Basic
 from twisted.internet import defer, task
 
+from gradesvc.identity import Anchor
 from gradesvc.messages import MARKER_TYPE, Write, WriteMessage, write_properties
 from gradesvc.progress import StreamProgress
 from gradesvc.replication import StreamConsumer
@@ -149,9 +150,9 @@ def test_a_gap_while_connected_rebootstraps_from_a_peer(logged_errors: LoggedErr
     h = Harness(first_offset=100)
     asked: List[int] = []
 
-    async def rebootstrap(needed: int) -> Optional[int]:
+    async def rebootstrap(needed: int) -> Optional[Anchor]:
         asked.append(needed)
-        return 150
+        return Anchor(150, "34" * 32)
 
     h.consumer.rebootstrap = rebootstrap
     h.status.applied_offset = 4

@@ -18,6 +18,7 @@ from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
 from gradesvc.broker import BrokerUnavailable
 from gradesvc.gauges import replica_gauges
+from gradesvc.identity import Anchor, StreamId
 from gradesvc.messages import Write, WriteMessage, write_properties
 from gradesvc.progress import StreamProgress
 from gradesvc.readapi import ReadAPI, read_router
@@ -58,6 +59,9 @@ class MemoryBroker:
             self.consumer.progress.advanced()
 
 
+STREAM = StreamId("/", "grades")
+
+
 class Replica:
     def __init__(self, ready: bool = True) -> None:
         self.store = GradeStore()
@@ -72,7 +76,7 @@ class Replica:
                                               self.progress, self.registry, wall=wall, clock=self.clock)
         writes = WriteAPI("r1", self.broker, self.status, self.progress, wall, write_timeout=5)
         guard = basic_auth_guard(admin_portal("admin", "s3cret"))
-        backup = Backup(self.store, self.status, self.registry, "r1", wall)
+        backup = Backup(self.store, self.status, STREAM, self.broker.consumer.anchor, self.registry, "r1", wall)
         reads = ReadAPI(self.store, self.status, self.progress, "r1", read_wait=2)
         self.read = StubTreq(read_router(reads, backup, self.registry))
         self.write = StubTreq(write_router(writes, guard, self.registry))
@@ -259,7 +263,9 @@ def test_backup_client_gone_midway_stops_the_producer() -> None:
         replica.store.apply_patch(str(i), {"spp": i}, 1)
     clock = Clock()
     coop = Cooperator(scheduler=lambda work: clock.callLater(0, work))
-    backup = Backup(replica.store, replica.status, new_registry(), "r1", lambda: 1000.0, coop)
+    replica.broker.consumer.loaded(Anchor(1, "ef" * 32))
+    backup = Backup(replica.store, replica.status, STREAM, replica.broker.consumer.anchor, new_registry(), "r1",
+                    lambda: 1000.0, coop)
     router = read_router(ReadAPI(replica.store, replica.status, replica.progress, "r1"), backup, new_registry())
     channel = make_site(router, AccessLog("off", clock)).buildProtocol(None)
     transport = StringTransport()

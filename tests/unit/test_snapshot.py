@@ -8,9 +8,12 @@ from datetime import datetime, timezone
 
 import pytest
 
+from gradesvc.identity import Anchor, StateIdentity, StreamId
 from gradesvc.snapshot import HEADER, SnapshotError, SnapshotReader, snapshot_chunks
 from gradesvc.storage import Grade, GradeStore
 
+DIGEST = "ab" * 32
+STREAM = StreamId("/", "grades")
 AWKWARD = ["1", "a,b", 'quote"d', "new\nline", "cr\rlf\r\n", "ünïcødé 名", " spaced "]
 
 
@@ -24,7 +27,8 @@ def make_store() -> GradeStore:
 
 def dump(store: GradeStore, offset: int = 41, rows: int = 2) -> bytes:
     when = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=timezone.utc)
-    return b"".join(snapshot_chunks(store, offset, when, rows_per_chunk=rows))
+    identity = StateIdentity(STREAM, Anchor(offset, DIGEST))
+    return b"".join(snapshot_chunks(store, identity, when, rows_per_chunk=rows))
 
 
 def test_file_layout() -> None:
@@ -33,8 +37,9 @@ def test_file_layout() -> None:
     assert lines[0] == "2026-11-23T12:00:00.123456Z"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", lines[0])
     assert lines[1] == "stream_offset,41"
-    assert lines[2].split(",")[:5] == ["user_id", "postpaid_limit", "spp", "shipping_fee", "return_fee"]
-    assert lines[2] == ",".join(HEADER)
+    assert lines[2:5] == ["stream_vhost,/", "stream_name,grades", f"anchor_sha256,{DIGEST}"]
+    assert lines[5].split(",")[:5] == ["user_id", "postpaid_limit", "spp", "shipping_fee", "return_fee"]
+    assert lines[5] == ",".join(HEADER)
 
 
 @pytest.mark.parametrize("piece", [1, 7, 64, 10_000])
@@ -45,7 +50,7 @@ def test_round_trip_in_pieces(piece: int) -> None:
     reader = SnapshotReader(target)
     for i in range(0, len(data), piece):
         reader.feed(data[i:i + piece])
-    assert reader.finish() == 41
+    assert reader.finish() == StateIdentity(STREAM, Anchor(41, DIGEST))
     assert reader.rows == len(AWKWARD)
     assert {u: target.get(u) for u in target} == {u: source.get(u) for u in source}
     assert target.get("1") == Grade("1", (2**63 - 1, 0, 0, 0), (500, 100, -1, 100))
