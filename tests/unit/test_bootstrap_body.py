@@ -9,7 +9,7 @@ from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gradesvc.bootstrap import BootstrapService, PeerStalled, _SnapshotBody
+from gradesvc.bootstrap import BootstrapService, ForeignSnapshot, PeerStalled, _SnapshotBody
 from gradesvc.identity import Anchor
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
@@ -17,10 +17,16 @@ from tests.unit.fired import fired
 
 
 class FakeTransport:
-    stopped = 0
+    stopped = paused = resumed = 0
 
     def stopProducing(self) -> None:
         self.stopped += 1
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
 
 
 def make(feed=lambda data: None) -> tuple:  # type: ignore[no-untyped-def]
@@ -74,6 +80,62 @@ def test_end_of_body(reason: Exception, ok: bool) -> None:
 
 
 DIGEST = "12" * 32
+
+
+def checking_feed(check: defer.Deferred[None]) -> tuple:  # type: ignore[no-untyped-def]
+    """A feed that asks for a check on its first chunk (the snapshot's head)."""
+    seen: List[bytes] = []
+
+    def feed(data: bytes) -> Optional[defer.Deferred[None]]:
+        seen.append(data)
+        return check if len(seen) == 1 else None
+
+    return feed, seen
+
+
+def test_a_check_of_the_head_pauses_the_body_and_its_idle_timer() -> None:
+    check: defer.Deferred[None] = defer.Deferred()
+    feed, seen = checking_feed(check)
+    clock, done, transport, body = make(feed)
+    body.dataReceived(b"head")
+    assert transport.paused == 1 and not clock.getDelayedCalls()
+    clock.advance(60)  # the broker is slow to answer: not the peer's stall
+    assert transport.stopped == 0
+    check.callback(None)
+    assert transport.resumed == 1 and len(clock.getDelayedCalls()) == 1
+    body.dataReceived(b"rows")
+    body.connectionLost(Failure(ResponseDone()))
+    assert outcome(done) == [None] and seen == [b"head", b"rows"]
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_a_body_that_ends_while_its_head_is_checked_waits_for_the_verdict(passes: bool) -> None:
+    check: defer.Deferred[None] = defer.Deferred()
+    feed, _ = checking_feed(check)
+    clock, done, transport, body = make(feed)
+    body.dataReceived(b"the whole small snapshot")
+    body.connectionLost(Failure(ResponseDone()))
+    result = outcome(done)
+    assert result == []  # not over until the head is judged
+    if passes:
+        check.callback(None)
+        assert result == [None]
+    else:
+        check.errback(ForeignSnapshot("another stream"))
+        assert isinstance(result[0], Failure) and result[0].check(ForeignSnapshot)
+    assert not clock.getDelayedCalls()
+
+
+def test_a_refused_head_closes_the_connection() -> None:
+    check: defer.Deferred[None] = defer.Deferred()
+    feed, _ = checking_feed(check)
+    clock, done, transport, body = make(feed)
+    body.dataReceived(b"head")
+    check.errback(ForeignSnapshot("another stream"))
+    assert transport.stopped == 1
+    body.connectionLost(Failure(error.ConnectionLost()))
+    result = outcome(done)[0]
+    assert isinstance(result, Failure) and result.check(ForeignSnapshot)
 
 
 class StubBootstrap:

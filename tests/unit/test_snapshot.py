@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from gradesvc.identity import Anchor, StateIdentity, StreamId
+from gradesvc.identity import Anchor, RowCheck, StateIdentity, StreamId
 from gradesvc.snapshot import HEADER, SnapshotError, SnapshotReader, snapshot_chunks
 from gradesvc.storage import Grade, GradeStore
 
@@ -116,3 +116,55 @@ def test_loading_a_row_follows_the_merge_rule() -> None:
     assert store.get("u") == Grade("u", (1, 50, 0, 4), (10, 100, -1, 200))
     store.load("new", (1, 2, 3, 4), (10, 11, 12, 13))
     assert store.get("new") == Grade("new", (1, 2, 3, 4), (10, 11, 12, 13))
+
+
+def test_rows_wait_outside_the_store_until_the_head_is_accepted() -> None:
+    data = dump(make_store())
+    target = GradeStore()
+    reader = SnapshotReader(target, hold=True)
+    for i in range(0, len(data), 5):
+        reader.feed(data[i:i + 5])
+    assert reader.waiting and reader.identity == StateIdentity(STREAM, Anchor(41, DIGEST))
+    assert len(target) == 0 and reader.rows == 0
+    reader.release()
+    assert reader.finish() == StateIdentity(STREAM, Anchor(41, DIGEST))
+    assert len(target) == len(AWKWARD) and not reader.waiting
+
+
+def test_rows_never_released_are_no_snapshot() -> None:
+    reader = SnapshotReader(GradeStore(), hold=True)
+    reader.feed(dump(make_store()))
+    with pytest.raises(SnapshotError):
+        reader.finish()
+
+
+def test_a_previous_release_snapshot_is_checked_by_its_newest_field() -> None:
+    header = ",".join(HEADER)
+    rows = ["a,1,2,3,4,5,6,7,8", "b,10,20,30,40,9,-1,12,-1", "c,0,0,0,0,-1,-1,-1,-1"]
+    body = "\n".join(["2026-11-23T12:00:00.000000Z", "stream_offset,15", header, *rows]) + "\n"
+    reader = SnapshotReader(GradeStore(), hold=True)
+    reader.feed(gzip.compress(body.encode()))
+    assert reader.identity == StateIdentity(None, Anchor(15))
+    reader.release()
+    assert reader.finish() == StateIdentity(None, Anchor(15, row=RowCheck(12, "b", "shipping_fee", 30)))
+
+
+@pytest.mark.parametrize("head, complaint", [
+    ("stream_vhost,/\nstream_name,g\n", "incomplete stream identity"),
+    ("stream_vhost,/\nstream_name,g\nanchor_sha256,xyz\n", "not a SHA-256"),
+    ("stream_name,g\nstream_name,h\n", "unexpected line"),
+    ("Stream_Name,g\n", "unexpected line"),
+])
+def test_a_bad_identity_is_refused(head: str, complaint: str) -> None:
+    body = f"2026-11-23T12:00:00.000000Z\nstream_offset,3\n{head}{','.join(HEADER)}\n"
+    reader = SnapshotReader(GradeStore(), hold=True)
+    with pytest.raises(SnapshotError, match=complaint):
+        reader.feed(gzip.compress(body.encode()))
+
+
+def test_a_later_release_key_is_ignored() -> None:
+    head = f"stream_vhost,v\nstream_name,\"a,b\"\nanchor_sha256,{DIGEST}\nstream_epoch,7\n"
+    body = f"2026-11-23T12:00:00.000000Z\nstream_offset,3\n{head}{','.join(HEADER)}\n"
+    reader = SnapshotReader(GradeStore())
+    reader.feed(gzip.compress(body.encode()))
+    assert reader.finish() == StateIdentity(StreamId("v", "a,b"), Anchor(3, DIGEST))
