@@ -35,8 +35,8 @@ def stack(tmp_path: Path) -> Iterator[Dict[str, str]]:
                    180, "the launcher to start everything")
         yield {**ports, "out": str(tmp_path / "launcher.out"), "dir": str(tmp_path)}
         process.send_signal(signal.SIGINT)
-        assert process.wait(30) is not None
-        assert "stopped" in text()
+        assert process.wait(30) == 0  # a clean stop, not "a process exited"
+        assert "stopped" in text() and "a process exited" not in text() and "did not stop" not in text()
         pids = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
         assert pids == [], "daemons left running"
     finally:
