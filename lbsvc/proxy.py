@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -87,20 +88,23 @@ def upstream_head(request: server.Request, host: bytes) -> bytes:
     path, query = origin_target(request.uri)
     lines = [request.method, b" ", path, b"?" + query if query else b"", b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     headers = request.requestHeaders
-    drop = NOT_FORWARDED | connection_named(headers.getRawHeaders(b"connection"))
+    named = connection_named(headers.getRawHeaders(b"connection"))
+    drop = NOT_FORWARDED | named
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in drop:
             for value in values:
                 lines += (name, b": ", value, b"\r\n")
     client = request.getClientAddress()
     client_ip = getattr(client, "host", "unknown").encode("latin-1")
-    prior = headers.getRawHeaders(b"x-forwarded-for")
+    # A header the client named in its own Connection is hop-by-hop: dropped, not extended.
+    prior = None if b"x-forwarded-for" in named else headers.getRawHeaders(b"x-forwarded-for")
     lines += (b"X-Forwarded-For: ", b", ".join([*prior, client_ip]) if prior else client_ip, b"\r\n")
     original_host = headers.getRawHeaders(b"host")
     if original_host:
         lines += (b"X-Forwarded-Host: ", original_host[0], b"\r\n")
     lines.append(b"X-Forwarded-Proto: https\r\n" if request.isSecure() else b"X-Forwarded-Proto: http\r\n")
-    lines += (b"Via: ", b", ".join([*headers.getRawHeaders(b"via", ()), via(request)]), b"\r\n")
+    vias = () if b"via" in named else headers.getRawHeaders(b"via", ())
+    lines += (b"Via: ", b", ".join([*vias, via(request)]), b"\r\n")
     return b"".join(lines)
 
 
@@ -241,6 +245,7 @@ class _Relay:
     def _stalled(self) -> None:
         self.proxy.backend_failed(self.backend, "body_stalled", "sent no body for {seconds}s; cut off",
                                   seconds=self._body_timeout)
+        self.failed = text(504, "Gateway timeout")  # what the client gets if none of the body was sent yet
         self.connection.cancel()
 
     def _check_body(self) -> None:
@@ -423,7 +428,7 @@ class _Forwarding:
         connection.cancel()
         self._release()
         if reason.check(defer.CancelledError) and relay.failed is not None and not self.request.startedWriting:
-            self._answer(relay.failed)  # a timer's answer: 504 or 408
+            self._answer_instead(relay.failed)  # a timer's answer: 504 or 408
         else:
             self._fail(reason)
 
@@ -431,11 +436,18 @@ class _Forwarding:
         assert self.relay is not None and self.backend is not None
         self.proxy.backend_failed(self.backend, "error", why)
         self._release()
-        if self.relay.answered:
-            # The status is out: the router can only cut the client's connection.
+        if self.request.startedWriting:
+            # Part of the answer is out: the router can only cut the client's
+            # connection, quietly (the warning above says why).
             self._fail(Failure(defer.CancelledError("upstream answer broke off")))
         else:
-            self._answer(text(502, "Bad gateway"))
+            self._answer_instead(text(502, "Bad gateway"))
+
+    def _answer_instead(self, response: BytesResponse) -> None:
+        """The gateway answers; a backend head taken but never sent to the client is forgotten."""
+        if self.relay is not None and self.relay.answered:
+            self.request.responseHeaders = Headers()
+        self._answer(response)
 
     # --- the end ------------------------------------------------------------------
 

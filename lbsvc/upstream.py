@@ -230,6 +230,8 @@ class UpstreamConnection(Protocol):
             elif state == _HEAD:
                 end = data.find(b"\r\n\r\n")
                 if end < 0:
+                    if b"\n\n" in data:
+                        return self._malformed("response head framed with bare LF")
                     if len(data) > MAX_HEAD:
                         return self._malformed("response head too large")
                     self._buffer = data
@@ -237,6 +239,8 @@ class UpstreamConnection(Protocol):
                 if end > MAX_HEAD:
                     return self._malformed("response head too large")
                 head, data = data[:end], data[end + 4:]
+                if head.count(b"\n") != head.count(b"\r\n"):
+                    return self._malformed("response head with a bare LF")
                 if not self._parse_head(head):
                     return
             elif state == _UNTIL_CLOSE:

@@ -29,7 +29,7 @@ decisions that need only the headers to the moment the headers are in:
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -43,6 +43,8 @@ from svckit.responses import PHRASES, HTTPError, dumps, too_large
 from svckit.web import Router, log_unhandled
 
 IDLE_TIMEOUT = 60.0
+HEAD_TIMEOUT = 30.0
+"""Seconds a client has for a whole request head, however it trickles it (then 408 and close)."""
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 16 * 1024
 
@@ -184,6 +186,10 @@ class GuardedChannel(http.HTTPChannel):
     site: GuardedSite
     _host: Any = None
     _secure: Optional[bool] = None
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    """Where the head deadline reads the time (tests put a fake clock here)."""
+    head_timeout = HEAD_TIMEOUT
+    _head_started = 0.0
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection."""
@@ -248,8 +254,19 @@ class GuardedChannel(http.HTTPChannel):
         self.refuse(request, error)
 
     def lineReceived(self, line: bytes) -> None:
-        """A request or header line: refuse header blocks that are too large."""
+        """A request or header line: refuse header blocks that are too large or too slow.
+
+        The idle timeout resets on every byte, so a client sending one header
+        line every few seconds would keep its connection for ever; the head
+        as a whole must arrive within :data:`HEAD_TIMEOUT` (checked as each
+        line arrives; a client that sends nothing more meets the idle timeout).
+        """
         if self.refused:
+            return
+        if getattr(self, "_command", None) is None:
+            self._head_started = self.clock()  # the request line (or a blank line before it)
+        elif self.clock() - self._head_started > self.head_timeout:
+            self._refuse_head(HTTPError(408, f"request head not received within {self.head_timeout:g}s"))
             return
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self._refuse_head(HTTPError(431, f"request headers larger than {self.totalHeadersSize} bytes"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, error
@@ -352,3 +353,51 @@ def test_a_malformed_chunk_mid_body_drops_the_upstream_request() -> None:
     channel.connectionLost(error.ConnectionDone())
     assert world.upstreams[0][2].disconnecting and world.upstream.idle == 0
     assert all(b.healthy for b in world.pool.backends)  # the client's fault
+
+
+def test_garbage_chunk_size_before_any_body_byte_is_502_not_the_backends_head() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nX-From-Backend: 1\r\nTransfer-Encoding: chunked\r\n\r\nzz-not-hex\r\n")
+    code, head, body = response(client)
+    assert (code, body) == (502, b"Bad gateway")
+    assert b"X-From-Backend" not in head and b"chunked" not in head.lower()
+    assert not world.pool.backends[0].healthy  # a warning line, no traceback (the fixture checks)
+
+
+def test_garbage_chunk_size_after_body_bytes_cuts_the_client_quietly() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    world.answer(b"zz-not-hex\r\n")
+    code, _, body = response(client)
+    assert code == 200 and client.disconnecting  # the client sees an unfinished chunked body
+    assert b"0\r\n\r\n" not in body and b"internal error" not in body
+
+
+def test_a_stalled_body_before_any_byte_was_sent_is_504() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nX-From-Backend: 1\r\nContent-Length: 10\r\n\r\n")
+    world.clock.advance(2.2)
+    code, head, body = response(client)
+    assert (code, body) == (504, b"Gateway timeout") and b"X-From-Backend" not in head
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # framed with bare LF throughout
+    b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok",  # one bare LF in the head
+])
+def test_a_backend_framing_with_bare_lf_is_502_at_once(answer: bytes) -> None:
+    world = World()
+    _, client = world.send(get())
+    world.answer(answer)
+    assert response(client)[0] == 502 and not world.pool.backends[0].healthy
+
+
+def test_headers_the_client_names_in_connection_are_dropped_before_ours_are_added() -> None:
+    world = World()
+    world.send(get(extra=b"Connection: X-Forwarded-For, Via\r\nX-Forwarded-For: 6.6.6.6\r\nVia: 1.0 spoof\r\n"))
+    lines = world.sent().split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert b"X-Forwarded-For: 192.0.2.7" in lines and b"Via: 1.1 lbsvc" in lines
+    assert not any(b"6.6.6.6" in line or b"spoof" in line for line in lines)

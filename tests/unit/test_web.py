@@ -204,6 +204,33 @@ def test_oversize_heads(app: App, head: bytes, code: int) -> None:
     assert transport.disconnecting and app.calls == []
 
 
+def test_a_head_trickled_line_by_line_meets_its_deadline(app: App) -> None:
+    """The idle timeout resets on every line; the head as a whole has HEAD_TIMEOUT seconds."""
+    channel, transport = app.connect()
+    now = [1000.0]
+    channel.clock = lambda: now[0]  # type: ignore[method-assign]
+    channel.dataReceived(b"GET /sync HTTP/1.1\r\n")
+    for i in range(3):  # a line every 10 s: each within the idle timeout, 30 s in all
+        now[0] += 10
+        channel.dataReceived(b"X-Slow-%d: 1\r\n" % i)
+    assert transport.value() == b""
+    now[0] += 0.5
+    channel.dataReceived(b"X-Late: 1\r\n")
+    code, head, body = response(transport)
+    assert code == 408 and b"Connection: close" in head and transport.disconnecting
+    assert app.calls == [] and "within 30s" in json.loads(body)["Error"]
+
+
+def test_each_request_of_a_connection_gets_its_own_head_deadline(app: App) -> None:
+    channel, transport = app.connect()
+    now = [0.0]
+    channel.clock = lambda: now[0]  # type: ignore[method-assign]
+    for _ in range(3):
+        now[0] += 25  # long gaps between requests are the idle timeout's business
+        channel.dataReceived(b"GET /sync HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 200") == 3 and not transport.disconnecting
+
+
 def test_malformed_request_line_is_400(app: App) -> None:
     channel, transport = app.connect()
     channel.dataReceived(b"GARBAGE\r\n\r\n")
