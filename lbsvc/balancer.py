@@ -22,6 +22,12 @@ class Backend:
     in_flight: int = 0
     successes: int = 0
     failures: int = 0
+    available: bool = True
+    """Whether balancers may choose it: healthy, or every backend while the pool panics."""
+    ejected_until: float = 0.0
+    """While the clock is before this, a passing health check does not bring it back."""
+    ejections: int = 0
+    """Passive ejections in a row (the next one lasts that many times the base)."""
     scheme: bytes = attrs.field(init=False)
     host: bytes = attrs.field(init=False)
     port: int = attrs.field(init=False)
@@ -38,22 +44,22 @@ class IBalancer(Interface):
     """Picks the backend for the next request."""
 
     def choose(backends: Sequence[Backend], exclude: Container[Backend]) -> Optional[Backend]:
-        """A healthy backend not in ``exclude``, or None when there is none."""
+        """An available backend (``Backend.available``) not in ``exclude``, or None when there is none."""
 
 
 @implementer(IBalancer)
 class RoundRobin:
-    """Each healthy backend in turn."""
+    """Each available backend in turn."""
 
     def __init__(self) -> None:
         self._next = 0
 
     def choose(self, backends: Sequence[Backend], exclude: Container[Backend]) -> Optional[Backend]:
-        """The next healthy backend after the last one chosen."""
+        """The next available backend after the last one chosen."""
         n = len(backends)
         for step in range(n):
             backend = backends[(self._next + step) % n]
-            if backend.healthy and backend not in exclude:
+            if backend.available and backend not in exclude:
                 self._next = (self._next + step + 1) % n
                 return backend
         return None
@@ -61,14 +67,14 @@ class RoundRobin:
 
 @implementer(IBalancer)
 class LeastConnections:
-    """The healthy backend with the fewest requests in flight (ties: round robin)."""
+    """The available backend with the fewest requests in flight (ties: round robin)."""
 
     def __init__(self) -> None:
         self._tie = RoundRobin()
 
     def choose(self, backends: Sequence[Backend], exclude: Container[Backend]) -> Optional[Backend]:
-        """The least busy healthy backend."""
-        candidates = [b for b in backends if b.healthy and b not in exclude]
+        """The least busy available backend."""
+        candidates = [b for b in backends if b.available and b not in exclude]
         if not candidates:
             return None
         least = min(b.in_flight for b in candidates)

@@ -60,6 +60,16 @@ class Timeouts:
 
 
 @attrs.frozen
+class Ejection:
+    """How long a passive failure keeps a backend out, whatever its health checks say."""
+
+    base: float = 10.0
+    """Seconds out after a first failure; the n-th ejection in a row lasts n times this."""
+    max: float = 300.0
+    """The longest ejection; a failure more than this after the last ejection ended starts again at base."""
+
+
+@attrs.frozen
 class ServersConfig:
     """The whole file."""
 
@@ -69,6 +79,9 @@ class ServersConfig:
     timeouts: Timeouts = Timeouts()
     pool_size: int = 64
     """Idle (persistent) connections kept per backend."""
+    ejection: Ejection = Ejection()
+    panic_threshold: float = 0.5
+    """Below this share of healthy backends, balance over all of them (0: never)."""
 
 
 def _number(section: str, key: str, value: Any, minimum: float, integer: bool = False) -> Any:
@@ -84,7 +97,7 @@ def parse(document: Any) -> ServersConfig:
     if not isinstance(document, dict):
         raise ConfigError("servers.yaml must be a mapping")
     unknown = set(document) - {"algorithm", "health_check", "servers", "timeouts", "upstream_timeout",
-                            "pool_size"}
+                            "pool_size", "ejection", "panic_threshold"}
     if unknown:
         raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
     algorithm = document.get("algorithm", "round_robin")
@@ -136,7 +149,27 @@ def parse(document: Any) -> ServersConfig:
     pool_size = document.get("pool_size", 64)
     if isinstance(pool_size, bool) or not isinstance(pool_size, int) or not 0 <= pool_size <= 10_000:
         raise ConfigError(f"pool_size must be an integer from 0 to 10000, not {pool_size!r}")
-    return ServersConfig(algorithm, health, tuple(parsed), _timeouts(document), pool_size)
+    panic = document.get("panic_threshold", 0.5)
+    if isinstance(panic, bool) or not isinstance(panic, (int, float)) or not 0 <= panic <= 1:
+        raise ConfigError(f"panic_threshold must be a number from 0 to 1, not {panic!r}")
+    return ServersConfig(algorithm, health, tuple(parsed), _timeouts(document), pool_size,
+                         _ejection(document), float(panic))
+
+
+def _ejection(document: Dict[str, Any]) -> Ejection:
+    """``ejection: {base, max}`` in seconds."""
+    section: Any = document.get("ejection") or {}
+    if not isinstance(section, dict):
+        raise ConfigError("ejection must be a mapping")
+    unknown = set(section) - {"base", "max"}
+    if unknown:
+        raise ConfigError(f"unknown ejection key(s): {', '.join(sorted(unknown))}")
+    default = Ejection()
+    base = float(_number("ejection", "base", section.get("base", default.base), 0.0))
+    longest = float(_number("ejection", "max", section.get("max", default.max), 0.0))
+    if longest < base:
+        raise ConfigError("ejection.max must not be below ejection.base")
+    return Ejection(base, longest)
 
 
 def _timeouts(document: Dict[str, Any]) -> Timeouts:

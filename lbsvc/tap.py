@@ -159,7 +159,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         store = RedisBucketStore(settings.buckets, buckets, settings.bucket_store_fallback,
                                  settings.redis_timeout, reactor, registry, link)
     users.on_deleted = buckets.forget
-    pool = BackendPool(settings.servers)
+    pool = BackendPool(settings.servers, reactor)
     probes = probe_agent(reactor, settings.servers.timeouts.connect)
     checker = HealthChecker(pool, http_probe(probes, reactor), reactor)
 
@@ -168,6 +168,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     gauges.add("lbsvc_buckets_refilling", "Token buckets that are not full.", lambda: buckets.refilling)
     gauges.add("lbsvc_backend_up", "1 when a backend is in rotation.",
                lambda: {(b.name,): int(b.healthy) for b in pool.backends}, ["backend"])
+    gauges.add("lbsvc_backend_ejected", "1 while a passive failure keeps a backend out.",
+               lambda: {(b.name,): int(b.ejected_until > reactor.seconds()) for b in pool.backends}, ["backend"])
+    gauges.add("lbsvc_backends_panic", "1 while under the panic threshold: all backends in rotation.",
+               lambda: int(pool.panicking))
     gauges.add("lbsvc_backend_in_flight", "Requests in flight per backend.",
                lambda: {(b.name,): b.in_flight for b in pool.backends}, ["backend"])
     gauges.add("lbsvc_ready", "1 when ready.", lambda: int(readiness.ready))

@@ -26,11 +26,11 @@ def test_balancers_provide_the_interface() -> None:
         assert verifyObject(IBalancer, balancer)
 
 
-def test_round_robin_skips_unhealthy_and_excluded() -> None:
+def test_round_robin_skips_unavailable_and_excluded() -> None:
     a, b, c = Backend("a", "u"), Backend("b", "u"), Backend("c", "u")
     rr = RoundRobin()
     assert [rr.choose([a, b, c], ()).name for _ in range(4)] == ["a", "b", "c", "a"]
-    b.healthy = False
+    b.available = False
     assert [rr.choose([a, b, c], ()).name for _ in range(3)] == ["c", "a", "c"]
     assert rr.choose([a, b, c], [a, c]) is None
 
@@ -39,7 +39,7 @@ def test_least_connections() -> None:
     a, b = Backend("a", "u", in_flight=3), Backend("b", "u", in_flight=1)
     lc = LeastConnections()
     assert lc.choose([a, b], ()).name == "b"
-    b.healthy = False
+    b.available = False
     assert lc.choose([a, b], ()).name == "a"
 
 
@@ -64,6 +64,11 @@ def test_config_parses_and_strips_slash() -> None:
         ({"health_check": {"interval": 0}}, "interval"),
         ({"health_check": {"path": "ready"}}, "start with /"),
         ({"surprise": 1}, "unknown key"),
+        ({"panic_threshold": 1.5}, "panic_threshold"),
+        ({"panic_threshold": True}, "panic_threshold"),
+        ({"ejection": {"base": 30, "max": 10}}, "must not be below"),
+        ({"ejection": {"base": -1}}, "base"),
+        ({"ejection": {"forever": 1}}, "unknown ejection key"),
     ],
 )
 def test_config_errors(change: dict, message: str) -> None:
@@ -81,7 +86,7 @@ def test_load_reports_file_problems(tmp_path: Path) -> None:
 
 
 def test_health_thresholds_and_reload_keeps_state() -> None:
-    pool = BackendPool(config.parse(GOOD))
+    pool = BackendPool(config.parse(GOOD), Clock())
     answers = {"http://127.0.0.1:1/ready": 503, "http://127.0.0.1:2/ready": 200}
     clock = Clock()
     checker = HealthChecker(pool, lambda url, timeout: defer.succeed(answers[url]), clock)
@@ -110,3 +115,58 @@ def test_timeouts_are_configured_finite_and_upstream_timeout_still_reads() -> No
     for bad in ({"connect": float("inf")}, {"response": float("nan")}, {"body": 0}, {"idle": 1}, {"response": "1"}):
         with pytest.raises(config.ConfigError):
             config.parse({**GOOD, "timeouts": bad})
+
+
+THREE = {**GOOD, "servers": [{"name": n, "url": f"http://127.0.0.1:{i}"} for i, n in enumerate("abc", 1)],
+         "ejection": {"base": 10, "max": 25}}
+
+
+def test_a_passive_failure_ejects_for_a_growing_time_whatever_the_checks_say() -> None:
+    clock = Clock()
+    pool = BackendPool(config.parse(THREE), clock)
+    check = pool.config.health_check
+    a = pool.backends[0]
+    pool.connect_failed(a)
+    assert a.ejected_until == 10 and not a.available
+    for _ in range(5):  # /health keeps passing, as a backend that answers nothing else does
+        clock.advance(1)
+        pool.record_check(a, True, check)
+    assert not a.healthy
+    clock.advance(5)
+    pool.record_check(a, True, check)
+    assert a.healthy and a.available  # its time is served
+    pool.connect_failed(a)  # again soon after: twice as long
+    assert a.ejected_until == clock.seconds() + 20
+    clock.advance(20)
+    pool.record_check(a, True, check)
+    pool.connect_failed(a)  # a third time: capped at max
+    assert a.ejected_until == clock.seconds() + 25 and a.ejections == 3
+    clock.advance(25 + 26)
+    pool.record_check(a, True, check)
+    pool.connect_failed(a)  # long in service since: a first offence again
+    assert a.ejections == 1 and a.ejected_until == clock.seconds() + 10
+
+
+def test_under_the_panic_threshold_every_backend_is_in_rotation() -> None:
+    clock = Clock()
+    pool = BackendPool(config.parse(THREE), clock)
+    a, b, c = pool.backends
+    pool.connect_failed(a)  # two of three healthy: no panic
+    assert not pool.panicking and {pool.choose().name for _ in range(4)} == {"b", "c"}
+    pool.connect_failed(b)  # one of three healthy (33% < 50%): panic
+    assert pool.panicking and {pool.choose().name for _ in range(6)} == {"a", "b", "c"}
+    assert pool.choose([a, b, c]) is None  # a request still tries each at most once
+    clock.advance(10)
+    pool.record_check(a, True, pool.config.health_check)
+    pool.record_check(a, True, pool.config.health_check)
+    assert a.healthy and not pool.panicking and {pool.choose().name for _ in range(4)} == {"a", "c"}
+
+
+def test_a_lone_backend_marked_down_still_gets_requests_and_zero_disables_panic() -> None:
+    lone = {**GOOD, "servers": [{"name": "only", "url": "http://127.0.0.1:1"}]}
+    pool = BackendPool(config.parse(lone), Clock())
+    pool.connect_failed(pool.backends[0])
+    assert pool.panicking and pool.choose() is pool.backends[0]
+    strict = BackendPool(config.parse({**lone, "panic_threshold": 0}), Clock())
+    strict.connect_failed(strict.backends[0])
+    assert not strict.panicking and strict.choose() is None

@@ -77,7 +77,7 @@ class World:
         users = UserStore(None, self.clock)
         users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
         buckets = MemoryBucketStore(Buckets(self.clock))
-        self.pool = BackendPool(servers)
+        self.pool = BackendPool(servers, self.clock)
         self.upstream = UpstreamPool(self.clock, 1.0, 4, endpoint_for=lambda h, p: Dial(self, (h, p)))
         registry = new_registry()
         proxy = Proxy(buckets, self.pool, self.upstream, self.clock, registry)
