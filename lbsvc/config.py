@@ -70,6 +70,18 @@ class Ejection:
 
 
 @attrs.frozen
+class Retries:
+    """Sending an idempotent request again, to the next backend, after a failure before any answer byte."""
+
+    tries: int = 2
+    """Attempts that send the request, the first included (1: never retry)."""
+    timeout: float = 10.0
+    """No new attempt starts this many seconds after the first."""
+    budget: float = 0.2
+    """Requests on a retry at most this share of requests in flight (at least 3), so retries cannot snowball."""
+
+
+@attrs.frozen
 class ServersConfig:
     """The whole file."""
 
@@ -82,6 +94,7 @@ class ServersConfig:
     ejection: Ejection = Ejection()
     panic_threshold: float = 0.5
     """Below this share of healthy backends, balance over all of them (0: never)."""
+    retries: Retries = Retries()
 
 
 def _number(section: str, key: str, value: Any, minimum: float, integer: bool = False) -> Any:
@@ -97,7 +110,7 @@ def parse(document: Any) -> ServersConfig:
     if not isinstance(document, dict):
         raise ConfigError("servers.yaml must be a mapping")
     unknown = set(document) - {"algorithm", "health_check", "servers", "timeouts", "upstream_timeout",
-                            "pool_size", "ejection", "panic_threshold"}
+                            "pool_size", "ejection", "panic_threshold", "retries"}
     if unknown:
         raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
     algorithm = document.get("algorithm", "round_robin")
@@ -153,7 +166,26 @@ def parse(document: Any) -> ServersConfig:
     if isinstance(panic, bool) or not isinstance(panic, (int, float)) or not 0 <= panic <= 1:
         raise ConfigError(f"panic_threshold must be a number from 0 to 1, not {panic!r}")
     return ServersConfig(algorithm, health, tuple(parsed), _timeouts(document), pool_size,
-                         _ejection(document), float(panic))
+                         _ejection(document), float(panic), _retries(document))
+
+
+def _retries(document: Dict[str, Any]) -> Retries:
+    """``retries: {tries, timeout, budget}``."""
+    section: Any = document.get("retries") or {}
+    if not isinstance(section, dict):
+        raise ConfigError("retries must be a mapping")
+    unknown = set(section) - {"tries", "timeout", "budget"}
+    if unknown:
+        raise ConfigError(f"unknown retries key(s): {', '.join(sorted(unknown))}")
+    default = Retries()
+    tries = _number("retries", "tries", section.get("tries", default.tries), 1, integer=True)
+    if tries > 10:
+        raise ConfigError("retries.tries must be at most 10")
+    budget = float(_number("retries", "budget", section.get("budget", default.budget), 0.0))
+    if budget > 1:
+        raise ConfigError("retries.budget must be a share from 0 to 1")
+    return Retries(tries, float(_number("retries", "timeout", section.get("timeout", default.timeout), 0.01)),
+                   budget)
 
 
 def _ejection(document: Dict[str, Any]) -> Ejection:

@@ -38,6 +38,7 @@ from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
 from lbsvc.buckets import IBucketStore, Verdict
 from lbsvc.keys import user_of
+from lbsvc.retries import RetryBudget
 from lbsvc.target import origin_target
 from lbsvc.upstream import (
     BadResponse,
@@ -278,6 +279,7 @@ class Proxy:
         self.upstream = upstream
         self.clock = clock
         self.deadlines = Deadlines(clock)
+        self.retries = RetryBudget(registry)
         self._upstream = Counter(
             "lbsvc_upstream_requests", "Requests sent upstream by backend and outcome.",
             ["backend", "outcome"], registry=registry,
@@ -340,11 +342,24 @@ class _Forwarding:
         self.fresh = False
         self.connecting: Optional[defer.Deferred[UpstreamConnection]] = None
         self.done: defer.Deferred[Union[Streamed, BytesResponse]] = defer.Deferred(self._cancel)
+        self.sent = 0
+        """Attempts that sent the request (a refused connect is none)."""
+        self.started = proxy.clock.seconds()
+        self.retrying = False
 
     def start(self) -> defer.Deferred[Union[Streamed, BytesResponse]]:
         """Forward; the Deferred of the answer."""
+        self.proxy.retries.active += 1
+        self.done.addBoth(self._ended)
         self._next_backend()
         return self.done
+
+    def _ended(self, result: Any) -> Any:
+        budget = self.proxy.retries
+        budget.active -= 1
+        if self.retrying:
+            budget.retrying -= 1
+        return result
 
     # --- choosing and connecting -------------------------------------------
 
@@ -353,6 +368,9 @@ class _Forwarding:
         if backend is None:
             self._answer(text(503, "No available servers"))
             return
+        self._use(backend)
+
+    def _use(self, backend: Backend) -> None:
         self.tried.append(backend)
         backend.in_flight += 1
         self.backend = backend
@@ -392,6 +410,7 @@ class _Forwarding:
             head = upstream_head(self.request, b"%s:%d" % (host, backend.port))
             relay = self.relay = _Relay(self.request, connection, backend, self.body, self.proxy)
             exchange = connection.request(head, self.body, relay, head_only=self.request.method == b"HEAD")
+            self.sent += 1
         except Exception:
             connection.cancel()
             self._release()
@@ -428,6 +447,8 @@ class _Forwarding:
         connection.cancel()
         self._release()
         if reason.check(defer.CancelledError) and relay.failed is not None and not self.request.startedWriting:
+            if relay.failed.code == 504 and not relay.answered and self._retry():
+                return  # no answer in time: the next backend may have one
             self._answer_instead(relay.failed)  # a timer's answer: 504 or 408
         else:
             self._fail(reason)
@@ -436,12 +457,37 @@ class _Forwarding:
         assert self.relay is not None and self.backend is not None
         self.proxy.backend_failed(self.backend, "error", why)
         self._release()
+        if self._retry():
+            return
         if self.request.startedWriting:
             # Part of the answer is out: the router can only cut the client's
             # connection, quietly (the warning above says why).
             self._fail(Failure(defer.CancelledError("upstream answer broke off")))
         else:
             self._answer_instead(text(502, "Bad gateway"))
+
+    def _retry(self) -> bool:
+        """Send the request to another backend, if that is safe and within the budget."""
+        request = self.request
+        if request.startedWriting or client_gone(request):
+            return False
+        proxy = self.proxy
+        if not proxy.retries.allows(proxy.pool.config.retries, request.method, self.body, self.sent,
+                                    proxy.clock.seconds() - self.started, self.retrying):
+            return False
+        backend = proxy.pool.choose(self.tried)
+        if backend is None:
+            return False
+        if self.relay is not None and self.relay.answered:
+            request.responseHeaders = Headers()  # the failed answer's head was never sent
+        if not self.retrying:
+            self.retrying = True
+            proxy.retries.retrying += 1
+        log.info("Retrying {method} on backend {name} (attempt {n})", method=request.method.decode("latin-1"),
+                 name=backend.name, n=self.sent + 1)
+        self.relay = self.connection = None
+        self._use(backend)
+        return True
 
     def _answer_instead(self, response: BytesResponse) -> None:
         """The gateway answers; a backend head taken but never sent to the client is forgotten."""

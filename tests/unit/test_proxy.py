@@ -27,11 +27,12 @@ from lbsvc.backends import BackendPool
 from lbsvc.buckets import Buckets, MemoryBucketStore
 from lbsvc.gateway import gateway_router
 from lbsvc.proxy import Proxy
+from lbsvc.retries import RetryBudget
 from lbsvc.upstream import UpstreamConnection, UpstreamPool
 from lbsvc.userapi import UserAPI
 from lbsvc.users import User, UserStore, hash_key
 from svckit.accesslog import AccessLog
-from svckit.metrics import new_registry
+from svckit.metrics import new_registry, sample_value
 from svckit.requestbody import HIGH_WATER
 from svckit.site import GuardedChannel, make_site
 from tests.conftest import LoggedErrors
@@ -65,7 +66,8 @@ class Dial:
 class World:
     """A gateway with two backends; ``modes`` scripts how each one connects."""
 
-    def __init__(self, modes: Optional[Dict[Tuple[bytes, int], str]] = None, capacity: int = 100) -> None:
+    def __init__(self, modes: Optional[Dict[Tuple[bytes, int], str]] = None, capacity: int = 100,
+                 tries: int = 2) -> None:
         self.modes = modes or {}
         self.dialled: List[Tuple[bytes, int]] = []
         self.upstreams: List[Tuple[Tuple[bytes, int], UpstreamConnection, StringTransport]] = []
@@ -73,6 +75,7 @@ class World:
         servers = config.parse({
             "servers": [{"name": "a", "url": "http://10.0.0.1:8001"}, {"name": "b", "url": "http://10.0.0.2:8002"}],
             "timeouts": {"response": 5, "body": 2},
+            "retries": {"tries": tries},
         })
         users = UserStore(None, self.clock)
         users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
@@ -113,6 +116,10 @@ def get(target: bytes = b"/", extra: bytes = b"") -> bytes:
 def response(transport: StringTransport) -> Tuple[int, bytes, bytes]:
     head, _, body = transport.value().partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), head, body
+
+
+def response_or_none(transport: StringTransport) -> Optional[Tuple[int, bytes, bytes]]:
+    return response(transport) if transport.value() else None
 
 
 def dechunk(body: bytes) -> bytes:
@@ -236,7 +243,7 @@ def test_no_healthy_backend_is_503() -> None:
 
 
 def test_response_timeout_is_504_and_takes_the_backend_out() -> None:
-    world = World()
+    world = World(tries=1)  # one attempt: what the client gets from one bad backend
     _, client = world.send(get())
     world.clock.advance(5.1)
     code, _, body = response(client)
@@ -270,7 +277,7 @@ def test_a_client_that_stalls_its_body_gets_408_and_the_backend_stays() -> None:
 
 
 def test_malformed_answer_is_502_and_takes_the_backend_out() -> None:
-    world = World()
+    world = World(tries=1)  # one attempt: what the client gets from one bad backend
     _, client = world.send(get())
     world.answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
     assert response(client)[0] == 502 and not world.pool.backends[0].healthy
@@ -356,7 +363,7 @@ def test_a_malformed_chunk_mid_body_drops_the_upstream_request() -> None:
 
 
 def test_garbage_chunk_size_before_any_body_byte_is_502_not_the_backends_head() -> None:
-    world = World()
+    world = World(tries=1)  # one attempt: what the client gets from one bad backend
     _, client = world.send(get())
     world.answer(b"HTTP/1.1 200 OK\r\nX-From-Backend: 1\r\nTransfer-Encoding: chunked\r\n\r\nzz-not-hex\r\n")
     code, head, body = response(client)
@@ -389,7 +396,7 @@ def test_a_stalled_body_before_any_byte_was_sent_is_504() -> None:
     b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok",  # one bare LF in the head
 ])
 def test_a_backend_framing_with_bare_lf_is_502_at_once(answer: bytes) -> None:
-    world = World()
+    world = World(tries=1)  # one attempt: what the client gets from one bad backend
     _, client = world.send(get())
     world.answer(answer)
     assert response(client)[0] == 502 and not world.pool.backends[0].healthy
@@ -401,3 +408,67 @@ def test_headers_the_client_names_in_connection_are_dropped_before_ours_are_adde
     lines = world.sent().split(b"\r\n\r\n")[0].split(b"\r\n")
     assert b"X-Forwarded-For: 192.0.2.7" in lines and b"Via: 1.1 lbsvc" in lines
     assert not any(b"6.6.6.6" in line or b"spoof" in line for line in lines)
+
+
+def backend_resets(world: World, index: int = 0) -> None:
+    world.upstreams[index][1].connectionLost(Failure(error.ConnectionLost("reset by peer")))
+
+
+def test_a_reset_before_any_answer_is_retried_on_the_next_backend() -> None:
+    world = World()
+    _, client = world.send(get())
+    backend_resets(world)
+    assert len(world.upstreams) == 2 and world.upstreams[1][0] == B  # sent again, to b
+    assert world.sent(1).startswith(b"GET / HTTP/1.1")
+    world.answer(OK)
+    code, _, body = response(client)
+    assert code == 200 and not world.pool.backends[0].healthy and world.pool.backends[1].healthy
+
+
+def test_no_answer_in_time_is_retried_and_a_malformed_head_too() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.clock.advance(5.1)  # a: no answer within timeouts.response
+    assert len(world.upstreams) == 2 and response_or_none(client) is None
+    world.answer(b"HTTP/1.1 200 OK\r\nX-Bad: 1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")  # b: breaks
+    code, head, body = response(client)
+    assert (code, body) == (502, b"Bad gateway")  # two tries in all: no third
+    assert b"X-Bad" not in head
+
+
+def test_a_post_is_never_sent_twice() -> None:
+    world = World()
+    _, client = world.send(b"POST / HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nContent-Length: 0\r\n\r\n")
+    backend_resets(world)
+    assert len(world.upstreams) == 1 and response(client)[0] == 502
+
+
+def test_a_request_whose_body_went_up_is_not_retried() -> None:
+    world = World()
+    _, client = world.send(b"PUT / HTTP/1.1\r\nHost: gw\r\nAuthorization: k-1\r\nContent-Length: 3\r\n\r\nabc")
+    assert world.sent().endswith(b"abc")
+    backend_resets(world)
+    assert len(world.upstreams) == 1 and response(client)[0] == 502
+
+
+def test_once_the_answer_reached_the_client_nothing_is_retried() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\npart")
+    backend_resets(world)
+    assert len(world.upstreams) == 1 and client.disconnecting
+
+
+def test_the_retry_budget_stops_retry_storms() -> None:
+    registry = new_registry()
+    budget = RetryBudget(registry)
+    settings = config.Retries(tries=3, timeout=10.0, budget=0.2)
+    budget.active, budget.retrying = 10, 3  # 3 retrying of 10: over 20% and at the minimum of 3
+    assert not budget.allows(settings, b"GET", None, 1, 0.0, retrying=False)
+    assert budget.allows(settings, b"GET", None, 2, 0.0, retrying=True)  # one already retrying goes on
+    budget.active = 20  # 3 of 20 is under 20% of 20 = 4
+    assert budget.allows(settings, b"GET", None, 1, 0.0, retrying=False)
+    assert not budget.allows(settings, b"GET", None, 3, 0.0, retrying=True)  # tries used up
+    assert not budget.allows(settings, b"GET", None, 1, 10.5, retrying=False)  # past the timeout
+    assert sample_value(registry, "lbsvc_upstream_retries_total", {"verdict": "budget"}) == 1
+    assert sample_value(registry, "lbsvc_upstream_retries_total", {"verdict": "exhausted"}) == 2
