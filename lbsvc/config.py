@@ -169,14 +169,20 @@ def parse(document: Any) -> ServersConfig:
                          _ejection(document), float(panic), _retries(document))
 
 
+def _section(document: Dict[str, Any], name: str, keys: Set[str]) -> Dict[str, Any]:
+    """The mapping under ``name`` (empty when absent), refusing keys other than ``keys``."""
+    section: Any = document.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name} must be a mapping")
+    unknown = set(section) - keys
+    if unknown:
+        raise ConfigError(f"unknown {name} key(s): {', '.join(sorted(unknown))}")
+    return section
+
+
 def _retries(document: Dict[str, Any]) -> Retries:
     """``retries: {tries, timeout, budget}``."""
-    section: Any = document.get("retries") or {}
-    if not isinstance(section, dict):
-        raise ConfigError("retries must be a mapping")
-    unknown = set(section) - {"tries", "timeout", "budget"}
-    if unknown:
-        raise ConfigError(f"unknown retries key(s): {', '.join(sorted(unknown))}")
+    section = _section(document, "retries", {"tries", "timeout", "budget"})
     default = Retries()
     tries = _number("retries", "tries", section.get("tries", default.tries), 1, integer=True)
     if tries > 10:
@@ -190,12 +196,7 @@ def _retries(document: Dict[str, Any]) -> Retries:
 
 def _ejection(document: Dict[str, Any]) -> Ejection:
     """``ejection: {base, max}`` in seconds."""
-    section: Any = document.get("ejection") or {}
-    if not isinstance(section, dict):
-        raise ConfigError("ejection must be a mapping")
-    unknown = set(section) - {"base", "max"}
-    if unknown:
-        raise ConfigError(f"unknown ejection key(s): {', '.join(sorted(unknown))}")
+    section = _section(document, "ejection", {"base", "max"})
     default = Ejection()
     base = float(_number("ejection", "base", section.get("base", default.base), 0.0))
     longest = float(_number("ejection", "max", section.get("max", default.max), 0.0))
@@ -206,12 +207,7 @@ def _ejection(document: Dict[str, Any]) -> Ejection:
 
 def _timeouts(document: Dict[str, Any]) -> Timeouts:
     """``timeouts: {connect, response, body}``; ``upstream_timeout`` is still read as ``response``."""
-    section: Any = document.get("timeouts") or {}
-    if not isinstance(section, dict):
-        raise ConfigError("timeouts must be a mapping")
-    unknown = set(section) - {"connect", "response", "body"}
-    if unknown:
-        raise ConfigError(f"unknown timeouts key(s): {', '.join(sorted(unknown))}")
+    section = _section(document, "timeouts", {"connect", "response", "body"})
     default = Timeouts()
     response = section.get("response", document.get("upstream_timeout", default.response))
     return Timeouts(
