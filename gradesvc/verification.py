@@ -29,7 +29,7 @@ from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gradesvc.broker import BrokerService
+from gradesvc.broker import BrokerService, BrokerUnavailable
 from gradesvc.identity import Anchor, body_sha256
 from gradesvc.messages import MARKER_TYPE, WriteMessage, marker_message
 from svckit.supervisor import backoff
@@ -38,7 +38,7 @@ log = Logger()
 
 PROBE_TIMEOUT = 5.0
 PROBE_PREFETCH = 1000
-BROKER_TROUBLE = (AMQPError, ConnectionClosed, defer.TimeoutError)
+BROKER_TROUBLE = (AMQPError, ConnectionClosed, defer.TimeoutError, BrokerUnavailable)
 
 Delivery = Tuple[int, Any, bytes]
 """``(offset, properties, body)`` of one stream message."""
