@@ -38,8 +38,6 @@ from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
 from lbsvc.buckets import IBucketStore, Verdict
 from lbsvc.keys import user_of
-from lbsvc.ratelimitheaders import NAMES as RATE_LIMIT_HEADERS
-from lbsvc.ratelimitheaders import rate_limit_headers
 from lbsvc.retries import RetryBudget
 from lbsvc.target import origin_target
 from lbsvc.upstream import (
@@ -64,8 +62,7 @@ HOP_BY_HOP = frozenset({
 })
 NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect",
                               b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"via"}
-NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via", *RATE_LIMIT_HEADERS}
-"""Never relayed from a backend: the client's budget is the gateway's to state."""
+NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via"}
 VIA_NAME = b"lbsvc"
 
 
@@ -299,20 +296,12 @@ class Proxy:
     def _admitted(self, verdict: Verdict, request: server.Request, user: User) -> Any:
         taken, bucket = verdict
         if not taken:
-            wait = retry_after(bucket.retry_after())
-            policy, state = rate_limit_headers(user, bucket, int(wait))
             raise HTTPError(429, "rate limit exceeded", {
-                "Retry-After": wait,
-                "RateLimit-Policy": policy.decode("ascii"),
-                "RateLimit": state.decode("ascii"),
+                "Retry-After": retry_after(bucket.retry_after()),
                 "RateLimit-Limit": str(user.capacity),
                 "RateLimit-Remaining": str(int(bucket.level)),
                 "RateLimit-Reset": str(bucket.reset_after()),
             })
-        policy, state = rate_limit_headers(user, bucket)
-        headers = request.responseHeaders
-        headers.setRawHeaders(b"RateLimit-Policy", [policy])
-        headers.setRawHeaders(b"RateLimit", [state])
         return _Forwarding(self, request).start()
 
     def backend_failed(self, backend: Backend, outcome: str, why: str, **fields: Any) -> None:
@@ -489,7 +478,8 @@ class _Forwarding:
         backend = proxy.pool.choose(self.tried)
         if backend is None:
             return False
-        self._forget_backend_head()  # the failed answer's head was never sent
+        if self.relay is not None and self.relay.answered:
+            request.responseHeaders = Headers()  # the failed answer's head was never sent
         if not self.retrying:
             self.retrying = True
             proxy.retries.retrying += 1
@@ -501,16 +491,9 @@ class _Forwarding:
 
     def _answer_instead(self, response: BytesResponse) -> None:
         """The gateway answers; a backend head taken but never sent to the client is forgotten."""
-        self._forget_backend_head()
+        if self.relay is not None and self.relay.answered:
+            self.request.responseHeaders = Headers()
         self._answer(response)
-
-    def _forget_backend_head(self) -> None:
-        """Drop what a backend's head put on the answer, keeping the gateway's own headers."""
-        if self.relay is None or not self.relay.answered:
-            return
-        old = self.request.responseHeaders
-        self.request.responseHeaders = Headers(
-            {name: values for name in RATE_LIMIT_HEADERS if (values := old.getRawHeaders(name))})
 
     # --- the end ------------------------------------------------------------------
 
