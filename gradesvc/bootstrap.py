@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gradesvc.identity import Anchor, StateIdentity, StreamId
+from gradesvc.identity import Anchor, StateIdentity, StreamId, Verify
 from gradesvc.snapshot import SnapshotReader
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
@@ -54,7 +54,6 @@ class ForeignSnapshot(Exception):
     """A peer's snapshot is not of this replica's stream, or not of its current life."""
 
 
-Verify = Callable[[Anchor], Awaitable[Optional[str]]]
 Feed = Callable[[bytes], Union[None, "defer.Deferred[None]"]]
 
 
@@ -216,12 +215,11 @@ class Bootstrap:
         """The snapshot's head is read: refuse a foreign one, else let its rows in."""
         declared = reader.identity
         assert declared is not None
+        problem = declared.other_stream(self.stream)
         if declared.stream is None:
-            problem: Optional[str] = ("it names no stream (a previous release's peer): upgrade that"
-                                      " peer first, or let this replica replay the stream")
-        elif declared.stream != self.stream:
-            problem = f"this replica serves stream {self.stream}"
-        else:
+            problem = ("it names no stream (a previous release's peer): upgrade that"
+                       " peer first, or let this replica replay the stream")
+        elif problem is None:
             self.status.waiting_for = f"the broker, to check the snapshot of {peer}"
             problem = await self.verify(declared.anchor)
             self.status.waiting_for = f"the snapshot of peer {peer}"

@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gradesvc.datadir import DataDir
-from gradesvc.identity import Anchor, StateIdentity
+from gradesvc.identity import Anchor, StateIdentity, Verify
 from gradesvc.retention import RetentionWatch
 from gradesvc.snapshot import SnapshotError, SnapshotReader, snapshot_chunks
 from gradesvc.status import Phase, ReplicaStatus
@@ -46,10 +46,6 @@ from gradesvc.storage import GradeStore
 log = Logger()
 
 READ_CHUNK = 256 * 1024
-
-Verify = Callable[[Anchor], Awaitable[Optional[str]]]
-"""``verify(anchor)``: None when the stream holds ``anchor``, else why not."""
-
 
 def _fsync_and_replace(tmp: Path, final: Path) -> None:
     """Runs in a thread: make the new file durable, then the rename."""
@@ -153,7 +149,7 @@ class Checkpoints:
                 declared = reader.identity
                 if declared is not None and declared.stream is not None:
                     self.status.waiting_for = "the broker, to check the checkpoint against the stream"
-                    problem = self._foreign(declared) or await self.verify(declared.anchor)
+                    problem = declared.other_stream(self.data_dir.stream) or await self.verify(declared.anchor)
                     if problem is not None:
                         self._refuse(path, declared, problem)
                         return None
@@ -180,11 +176,6 @@ class Checkpoints:
                  seconds=self.clock.seconds() - started)
         return identity.anchor
 
-    def _foreign(self, declared: StateIdentity) -> Optional[str]:
-        if declared.stream != self.data_dir.stream:
-            return f"this replica serves stream {self.data_dir.stream}"
-        return None
-
     def _refuse(self, path: Path, declared: StateIdentity, problem: str) -> None:
         """One error line naming both identities; the file moved aside; ``/ready`` told."""
         target = self.data_dir.move_aside(path)
@@ -195,17 +186,13 @@ class Checkpoints:
             path=str(path), declared=declared.describe(), problem=problem,
             stream=self.data_dir.stream, target=str(target),
         )
-        self.status.state_refused("checkpoint", declared.describe(), problem)
-        if self.status.refused is not None:
-            self.status.refused["moved_to"] = str(target)
+        self.status.state_refused("checkpoint", declared.describe(), problem, target)
 
-    def refuse_current(self, problem: str) -> None:
-        """The state in memory was refused: the checkpoint (of the same state) goes aside too."""
+    def refuse_current(self) -> Optional[Path]:
+        """The state in memory was refused: its checkpoint goes aside too; where to (None: there was none)."""
         self._generation += 1
         self.offset = -1
-        target = self.data_dir.move_aside(self.path)
-        if target is not None and self.status.refused is not None:
-            self.status.refused["moved_to"] = str(target)
+        return self.data_dir.move_aside(self.path)
 
     @staticmethod
     def _read(f: Any, reader: SnapshotReader, head_only: bool = False) -> Iterator[None]:

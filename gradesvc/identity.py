@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 import attrs
 
@@ -91,3 +91,13 @@ class StateIdentity:
         """The identity in a log line."""
         stream = "an unnamed stream (previous release)" if self.stream is None else f"stream {self.stream}"
         return f"{stream} at {self.anchor.describe()}"
+
+    def other_stream(self, stream: StreamId) -> Optional[str]:
+        """Why this state is not ``stream``'s by name (None: it names ``stream``, or no stream at all)."""
+        if self.stream is not None and self.stream != stream:
+            return f"this replica serves stream {stream}"
+        return None
+
+
+Verify = Callable[[Anchor], Awaitable[Optional[str]]]
+"""``verify(anchor)``: None when the stream holds ``anchor``, else why not."""

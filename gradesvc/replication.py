@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from pika.adapters.twisted_connection import TwistedProtocolConnection
@@ -100,8 +101,8 @@ class StreamConsumer:
         self.rebootstrap: Optional[Rebootstrap] = None
         self.verifier: Optional[StreamVerifier] = None
         """Checks the state against the stream before each subscribe (None: unchecked)."""
-        self.state_refused: Optional[Callable[[str], None]] = None
-        """Called with the reason when the state was refused (moves the checkpoint aside)."""
+        self.state_refused: Optional[Callable[[], Optional[Path]]] = None
+        """Called when the state was refused: moves its checkpoint aside, says where to."""
         self.snapshot_loaded: defer.Deferred[Optional[Anchor]] = defer.Deferred()
         self.snapshot_loaded.addCallback(self.loaded)
         self._loaded: Optional[Anchor] = None
@@ -192,12 +193,11 @@ class StreamConsumer:
             stream=self.broker.stream_id, anchor=anchor.describe(), problem=problem,
         )
         self.status.loading_snapshot()
-        self.status.state_refused("memory", f"state at {anchor.describe()}", problem)
+        moved_to = self.state_refused() if self.state_refused is not None else None
+        self.status.state_refused("memory", f"state at {anchor.describe()}", problem, moved_to)
         self.store.clear()
         self.status.applied_offset = -1
         self._loaded, self._last_body, self._last_offset = None, None, -1
-        if self.state_refused is not None:
-            self.state_refused(problem)
         rebuilt = await self.rebootstrap(-1) if self.rebootstrap is not None else None
         self.loaded(rebuilt)
         self.broker.reconnect_later(connection, 0.0)

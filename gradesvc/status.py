@@ -9,6 +9,7 @@ ask it, so what an operator sees and what clients get always agree.
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 from typing import Dict, Optional
 
 import attrs
@@ -81,9 +82,11 @@ class ReplicaStatus:
         self.gap = {"wanted_offset": wanted, "first_available_offset": first}
         self.phase = Phase.RETENTION_GAP
 
-    def state_refused(self, source: str, state: str, problem: str) -> None:
+    def state_refused(self, source: str, state: str, problem: str, moved_to: Optional[Path] = None) -> None:
         """A checkpoint, a peer's snapshot or the state in memory is not of this stream's life."""
         self.refused = {"source": source, "state": state, "problem": problem}
+        if moved_to is not None:
+            self.refused["moved_to"] = str(moved_to)
 
     def broker_lost(self) -> None:
         """The broker connection is gone: not caught up any more until resubscribed."""

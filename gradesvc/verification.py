@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Optional, Tuple
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional, Tuple
 
 from pika.exceptions import AMQPError
 from twisted.internet import defer, task
@@ -44,15 +45,25 @@ Delivery = Tuple[int, Any, bytes]
 """``(offset, properties, body)`` of one stream message."""
 
 
-async def first_delivery(connection: Any, stream: str, start: Any, clock: IReactorTime,
-                         timeout: float = PROBE_TIMEOUT) -> Optional[Delivery]:
-    """The first message a consumer at ``start`` (an offset, or ``"first"``) gets; None after ``timeout``."""
+@asynccontextmanager
+async def probe_consumer(connection: Any, stream: str, start: Any, prefetch: int) -> AsyncIterator[Tuple[Any, Any]]:
+    """A short-lived consumer at ``start`` on a channel of its own: ``(channel, queue)``, closed after."""
     channel = await connection.channel()
     try:
-        await channel.basic_qos(prefetch_count=1)
+        await channel.basic_qos(prefetch_count=prefetch)
         queue, _tag = await channel.basic_consume(
             queue=stream, auto_ack=False, arguments={"x-stream-offset": start},
         )
+        yield channel, queue
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+async def first_delivery(connection: Any, stream: str, start: Any, clock: IReactorTime,
+                         timeout: float = PROBE_TIMEOUT) -> Optional[Delivery]:
+    """The first message a consumer at ``start`` (an offset, or ``"first"``) gets; None after ``timeout``."""
+    async with probe_consumer(connection, stream, start, 1) as (_channel, queue):
         got = queue.get()
         got.addTimeout(timeout, clock)
         try:
@@ -63,9 +74,6 @@ async def first_delivery(connection: Any, stream: str, start: Any, clock: IReact
         if not isinstance(offset, int):
             return None
         return offset, message.properties, message.body
-    finally:
-        if channel.is_open:
-            channel.close()
 
 
 class StreamVerifier:
@@ -128,12 +136,7 @@ class StreamVerifier:
         Publishes a probe marker (the consumers skip it) and reads from the
         stream's last chunk until that marker comes back.
         """
-        channel = await connection.channel()
-        try:
-            await channel.basic_qos(prefetch_count=PROBE_PREFETCH)
-            queue, _tag = await channel.basic_consume(
-                queue=self.broker.stream, auto_ack=False, arguments={"x-stream-offset": "last"},
-            )
+        async with probe_consumer(connection, self.broker.stream, "last", PROBE_PREFETCH) as (channel, queue):
             nonce = f"probe-{uuid.uuid4().hex}"
             await self.broker.publish(*marker_message(self.replica_id, nonce))
             deadline = self.clock.seconds() + PROBE_TIMEOUT
@@ -147,9 +150,6 @@ class StreamVerifier:
                     if not isinstance(offset, int):
                         raise defer.TimeoutError("probe marker without an offset")
                     return offset
-        finally:
-            if channel.is_open:
-                channel.close()
 
 
 def _marker_of(body: bytes) -> Optional[str]:
