@@ -478,8 +478,7 @@ class _Forwarding:
         backend = proxy.pool.choose(self.tried)
         if backend is None:
             return False
-        if self.relay is not None and self.relay.answered:
-            request.responseHeaders = Headers()  # the failed answer's head was never sent
+        self._forget_backend_head()
         if not self.retrying:
             self.retrying = True
             proxy.retries.retrying += 1
@@ -491,9 +490,13 @@ class _Forwarding:
 
     def _answer_instead(self, response: BytesResponse) -> None:
         """The gateway answers; a backend head taken but never sent to the client is forgotten."""
+        self._forget_backend_head()
+        self._answer(response)
+
+    def _forget_backend_head(self) -> None:
+        """Drop the headers a failed attempt's head put on the answer (they were never sent)."""
         if self.relay is not None and self.relay.answered:
             self.request.responseHeaders = Headers()
-        self._answer(response)
 
     # --- the end ------------------------------------------------------------------
 
