@@ -37,6 +37,8 @@ VHOST_KEY = "stream_vhost"
 NAME_KEY = "stream_name"
 DIGEST_KEY = "anchor_sha256"
 IDENTITY_KEYS = (VHOST_KEY, NAME_KEY, DIGEST_KEY)
+MAX_HEAD_LINES = 32
+"""``key,value`` lines a reader takes before the column header (a peer may be hostile)."""
 HEADER: List[str] = ["user_id", *FIELDS, *(f"{name}_offset" for name in FIELDS)]
 ROWS_PER_CHUNK = 1000
 
@@ -199,6 +201,8 @@ class SnapshotReader:
         elif record[: len(HEADER)] == HEADER:
             self.identity = self._declared_identity(self.offset)
         elif len(record) == 2 and _META_KEY(record[0]) and record[0] not in self._meta:
+            if len(self._meta) >= MAX_HEAD_LINES:
+                raise SnapshotError(f"more than {MAX_HEAD_LINES} lines before the header")
             self._meta[record[0]] = record[1]  # unknown keys are a later release's: ignored
         else:
             raise SnapshotError(f"unexpected line before the header: {record[:1]!r}")

@@ -168,3 +168,10 @@ def test_a_later_release_key_is_ignored() -> None:
     reader = SnapshotReader(GradeStore())
     reader.feed(gzip.compress(body.encode()))
     assert reader.finish() == StateIdentity(StreamId("v", "a,b"), Anchor(3, DIGEST))
+
+
+def test_a_head_that_never_ends_is_refused() -> None:
+    head = "".join(f"key_{i},v\n" for i in range(1000))
+    reader = SnapshotReader(GradeStore(), hold=True)
+    with pytest.raises(SnapshotError, match="more than 32 lines"):
+        reader.feed(gzip.compress(f"2026-11-23T12:00:00.000000Z\nstream_offset,3\n{head}".encode()))
