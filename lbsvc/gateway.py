@@ -43,4 +43,5 @@ def gateway_router(users: UserStore, api: UserAPI, proxy: Proxy, max_body: int,
         registry=registry,
         prefix="lbsvc",
         max_body=MAX_BODY,
+        request_ids=True,
     )

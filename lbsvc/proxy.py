@@ -38,6 +38,7 @@ from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
 from lbsvc.buckets import IBucketStore, Verdict
 from lbsvc.keys import user_of
+from lbsvc.ratelimitheaders import POLICY_HEADER, STATE_HEADER, policy, seconds_until_next, state
 from lbsvc.retries import RetryBudget
 from lbsvc.target import origin_target
 from lbsvc.upstream import (
@@ -51,7 +52,8 @@ from lbsvc.upstream import (
 )
 from lbsvc.users import User
 from svckit.requestbody import RequestBody
-from svckit.responses import STREAMED, BytesResponse, HTTPError, Streamed, retry_after
+from svckit.requestid import request_id
+from svckit.responses import STREAMED, BytesResponse, HTTPError, Streamed
 from svckit.web import client_gone
 
 log = Logger()
@@ -60,9 +62,12 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 })
-NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect",
+NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect", b"x-request-id",
                               b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"via"}
-NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via"}
+NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id", b"ratelimit", b"ratelimit-policy"}
+"""The gateway's own request id and limits replace a backend's."""
+GATEWAY_HEADERS = (b"server", b"date", b"x-request-id", b"ratelimit", b"ratelimit-policy")
+"""What the gateway puts on every answer, proxied or its own."""
 VIA_NAME = b"lbsvc"
 
 
@@ -105,13 +110,17 @@ def upstream_head(request: server.Request, host: bytes) -> bytes:
         lines += (b"X-Forwarded-Host: ", original_host[0], b"\r\n")
     lines.append(b"X-Forwarded-Proto: https\r\n" if request.isSecure() else b"X-Forwarded-Proto: http\r\n")
     vias = () if b"via" in named else headers.getRawHeaders(b"via", ())
-    lines += (b"Via: ", b", ".join([*vias, via(request)]), b"\r\n")
+    lines += (b"Via: ", b", ".join([*vias, via(request)]), b"\r\nX-Request-Id: ", request_id(request), b"\r\n")
     return b"".join(lines)
 
 
-def text(code: int, message: str) -> BytesResponse:
-    """A plain-text gateway answer (``503 No available servers`` and friends)."""
-    return BytesResponse(message.encode("utf-8"), code)
+def text(request: server.Request, code: int, message: bytes) -> BytesResponse:
+    """A plain-text gateway answer (``503 No available servers`` and friends).
+
+    The message is the first line, as it always was; the request id follows
+    on a line of its own.
+    """
+    return BytesResponse(b"%s\nrequest id: %s\n" % (message, request_id(request)), code)
 
 
 class Deadlines:
@@ -240,13 +249,13 @@ class _Relay:
         else:
             self.proxy.backend_failed(self.backend, "timeout", "did not answer within {seconds}s",
                                       seconds=self._response_timeout)
-            self.failed = text(504, "Gateway timeout")
+            self.failed = text(self.request, 504, b"Gateway timeout")
             self.connection.cancel()
 
     def _stalled(self) -> None:
         self.proxy.backend_failed(self.backend, "body_stalled", "sent no body for {seconds}s; cut off",
                                   seconds=self._body_timeout)
-        self.failed = text(504, "Gateway timeout")  # what the client gets if none of the body was sent yet
+        self.failed = text(self.request, 504, b"Gateway timeout")  # what the client gets if none of the body was sent yet
         self.connection.cancel()
 
     def _check_body(self) -> None:
@@ -259,10 +268,10 @@ class _Relay:
             if body.waiting_on_consumer and body.started:
                 self.proxy.backend_failed(self.backend, "timeout", "read none of the body for {seconds}s",
                                           seconds=self._body_timeout)
-                self.failed = text(504, "Gateway timeout")
+                self.failed = text(self.request, 504, b"Gateway timeout")
             else:
                 log.info("Client sent none of its body for {seconds}s; giving up", seconds=self._body_timeout)
-                self.failed = text(408, "Request body timed out")
+                self.failed = text(self.request, 408, b"Request body timed out")
             self.connection.cancel()
             return
         self._body_seen = body.received
@@ -295,13 +304,16 @@ class Proxy:
 
     def _admitted(self, verdict: Verdict, request: server.Request, user: User) -> Any:
         taken, bucket = verdict
+        limits = policy(user.capacity, user.rate_per_sec)
         if not taken:
             raise HTTPError(429, "rate limit exceeded", {
-                "Retry-After": retry_after(bucket.retry_after()),
-                "RateLimit-Limit": str(user.capacity),
-                "RateLimit-Remaining": str(int(bucket.level)),
-                "RateLimit-Reset": str(bucket.reset_after()),
+                "Retry-After": str(seconds_until_next(bucket)),
+                "RateLimit-Policy": limits.decode("ascii"),
+                "RateLimit": state(bucket).decode("ascii"),
             })
+        headers = request.responseHeaders
+        headers.setRawHeaders(POLICY_HEADER, [limits])
+        headers.setRawHeaders(STATE_HEADER, [state(bucket)])
         return _Forwarding(self, request).start()
 
     def backend_failed(self, backend: Backend, outcome: str, why: str, **fields: Any) -> None:
@@ -366,7 +378,7 @@ class _Forwarding:
     def _next_backend(self) -> None:
         backend = self.proxy.pool.choose(self.tried)
         if backend is None:
-            self._answer(text(503, "No available servers"))
+            self._answer(text(self.request, 503, b"No available servers"))
             return
         self._use(backend)
 
@@ -464,7 +476,7 @@ class _Forwarding:
             # connection, quietly (the warning above says why).
             self._fail(Failure(defer.CancelledError("upstream answer broke off")))
         else:
-            self._answer_instead(text(502, "Bad gateway"))
+            self._answer_instead(text(self.request, 502, b"Bad gateway"))
 
     def _retry(self) -> bool:
         """Send the request to another backend, if that is safe and within the budget."""
@@ -494,9 +506,17 @@ class _Forwarding:
         self._answer(response)
 
     def _forget_backend_head(self) -> None:
-        """Drop the headers a failed attempt's head put on the answer (they were never sent)."""
+        """Drop the headers a failed attempt's head put on the answer (they were never sent).
+
+        The gateway's own (:data:`GATEWAY_HEADERS`) stay.
+        """
         if self.relay is not None and self.relay.answered:
-            self.request.responseHeaders = Headers()
+            old, new = self.request.responseHeaders, Headers()
+            for name in GATEWAY_HEADERS:
+                values = old.getRawHeaders(name)
+                if values:
+                    new.setRawHeaders(name, values)
+            self.request.responseHeaders = new
 
     # --- the end ------------------------------------------------------------------
 

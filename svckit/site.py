@@ -39,6 +39,7 @@ from twisted.web import http, server
 
 from svckit.accesslog import AccessLog
 from svckit.requestbody import RequestBody
+from svckit.requestid import request_id
 from svckit.responses import PHRASES, HTTPError, dumps, too_large
 from svckit.web import Router, log_unhandled
 
@@ -59,6 +60,10 @@ class GuardedRequest(server.Request):
     """What a guard authenticated (the user of an API key, the admin)."""
     body: Optional[RequestBody] = None
     """The body as it arrives, for a route that streams it."""
+    request_id: Optional[bytes] = None
+    """Its id (:func:`svckit.requestid.request_id`), once asked for."""
+    started = 0.0
+    """When its headers were in (the reactor's time), for the access log's duration."""
     _limit = 0
     _received = 0
 
@@ -68,6 +73,7 @@ class GuardedRequest(server.Request):
         self.method, self.uri, self.clientproto = channel.request_line()
         self.path = self.uri.split(b"?", 1)[0]
         site: GuardedSite = channel.site
+        self.started = site.access_log.clock.seconds()
         refusal: Optional[HTTPError] = None
         try:
             self._limit = site.router.admit(self)
@@ -101,6 +107,8 @@ class GuardedRequest(server.Request):
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", [server.version])
         headers.setRawHeaders(b"date", [site.date()])
+        if site.request_ids:
+            headers.setRawHeaders(b"x-request-id", [request_id(self)])
         self.prepath, self.postpath = [], []
         if self.path == b"*":  # OPTIONS * is answered, any other method is 405
             self._handleStar()
@@ -233,7 +241,10 @@ class GuardedChannel(http.HTTPChannel):
         if request is not None:
             # No "100 Continue" after the answer: the body is not wanted.
             request.requestHeaders.removeHeader(b"expect")
-        body = dumps({"Error": error.message})
+        answer = {"Error": error.message}
+        if self.site.request_ids and request is not None:
+            answer["request_id"] = request_id(request).decode("ascii")
+        body = dumps(answer)
         head = [
             b"HTTP/1.1 %d %s" % (error.code, PHRASES.get(error.code) or http.RESPONSES.get(error.code, b"Error")),
             b"Content-Type: application/json",
@@ -241,6 +252,8 @@ class GuardedChannel(http.HTTPChannel):
             b"Connection: close",
         ]
         head += [f"{k}: {v}".encode("latin-1") for k, v in error.headers.items()]
+        if "request_id" in answer:
+            head.append(b"X-Request-Id: " + answer["request_id"].encode("ascii"))
         if self.transport is not None:
             self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.site.refused(request, error.code, len(body))
@@ -309,6 +322,8 @@ class GuardedSite(server.Site):
         self._parsePOSTFormSubmission = False
         self.router = router
         self.access_log = access_log
+        self.request_ids = router.request_ids
+        """Whether every answer carries ``X-Request-Id`` and every error body its ``request_id``."""
 
     _date_second = -1
     _date = b""

@@ -16,6 +16,9 @@ The router owns everything around the handler:
   and answered 500;
 * **disconnects**: when the client goes away the handler's Deferred is
   cancelled, nothing more is written, and nothing is logged as unhandled;
+* **request ids** (``request_ids=True``): every answer carries
+  ``X-Request-Id`` (:mod:`svckit.requestid`) and every error body its
+  ``request_id`` beside ``Error``;
 * **outcome metrics**: ``<prefix>_http_requests_total{route, code}`` for every
   request, including those refused at admission; a client that left before its
   answer counts as code ``499``.
@@ -33,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from svckit.jsonbody import parse_object
+from svckit.requestid import request_id
 from svckit.responses import (
     JSON_TYPE,
     PHRASES,
@@ -150,8 +154,10 @@ class Router(resource.Resource):
         reserved: Tuple[bytes, ...] = (),
         guard: Optional[Guard] = None,
         max_body: int = DEFAULT_MAX_BODY,
+        request_ids: bool = False,
     ) -> None:
         super().__init__()
+        self.request_ids = request_ids
         self.routes = dict(routes)
         self.fallback = fallback
         self.reserved = reserved
@@ -232,9 +238,14 @@ class Router(resource.Resource):
 
     def _failure_response(self, request: server.Request, failure: Failure) -> JSONResponse:
         if isinstance(failure.value, HTTPError):
-            return failure.value.response()
-        log_unhandled("Unhandled error", failure, request)
-        return JSONResponse({"Error": "internal error"}, 500)
+            error = failure.value
+        else:
+            log_unhandled("Unhandled error", failure, request)
+            error = HTTPError(500, "internal error")
+        if self.request_ids:
+            return JSONResponse({"Error": error.message, "request_id": request_id(request).decode("ascii")},
+                                error.code, error.headers)
+        return error.response()
 
     def _answer(self, result: Union[Response, Failure], request: server.Request,
                 route: Optional[Route]) -> None:

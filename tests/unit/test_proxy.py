@@ -9,6 +9,7 @@ answer byte by byte.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -114,7 +115,14 @@ def get(target: bytes = b"/", extra: bytes = b"") -> bytes:
 
 
 def response(transport: StringTransport) -> Tuple[int, bytes, bytes]:
+    """Status, head and body; a gateway's own text answer is checked to end with
+    the request id of its ``X-Request-Id`` header, and returned without it."""
     head, _, body = transport.value().partition(b"\r\n\r\n")
+    message, marker, rest = body.partition(b"\nrequest id: ")
+    if marker:
+        ids = [line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+        assert [rest] == [ids[0] + b"\n"], (head, body)
+        body = message
     return int(head.split(b" ", 2)[1]), head, body
 
 
@@ -472,3 +480,76 @@ def test_the_retry_budget_stops_retry_storms() -> None:
     assert not budget.allows(settings, b"GET", None, 1, 10.5, retrying=False)  # past the timeout
     assert sample_value(registry, "lbsvc_upstream_retries_total", {"verdict": "budget"}) == 1
     assert sample_value(registry, "lbsvc_upstream_retries_total", {"verdict": "exhausted"}) == 2
+
+
+def header_values(head: bytes, name: bytes) -> List[bytes]:
+    """Every value of header ``name`` in a raw head."""
+    prefix = name.lower() + b":"
+    return [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(prefix)]
+
+
+def test_a_safe_request_id_goes_upstream_and_back_unchanged() -> None:
+    world = World()
+    _, client = world.send(get(extra=b"X-Request-Id: abc.DEF_1:2-3\r\ntraceparent: 00-abc-01\r\ntracestate: a=1\r\n"))
+    sent = world.sent().partition(b"\r\n\r\n")[0]
+    assert header_values(sent, b"x-request-id") == [b"abc.DEF_1:2-3"]
+    assert header_values(sent, b"traceparent") == [b"00-abc-01"] and header_values(sent, b"tracestate") == [b"a=1"]
+    world.answer(b"HTTP/1.1 200 OK\r\nX-Request-Id: the-backends-own\r\nContent-Length: 2\r\n\r\nhi")
+    code, head, _ = response(client)
+    assert code == 200 and header_values(head, b"x-request-id") == [b"abc.DEF_1:2-3"]
+
+
+@pytest.mark.parametrize("given", [
+    b"X-Request-Id: " + b"a" * 129 + b"\r\n",  # too long
+    b"X-Request-Id: has space\r\n",
+    b"X-Request-Id: semi;colon\r\n",
+    b"X-Request-Id: \xc3\xa9\r\n",  # not ASCII
+    b"X-Request-Id: one\r\nX-Request-Id: two\r\n",  # two values: neither is the id
+])
+def test_an_unsafe_request_id_is_replaced_by_one_of_ours(given: bytes) -> None:
+    world = World()
+    _, client = world.send(get(extra=given))
+    sent = world.sent().partition(b"\r\n\r\n")[0]
+    [made] = header_values(sent, b"x-request-id")
+    assert made not in given and len(made) <= 128
+    world.answer(OK)
+    assert header_values(response(client)[1], b"x-request-id") == [made]
+
+
+def test_every_request_gets_its_own_id_and_error_bodies_carry_it() -> None:
+    world = World({A: "refuse", B: "refuse"})
+    _, first = world.send(get())
+    _, second = world.send(get())
+    ids = [header_values(response(c)[1], b"x-request-id")[0] for c in (first, second)]
+    assert ids[0] != ids[1]  # response() checked that each 503 body names its id
+    _, unknown = world.send(b"GET / HTTP/1.1\r\nHost: gw\r\nAuthorization: nope\r\n\r\n")
+    code, head, body = response(unknown)
+    assert code == 401 and json.loads(body)["request_id"] == header_values(head, b"x-request-id")[0].decode()
+
+
+def test_ratelimit_headers_on_every_proxied_answer_and_on_429() -> None:
+    world = World(capacity=2)  # 2 tokens, 1 per second: refilled from empty in 2 s
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nRateLimit: \"backend\";r=99;t=1\r\nContent-Length: 2\r\n\r\nhi")
+    code, head, _ = response(client)
+    assert code == 200
+    assert header_values(head, b"ratelimit-policy") == [b'"default";q=2;w=2']
+    assert header_values(head, b"ratelimit") == [b'"default";r=1;t=1']  # the backend's own is not relayed
+    _, client = world.send(get())
+    world.answer(OK)
+    assert header_values(response(client)[1], b"ratelimit") == [b'"default";r=0;t=1']
+    _, client = world.send(get())
+    code, head, body = response(client)
+    assert code == 429 and json.loads(body)["Error"] == "rate limit exceeded"
+    assert header_values(head, b"ratelimit") == [b'"default";r=0;t=1'] and header_values(head, b"retry-after") == [b"1"]
+    assert header_values(head, b"ratelimit-policy") == [b'"default";q=2;w=2']
+
+
+def test_a_retried_answer_keeps_the_gateways_headers_and_drops_the_failed_backends() -> None:
+    world = World()
+    _, client = world.send(get(extra=b"X-Request-Id: keep-me\r\n"))
+    world.answer(b"HTTP/1.1 200 OK\r\nX-From-A: 1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")  # a: breaks
+    world.answer(OK)  # b answers
+    code, head, body = response(client)
+    assert (code, body) == (200, b"hi") and b"X-From-A" not in head
+    assert header_values(head, b"x-request-id") == [b"keep-me"] and len(header_values(head, b"ratelimit")) == 1

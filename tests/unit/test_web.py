@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import json
+import string
 from typing import Any, List, Optional, Tuple
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -21,10 +24,13 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry, sample_value
+from svckit.requestid import new_request_id, safe_request_id
 from svckit.responses import STREAMED, HTTPError, JSONResponse, Response
 from svckit.site import GuardedChannel, make_site
 from svckit.web import Route, Router, read_json
 from tests.conftest import LoggedErrors
+
+SAFE_ID_CHARS = string.ascii_letters + string.digits + "._:-"
 
 
 def deny_without_token(request: server.Request) -> None:
@@ -352,3 +358,15 @@ def test_a_guard_that_breaks_is_500_before_the_body(app: App, logged_errors: Log
     code, _, body = response(transport)
     assert (code, json.loads(body)) == (500, {"Error": "internal error"}) and app.calls == []
     assert len(logged_errors.flush(KeyError)) == 1
+
+
+@given(st.binary(max_size=140))
+def test_only_short_safe_request_ids_are_kept(value: bytes) -> None:
+    safe = 0 < len(value) <= 128 and all(chr(c) in SAFE_ID_CHARS for c in value)
+    assert (safe_request_id([value]) == value) is safe
+    assert safe_request_id([value, value]) is None and safe_request_id(None) is None
+
+
+def test_made_request_ids_are_unique_and_safe() -> None:
+    made = {new_request_id() for _ in range(1000)}
+    assert len(made) == 1000 and all(safe_request_id([m]) == m for m in made)
