@@ -20,6 +20,7 @@ class ReplicaConfig:
     admin_user: str
     admin_password: str = attrs.field(repr=False)
     access_log: str = "-"
+    access_log_format: str = "combined"
     peer_idle_timeout: float = 30.0
     write_timeout: float = 5.0
     data_dir: str = "gradesvc-data"

@@ -31,7 +31,7 @@ from gradesvc.verification import StreamVerifier
 from gradesvc.writeapi import WriteAPI, write_router
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
-from svckit.options import EnvOptions, access_log_destination, endpoint_description, positive_float
+from svckit.options import EnvOptions, access_log_destination, access_log_format, endpoint_description, positive_float
 from svckit.site import listen
 from svckit.supervisor import Supervisor
 
@@ -65,6 +65,7 @@ class Options(EnvOptions):
         ["admin-user", None, None, "User name for the write port [GRADESVC_ADMIN_USER]."],
         ["admin-password", None, None, "Password for the write port [GRADESVC_ADMIN_PASSWORD]."],
         ["access-log", None, "-", "Access log: - (this log), a file, or off [GRADESVC_ACCESS_LOG]."],
+        ["access-log-format", None, "combined", "Access log format: combined or json [GRADESVC_ACCESS_LOG_FORMAT]."],
         ["peer-idle-timeout", None, "30", ("Seconds a peer's /backup may send nothing before the next"
          " peer is tried [GRADESVC_PEER_IDLE_TIMEOUT].")],
         ["write-timeout", None, "5", ("Seconds POST /set waits for its confirmed message to be applied"
@@ -85,6 +86,7 @@ class Options(EnvOptions):
         "admin-user": "GRADESVC_ADMIN_USER",
         "admin-password": "GRADESVC_ADMIN_PASSWORD",
         "access-log": "GRADESVC_ACCESS_LOG",
+        "access-log-format": "GRADESVC_ACCESS_LOG_FORMAT",
         "peer-idle-timeout": "GRADESVC_PEER_IDLE_TIMEOUT",
         "write-timeout": "GRADESVC_WRITE_TIMEOUT",
         "read-wait": "GRADESVC_READ_WAIT",
@@ -118,6 +120,7 @@ class Options(EnvOptions):
             admin_user=self["admin-user"],
             admin_password=self["admin-password"],
             access_log=access_log_destination(self["access-log"]),
+            access_log_format=access_log_format(self["access-log-format"]),
             peer_idle_timeout=positive_float("--peer-idle-timeout", str(self["peer-idle-timeout"])),
             write_timeout=positive_float("--write-timeout", str(self["write-timeout"])),
             read_wait=positive_float("--read-wait", str(self["read-wait"])),
@@ -149,7 +152,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 
     top = service.MultiService()
     data_dir.setServiceParent(top)
-    access_log = AccessLog(config.access_log, reactor)
+    access_log = AccessLog(config.access_log, reactor, config.access_log_format)
     access_log.setServiceParent(top)
     broker = BrokerService(reactor, config.amqp_url, config.stream, status)
     broker.setServiceParent(top)

@@ -49,12 +49,20 @@ class BackendPool:
         Requests in flight hold their own ``Backend`` objects and finish
         normally, whatever the new list says.
         """
-        old: Dict[Tuple[str, str], Backend] = {(b.name, b.url): b for b in self.backends}
-        self.backends = [old.get((s.name, s.url)) or Backend(s.name, s.url) for s in config.servers]
+        old: Dict[Tuple[str, str, Optional[str]], Backend] = {(b.name, b.url, b.ca_file): b for b in self.backends}
+        self.backends = [old.get((s.name, s.url, s.ca_file)) or Backend(s.name, s.url, s.ca_file)
+                         for s in config.servers]
         if config.algorithm != self.config.algorithm:
             self.balancer = BALANCERS[config.algorithm]()
         self.config = config
         self._health_changed()
+
+    def ca_file_of(self, host: bytes, port: int) -> Optional[str]:
+        """The CA file of the https backend at ``host:port`` (None: the system's CAs)."""
+        for backend in self.backends:
+            if backend.host == host and backend.port == port and backend.scheme == b"https":
+                return backend.ca_file
+        return None
 
     def choose(self, exclude: Container[Backend] = ()) -> Optional[Backend]:
         """The balancer's pick among available backends."""

@@ -18,6 +18,8 @@ class Backend:
 
     name: str
     url: str
+    ca_file: Optional[str] = None
+    """The CA certificates an ``https`` backend is verified against (None: the system's)."""
     healthy: bool = True
     in_flight: int = 0
     successes: int = 0

@@ -8,20 +8,24 @@
     pool_size: 64                   # idle connections kept per backend
     servers:
       - {name: replica-a, url: "http://127.0.0.1:8070"}
+      - {name: tls-b, url: "https://b.internal:8443", ca_file: certs/ca.pem}  # see lbsvc.tls
 
+A relative ``ca_file`` is read from the directory of ``servers.yaml``.
 Everything is validated when loaded; :class:`ConfigError` says what is wrong.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Set, Tuple
+import os
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 import attrs
 import yaml
 
 from lbsvc.balancer import BALANCERS
+from lbsvc.tls import read_ca_file
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,8 @@ class Server:
 
     name: str
     url: str
+    ca_file: Optional[str] = None
+    """An ``https`` backend's CA certificates (PEM); None: the system's CAs."""
 
 
 @attrs.frozen
@@ -105,8 +111,8 @@ def _number(section: str, key: str, value: Any, minimum: float, integer: bool = 
     return value
 
 
-def parse(document: Any) -> ServersConfig:
-    """Validate a loaded YAML document."""
+def parse(document: Any, base_dir: str = ".") -> ServersConfig:
+    """Validate a loaded YAML document (relative ``ca_file`` paths are under ``base_dir``)."""
     if not isinstance(document, dict):
         raise ConfigError("servers.yaml must be a mapping")
     unknown = set(document) - {"algorithm", "health_check", "servers", "timeouts", "upstream_timeout",
@@ -139,8 +145,8 @@ def parse(document: Any) -> ServersConfig:
     seen: Set[str] = set()
     parsed: List[Server] = []
     for i, entry in enumerate(servers):
-        if not isinstance(entry, dict) or set(entry) - {"name", "url"}:
-            raise ConfigError(f"servers[{i}] must be a mapping with name and url")
+        if not isinstance(entry, dict) or set(entry) - {"name", "url", "ca_file"}:
+            raise ConfigError(f"servers[{i}] must be a mapping with name, url and (for https) ca_file")
         name, url = entry.get("name"), entry.get("url")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"servers[{i}].name must be a non-empty string")
@@ -150,15 +156,15 @@ def parse(document: Any) -> ServersConfig:
         if not isinstance(url, str):
             raise ConfigError(f"servers[{i}].url must be an http(s) URL, not {url!r}")
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ConfigError(f"servers[{i}].url must be an http:// URL (no TLS to backends), not {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"servers[{i}].url must be an http:// or https:// URL, not {url!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-            raise ConfigError(f"servers[{i}].url must be http://host[:port] only, not {url!r}")
+            raise ConfigError(f"servers[{i}].url must be http(s)://host[:port] only, not {url!r}")
         try:
             _ = parts.port
         except ValueError:
             raise ConfigError(f"servers[{i}].url has a bad port: {url!r}") from None
-        parsed.append(Server(name, url.rstrip("/")))
+        parsed.append(Server(name, url.rstrip("/"), _ca_file(i, parts.scheme, entry.get("ca_file"), base_dir)))
     pool_size = document.get("pool_size", 64)
     if isinstance(pool_size, bool) or not isinstance(pool_size, int) or not 0 <= pool_size <= 10_000:
         raise ConfigError(f"pool_size must be an integer from 0 to 10000, not {pool_size!r}")
@@ -167,6 +173,22 @@ def parse(document: Any) -> ServersConfig:
         raise ConfigError(f"panic_threshold must be a number from 0 to 1, not {panic!r}")
     return ServersConfig(algorithm, health, tuple(parsed), _timeouts(document), pool_size,
                          _ejection(document), float(panic), _retries(document))
+
+
+def _ca_file(i: int, scheme: str, value: Any, base_dir: str) -> Optional[str]:
+    """A backend's ``ca_file``: only for https, a PEM file whose certificates load."""
+    if value is None:
+        return None
+    if scheme != "https":
+        raise ConfigError(f"servers[{i}].ca_file is for https:// backends only")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"servers[{i}].ca_file must be a file path, not {value!r}")
+    path = os.path.normpath(os.path.join(base_dir, value))
+    try:
+        read_ca_file(path)
+    except ValueError as e:
+        raise ConfigError(f"servers[{i}].ca_file: {e}") from None
+    return path
 
 
 def _section(document: Dict[str, Any], name: str, keys: Set[str]) -> Dict[str, Any]:
@@ -227,6 +249,6 @@ def load(path: str) -> ServersConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     try:
-        return parse(document)
+        return parse(document, os.path.dirname(os.path.abspath(path)))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

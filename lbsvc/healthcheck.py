@@ -7,12 +7,12 @@ probe it uses in the daemon, a GET through a non-persistent agent.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import client
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
 from lbsvc.backends import BackendPool
 from lbsvc.balancer import Backend
@@ -26,11 +26,16 @@ class _QuietFactory(client._HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per check
 
 
-def probe_agent(reactor: Any, connect_timeout: float) -> IAgent:
-    """An agent for health checks: a new connection per check, never pooled."""
+def probe_agent(reactor: Any, connect_timeout: float, tls: Optional[IPolicyForHTTPS] = None) -> IAgent:
+    """An agent for health checks: a new connection per check, never pooled.
+
+    ``tls`` verifies ``https`` backends (:class:`lbsvc.tls.ProbePolicy`: the
+    same CA files as the proxied requests).
+    """
     pool = client.HTTPConnectionPool(reactor, persistent=False)
     pool._factory = _QuietFactory
-    return client.Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+    policy = tls if tls is not None else client.BrowserLikePolicyForHTTPS()
+    return client.Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
 
 
 def http_probe(agent: IAgent, clock: IReactorTime) -> Probe:

@@ -18,10 +18,16 @@ MAX_KEY_LENGTH = 256
 
 
 def api_key(request: server.Request) -> Optional[str]:
-    """The key in the ``Authorization`` header, or None."""
+    """The key in the ``Authorization`` header, or None.
+
+    Two ``Authorization`` headers are refused (400): which one is meant is
+    not for the gateway to guess, and a backend behind it might pick the other.
+    """
     header = request.requestHeaders.getRawHeaders(b"authorization")
     if not header:
         return None
+    if len(header) > 1:
+        raise HTTPError(400, "more than one Authorization header")
     value = header[0].decode("latin-1").strip()
     scheme, _, rest = value.partition(" ")
     if scheme.lower() == "bearer":

@@ -297,6 +297,7 @@ class Proxy:
     def __call__(self, request: server.Request) -> Any:
         """Spend a token (429 without one), then forward."""
         user = user_of(request)
+        request.log_fields = {"user": user.name}  # type: ignore[attr-defined]
         verdict = self.buckets.take(user.name, user.capacity, user.rate_per_sec)
         if isinstance(verdict, defer.Deferred):  # a shared store: Redis answers later
             return verdict.addCallback(self._admitted, request, user)
@@ -367,6 +368,10 @@ class _Forwarding:
         return self.done
 
     def _ended(self, result: Any) -> Any:
+        fields = getattr(self.request, "log_fields", None)
+        if fields is not None and self.tried:
+            fields["backend"] = self.tried[-1].name
+            fields["upstream_ms"] = (self.proxy.clock.seconds() - self.started) * 1000
         budget = self.proxy.retries
         budget.active -= 1
         if self.retrying:

@@ -17,6 +17,7 @@ class GatewaySettings:
     servers: ServersConfig
     database: str
     access_log: str = "-"
+    access_log_format: str = "combined"
     max_body: int = 64 * 1024 * 1024
     max_capacity: int = 1_000_000_000
     max_rate: float = 1_000_000.0

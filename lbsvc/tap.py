@@ -19,6 +19,7 @@ from lbsvc.proxy import Proxy
 from lbsvc.redisbuckets import FALLBACKS, RedisBucketStore, RedisLink, parse_redis_url
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
 from lbsvc.settings import GatewaySettings
+from lbsvc.tls import BackendTLS, ProbePolicy
 from lbsvc.upstream import UpstreamPool
 from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, UserAPI, parse_capacity, parse_rate
 from lbsvc.userdb import StorageUnavailable, open_database
@@ -26,7 +27,7 @@ from lbsvc.users import SYNC_INTERVAL, UserStore
 from lbsvc.workers import AdoptedPort, ParentWatch, WorkerPool, bind, inherited
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
-from svckit.options import EnvOptions, access_log_destination, endpoint_description, positive_float
+from svckit.options import EnvOptions, access_log_destination, access_log_format, endpoint_description, positive_float
 from svckit.readiness import Readiness
 from svckit.responses import HTTPError
 from svckit.site import listen, make_site
@@ -49,6 +50,7 @@ class Options(EnvOptions):
         ["admin-endpoint", None, "tcp:8079:interface=127.0.0.1",
          "Endpoint of the gateway's own /health, /ready, /metrics [LBSVC_ADMIN_ENDPOINT]."],
         ["access-log", None, "-", "Access log: - (this log), a file, or off [LBSVC_ACCESS_LOG]."],
+        ["access-log-format", None, "combined", "Access log format: combined or json [LBSVC_ACCESS_LOG_FORMAT]."],
         ["max-body", None, str(MAX_BODY), "Largest request body proxied, bytes [LBSVC_MAX_BODY]."],
         ["max-capacity", None, str(MAX_CAPACITY), "Highest capacity a user may set [LBSVC_MAX_CAPACITY]."],
         ["max-rate", None, str(MAX_RATE), "Highest rate_per_sec a user may set [LBSVC_MAX_RATE]."],
@@ -66,6 +68,7 @@ class Options(EnvOptions):
         "database": "LBSVC_DATABASE",
         "admin-endpoint": "LBSVC_ADMIN_ENDPOINT",
         "access-log": "LBSVC_ACCESS_LOG",
+        "access-log-format": "LBSVC_ACCESS_LOG_FORMAT",
         "max-body": "LBSVC_MAX_BODY",
         "max-capacity": "LBSVC_MAX_CAPACITY",
         "max-rate": "LBSVC_MAX_RATE",
@@ -125,6 +128,7 @@ class Options(EnvOptions):
             servers=servers,
             database=self["database"],
             access_log=access_log_destination(self["access-log"]),
+            access_log_format=access_log_format(self["access-log-format"]),
             max_body=max_body,
             max_capacity=max_capacity,
             max_rate=max_rate,
@@ -160,7 +164,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
                                  settings.redis_timeout, reactor, registry, link)
     users.on_deleted = buckets.forget
     pool = BackendPool(settings.servers, reactor)
-    probes = probe_agent(reactor, settings.servers.timeouts.connect)
+    tls = BackendTLS()
+    probes = probe_agent(reactor, settings.servers.timeouts.connect, ProbePolicy(tls, pool.ca_file_of))
     checker = HealthChecker(pool, http_probe(probes, reactor), reactor)
 
     gauges = CallbackGauges(registry)
@@ -183,7 +188,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     top = service.MultiService()
     if link is not None:
         link.setServiceParent(top)
-    access_log = AccessLog(settings.access_log, reactor)
+    access_log = AccessLog(settings.access_log, reactor, settings.access_log_format)
     access_log.setServiceParent(top)
     def failed(name: str) -> None:
         readiness.fail(name, "failed; restarting")
@@ -202,7 +207,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 
     gateway = GatewayService(reactor, users, pool, checker, checks, settings.servers_path, readiness)
     gateway.setServiceParent(top)
-    upstream = UpstreamPool(reactor, settings.servers.timeouts.connect, settings.servers.pool_size)
+    upstream = UpstreamPool(reactor, settings.servers.timeouts.connect, settings.servers.pool_size, tls=tls)
     proxy = Proxy(store, pool, upstream, reactor, registry)
     api = UserAPI(users, store, settings.max_capacity, settings.max_rate)
     router = gateway_router(users, api, proxy, settings.max_body, registry)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, endpoints
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -38,6 +40,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import Interface
 
 from lbsvc.balancer import Backend
+from lbsvc.tls import BackendTLS
 
 log = Logger()
 
@@ -47,6 +50,8 @@ MAX_LINE = 4096
 """The longest chunk-size or trailer line accepted."""
 
 Header = Tuple[bytes, bytes]
+Key = Tuple[bytes, bytes, int, Optional[str]]
+"""Where a pooled connection goes: scheme, host, port and (https) CA file."""
 _CLOSED = Failure(ConnectionDone())
 
 
@@ -101,7 +106,7 @@ _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_C
 class UpstreamConnection(Protocol):
     """One persistent HTTP/1.1 connection to a backend."""
 
-    def __init__(self, pool: Optional[UpstreamPool], key: Tuple[bytes, int]) -> None:
+    def __init__(self, pool: Optional[UpstreamPool], key: Key) -> None:
         self.pool = pool
         self.key = key
         self.used = 0
@@ -140,6 +145,8 @@ class UpstreamConnection(Protocol):
         if self._state == _UNTIL_CLOSE:
             self._state = _IDLE
             done.callback(None)
+        elif reason.check(SSL.Error, VerificationError):
+            done.errback(BadResponse(f"TLS failed: {reason.getErrorMessage()}"))
         elif not self._received_any and self.used > 1:
             done.errback(StaleConnection(f"reused connection closed: {reason.getErrorMessage()}"))
         else:
@@ -398,7 +405,7 @@ class UpstreamConnection(Protocol):
 class _ConnectionFactory(Factory):
     noisy = False  # no "Starting factory" line for every new connection
 
-    def __init__(self, pool: UpstreamPool, key: Tuple[bytes, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: Key) -> None:
         self.pool = pool
         self.key = key
 
@@ -422,16 +429,22 @@ class UpstreamPool:
     """Idle connections per backend, and new ones when none is idle."""
 
     def __init__(self, reactor: Any, connect_timeout: float, pool_size: int = 64,
-                 endpoint_for: Optional[Callable[[bytes, int], IStreamClientEndpoint]] = None) -> None:
+                 endpoint_for: Optional[Callable[[Backend], IStreamClientEndpoint]] = None,
+                 tls: Optional[BackendTLS] = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.pool_size = pool_size
+        self.tls = tls or BackendTLS()
         self._endpoint_for = endpoint_for or self._endpoint
-        self._idle: Dict[Tuple[bytes, int], List[UpstreamConnection]] = {}
-        self._endpoints: Dict[Tuple[bytes, int], IStreamClientEndpoint] = {}
+        self._idle: Dict[Key, List[UpstreamConnection]] = {}
+        self._endpoints: Dict[Key, IStreamClientEndpoint] = {}
 
-    def _endpoint(self, host: bytes, port: int) -> IStreamClientEndpoint:
-        return client_endpoint(self.reactor, host, port, self.connect_timeout)
+    def _endpoint(self, backend: Backend) -> IStreamClientEndpoint:
+        """TCP to the backend, with TLS on top for ``https``."""
+        endpoint = client_endpoint(self.reactor, backend.host, backend.port, self.connect_timeout)
+        if backend.scheme == b"https":
+            return self.tls.wrap(endpoint, backend.host, backend.ca_file)
+        return endpoint
 
     @property
     def idle(self) -> int:
@@ -440,7 +453,7 @@ class UpstreamPool:
 
     def connection(self, backend: Backend, fresh: bool = False) -> defer.Deferred[UpstreamConnection]:
         """An idle connection to ``backend`` (unless ``fresh``), else a new one."""
-        key = (backend.host, backend.port)
+        key = (backend.scheme, backend.host, backend.port, backend.ca_file)
         idle = self._idle.get(key)
         while idle and not fresh:
             connection = idle.pop()
@@ -448,7 +461,7 @@ class UpstreamPool:
                 return defer.succeed(connection)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = self._endpoints[key] = self._endpoint_for(*key)
+            endpoint = self._endpoints[key] = self._endpoint_for(backend)
         d = endpoint.connect(_ConnectionFactory(self, key))
 
         def failed(reason: Failure) -> Failure:

@@ -12,6 +12,8 @@ from typing import Dict, Mapping, Optional
 
 from twisted.python import usage
 
+from svckit.accesslog import FORMATS
+
 
 class EnvOptions(usage.Options):
     """``usage.Options`` whose defaults come from the environment."""
@@ -42,6 +44,14 @@ def access_log_destination(value: str) -> str:
     value = value.strip()
     if not value:
         raise usage.UsageError("--access-log must be -, off or a file path")
+    return value
+
+
+def access_log_format(value: str) -> str:
+    """``combined`` or ``json``."""
+    value = value.strip().lower()
+    if value not in FORMATS:
+        raise usage.UsageError(f"--access-log-format must be {' or '.join(FORMATS)}, not {value!r}")
     return value
 
 

@@ -37,7 +37,7 @@ from twisted.internet import endpoints
 from twisted.python import failure
 from twisted.web import http, server
 
-from svckit.accesslog import AccessLog
+from svckit.accesslog import AccessLog, LogFields
 from svckit.requestbody import RequestBody
 from svckit.requestid import request_id
 from svckit.responses import PHRASES, HTTPError, dumps, too_large
@@ -62,7 +62,9 @@ class GuardedRequest(server.Request):
     """The body as it arrives, for a route that streams it."""
     request_id: Optional[bytes] = None
     """Its id (:func:`svckit.requestid.request_id`), once asked for."""
-    started = 0.0
+    log_fields: Optional[LogFields] = None
+    """What the daemon adds to its access log line (lbsvc: user, backend, upstream time)."""
+    started: Optional[float] = None
     """When its headers were in (the reactor's time), for the access log's duration."""
     _limit = 0
     _received = 0

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -57,11 +58,15 @@ def http(
     body: Optional[bytes] = None,
     headers: Optional[Dict[str, str]] = None,
     timeout: float = 10.0,
+    context: Optional[ssl.SSLContext] = None,
 ) -> Tuple[int, Dict[str, str], bytes]:
-    """One HTTP request; returns status, lower-cased headers and body (errors too)."""
+    """One HTTP request; returns status, lower-cased headers and body (errors too).
+
+    ``context`` verifies an ``https`` server (the tests' own CA).
+    """
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()

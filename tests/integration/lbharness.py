@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import ssl
 import subprocess
 import threading
 import uuid
@@ -20,8 +21,9 @@ from tests.integration.harness import Daemon, free_port, http, wait_until
 class Backend:
     """A backend answering ``Server NAME answer`` and recording what it saw."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tls: Optional[ssl.SSLContext] = None) -> None:
         self.name = name
+        self.tls = tls
         self.seen: List[Dict[str, str]] = []
         self.connections: set = set()
         backend = self
@@ -37,7 +39,8 @@ class Backend:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 backend.seen.append({**{k.lower(): v for k, v in self.headers.items()},
-                                     "_path": self.path, "_body": body.decode()})
+                                     "_path": self.path, "_body": body.decode(),
+                                     "_connection": str(id(self.connection))})
                 out = f"Server {backend.name} answer".encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(out)))
@@ -56,10 +59,12 @@ class Backend:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        if self.tls is not None:  # the handshake happens as a connection is accepted
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -21,6 +21,22 @@ GOOD = {
 }
 
 
+TEST_CA = (
+    b"-----BEGIN CERTIFICATE-----\n"
+    b"MIIBkTCCATegAwIBAgIUIroL/XV9ZAWHUgztvmNUQTx6eEYwCgYIKoZIzj0EAwIw\n"
+    b"HTEbMBkGA1UEAwwSbGJzdmMgdW5pdCB0ZXN0IENBMCAXDTI2MTIwNDE1NTYyNVoY\n"
+    b"DzIxMjYxMTEwMTU1NjI1WjAdMRswGQYDVQQDDBJsYnN2YyB1bml0IHRlc3QgQ0Ew\n"
+    b"WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS7iNyMNTUFP7/z1yhMSIPsrOvgqilO\n"
+    b"Ltm8ux9eH7p3tMi7uaZIq0DEHACsbTHNGBLV3hTzc1T388AZoYYXrP7Eo1MwUTAd\n"
+    b"BgNVHQ4EFgQUp6zKmn2GYNXjoQCHj+DAA2MOWgcwHwYDVR0jBBgwFoAUp6zKmn2G\n"
+    b"YNXjoQCHj+DAA2MOWgcwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBF\n"
+    b"AiAI46l3sexaNtfQ5kuhOuT0xqoHRtgFqkMAFW5ir8awqAIhAImX9xbdmrcg+WmM\n"
+    b"e/2qyeA41l9QcLiWxXe91TaE9vvl\n"
+    b"-----END CERTIFICATE-----\n"
+)
+"""A self-signed certificate (its key thrown away): something that loads as a CA file."""
+
+
 def test_balancers_provide_the_interface() -> None:
     for balancer in (RoundRobin(), LeastConnections()):
         assert verifyObject(IBalancer, balancer)
@@ -54,9 +70,11 @@ def test_config_parses_and_strips_slash() -> None:
     [
         ({"algorithm": "random"}, "unknown algorithm"),
         ({"servers": []}, "non-empty list"),
-        ({"servers": [{"name": "a", "url": "ftp://x"}]}, "http:// URL"),
-        ({"servers": [{"name": "a", "url": "https://x"}]}, "no TLS to backends"),
-        ({"servers": [{"name": "a", "url": "http://x/prefix"}]}, "must be http://host"),
+        ({"servers": [{"name": "a", "url": "ftp://x"}]}, "http:// or https:// URL"),
+        ({"servers": [{"name": "a", "url": "http://x", "ca_file": "ca.pem"}]}, "for https:// backends only"),
+        ({"servers": [{"name": "a", "url": "https://x", "ca_file": 3}]}, "must be a file path"),
+        ({"servers": [{"name": "a", "url": "https://x", "ca_file": "/nonexistent/ca.pem"}]}, "cannot read"),
+        ({"servers": [{"name": "a", "url": "http://x/prefix"}]}, "must be http(s)://host"),
         ({"pool_size": -1}, "pool_size"),
         ({"pool_size": True}, "pool_size"),
         ({"servers": [{"name": "a", "url": "http://x:99999"}]}, "bad port"),
@@ -170,3 +188,22 @@ def test_a_lone_backend_marked_down_still_gets_requests_and_zero_disables_panic(
     strict = BackendPool(config.parse({**lone, "panic_threshold": 0}), Clock())
     strict.connect_failed(strict.backends[0])
     assert not strict.panicking and strict.choose() is None
+
+
+def test_https_backends_and_their_ca_file_relative_to_servers_yaml(tmp_path: Path) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_text("not a certificate")
+    (tmp_path / "servers.yaml").write_text(
+        "servers:\n  - {name: a, url: 'https://a.internal', ca_file: ca.pem}\n  - {name: b, url: 'https://b:8443'}\n")
+    with pytest.raises(config.ConfigError, match="holds no PEM certificate"):
+        config.load(str(tmp_path / "servers.yaml"))
+    pem.write_text("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+    with pytest.raises(config.ConfigError, match="does not load"):
+        config.load(str(tmp_path / "servers.yaml"))
+    pem.write_bytes(TEST_CA)
+    parsed = config.load(str(tmp_path / "servers.yaml"))
+    assert parsed.servers[0].ca_file == str(pem) and parsed.servers[1].ca_file is None
+    pool = BackendPool(parsed, Clock())
+    a, b = pool.backends
+    assert (a.scheme, a.host, a.port, b.port) == (b"https", b"a.internal", 443, 8443)
+    assert pool.ca_file_of(b"a.internal", 443) == str(pem) and pool.ca_file_of(b"b", 8443) is None

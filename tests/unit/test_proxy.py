@@ -82,7 +82,7 @@ class World:
         users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
         buckets = MemoryBucketStore(Buckets(self.clock))
         self.pool = BackendPool(servers, self.clock)
-        self.upstream = UpstreamPool(self.clock, 1.0, 4, endpoint_for=lambda h, p: Dial(self, (h, p)))
+        self.upstream = UpstreamPool(self.clock, 1.0, 4, endpoint_for=lambda b: Dial(self, (b.host, b.port)))
         registry = new_registry()
         proxy = Proxy(buckets, self.pool, self.upstream, self.clock, registry)
         router = gateway_router(users, UserAPI(users, buckets), proxy, 1 << 20, registry)
@@ -553,3 +553,23 @@ def test_a_retried_answer_keeps_the_gateways_headers_and_drops_the_failed_backen
     code, head, body = response(client)
     assert (code, body) == (200, b"hi") and b"X-From-A" not in head
     assert header_values(head, b"x-request-id") == [b"keep-me"] and len(header_values(head, b"ratelimit")) == 1
+
+
+def test_the_json_access_log_names_the_user_the_backend_and_the_request_id(tmp_path: Any) -> None:
+    world = World()
+    path = tmp_path / "access.json"
+    world.site.access_log = log = AccessLog(str(path), world.clock, "json")
+    log.startService()
+    _, client = world.send(get())
+    world.clock.advance(0.25)
+    world.answer(OK)
+    head = response(client)[1]
+    _, twice = world.send(get(extra=b"Authorization: unknown\r\n"))  # two keys: refused, no user
+    assert response(twice)[0] == 400 and len(world.upstreams) == 1
+    log.flush()
+    proxied, refused = (json.loads(line) for line in path.read_text().splitlines())
+    assert proxied["request_id"] == header_values(head, b"x-request-id")[0].decode()
+    assert (proxied["user"], proxied["backend"], proxied["status"]) == ("alice", "a", 200)
+    assert proxied["upstream_ms"] == 250.0 and proxied["duration_ms"] == 250.0
+    assert refused["status"] == 400 and "user" not in refused and "backend" not in refused
+    log.stopService()

@@ -370,3 +370,51 @@ def test_only_short_safe_request_ids_are_kept(value: bytes) -> None:
 def test_made_request_ids_are_unique_and_safe() -> None:
     made = {new_request_id() for _ in range(1000)}
     assert len(made) == 1000 and all(safe_request_id([m]) == m for m in made)
+
+
+def test_json_access_log_is_one_valid_object_a_line_whatever_the_request(tmp_path: Any) -> None:
+    app = App()
+    path = tmp_path / "access.json"
+    app.site.access_log = log = AccessLog(str(path), app.clock, "json")
+    log.startService()
+    app.clock.advance(1_764_000_000.25)
+    channel, transport = app.connect()
+    channel.dataReceived(b"GET /sync HTTP/1.1\r\nHost: x\r\nUser-Agent: t\"q\\\xff\r\nX-Request-Id: from-the-client\r\n\r\n")
+    channel, transport = app.connect()
+    channel.dataReceived(b"GET /n%C3%A9\"\\x HTTP/1.1\r\nHost: x\r\nReferer: r\r\n\r\n")
+    channel, transport = app.connect()
+    channel.dataReceived(b"POST /sync HTTP/1.1\r\nHost: x\r\nContent-Length: 999\r\n\r\n")
+    app.clock.advance(1.0)
+    raw = path.read_bytes()
+    assert raw.isascii()
+    first, second, third = (json.loads(line) for line in raw.splitlines())
+    assert first["time"] == "2025-11-24T16:00:00.250Z" and first["request_id"] == "from-the-client"
+    assert first["method"] == "GET" and first["target"] == "/sync" and first["protocol"] == "HTTP/1.1"
+    assert first["status"] == 200 and first["bytes"] == 11 and first["duration_ms"] == 0.0
+    assert first["user_agent"] == "t\"q\\\xff" and first["referer"] is None
+    assert first["client"] == "192.168.1.1"  # StringTransport's peer
+    assert second["target"] == "/n%C3%A9\"\\x" and second["status"] == 404 and second["referer"] == "r"
+    assert second["request_id"] != first["request_id"]
+    assert third["status"] == 413 and third["method"] == "POST"
+    log.stopService()
+
+
+def test_log_fields_join_the_json_line_and_the_user_the_combined_one() -> None:
+    clock = Clock()
+    lines = []
+    for format in ("json", "combined"):
+        log = AccessLog("-", clock, format)
+        request = DummyRequest([b"x"])
+        request.uri = request.path = b"/x"
+        request.code, request.sentLength = 200, 0
+        request.log_fields = {"user": "al ice\"", "backend": "a", "upstream_ms": 1.5, "n": None}
+        log.record(request)
+        lines.append(log._lines[0])
+    fields = json.loads(lines[0])
+    assert (fields["user"], fields["backend"], fields["upstream_ms"], fields["n"]) == ("al ice\"", "a", 1.5, None)
+    assert ' - al ice\\x22 [' in lines[1]
+
+
+def test_an_unknown_access_log_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="combined, json"):
+        AccessLog("-", Clock(), "xml")
