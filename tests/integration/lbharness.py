@@ -163,8 +163,8 @@ class Gateway(Daemon):
         return self
 
     def call(self, method: str, path: str, body: Optional[dict] = None, key: Optional[str] = None,
-             raw: Optional[bytes] = None) -> tuple:
-        headers = {"Authorization": key} if key else {}
+             raw: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None) -> tuple:
+        headers = {**({"Authorization": key} if key else {}), **(headers or {})}
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         return http(method, self.url + path, data, headers)
 

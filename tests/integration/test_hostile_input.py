@@ -203,8 +203,9 @@ def test_gateway_refuses_bad_input_and_stays_correct(lb: Tuple[Gateway, Backend]
     gateway, backend = lb
     key = gateway.create("good")
     for body, code in BAD_CREATES:
-        got, _, answer = gateway.call("POST", "/user/create", raw=body)
-        assert (got, set(json.loads(answer))) == (code, {"Error"}), body[:40]
+        got, headers, answer = gateway.call("POST", "/user/create", raw=body)
+        assert (got, set(json.loads(answer))) == (code, {"Error", "request_id"}), body[:40]
+        assert json.loads(answer)["request_id"] == headers["x-request-id"]
     for change in BAD_CHANGES:
         got, _, answer = gateway.call("POST", "/user/tokens/change", change, key=key)
         assert got == 400, change

@@ -42,13 +42,15 @@ def test_user_flow_round_robin_and_429(gateway: Gateway, backends: List[Backend]
     key = created["api_key"]
     code, _, body = gateway.call("GET", "/user/tokens/profile", key=key)
     assert json.loads(body) == {"name": "user1", "capacity": 5, "rate_per_sec": 1, "current_capacity": 5}
-    answers = [gateway.call("GET", "/", key=key)[2].decode() for _ in range(5)]
+    calls = [gateway.call("GET", "/", key=key) for _ in range(5)]
+    answers = [body.decode() for _, _, body in calls]
     assert sorted(set(answers)) == ["Server one answer", "Server two answer"]
     assert all(answers[i] != answers[i + 1] for i in range(4))
-    code, headers, _ = gateway.call("GET", "/", key=key)
-    assert code == 429
-    assert headers["retry-after"] == "1" and headers["ratelimit-limit"] == "5"
-    assert headers["ratelimit-remaining"] == "0" and "ratelimit-reset" in headers
+    assert [headers["ratelimit"].split(";")[1] for _, headers, _ in calls] == ["r=4", "r=3", "r=2", "r=1", "r=0"]
+    assert all(headers["ratelimit-policy"] == '"default";q=5;w=5' for _, headers, _ in calls)
+    code, headers, body = gateway.call("GET", "/", key=key)
+    assert code == 429 and json.loads(body)["request_id"] == headers["x-request-id"]
+    assert headers["retry-after"] == "1" and headers["ratelimit"] == '"default";r=0;t=1'
     limited_at = time.monotonic()
     wait_until(lambda: gateway.call("GET", "/", key=key)[0] == 200, 5, "a token after a second")
     assert time.monotonic() - limited_at > 0.5
@@ -124,8 +126,8 @@ def test_failover_and_all_down(gateway: Gateway, backends: List[Backend]) -> Non
     answers = [gateway.call("GET", "/", key=key) for _ in range(6)]
     assert all(code == 200 and body == b"Server two answer" for code, _, body in answers)
     backends[1].stop()
-    code, _, body = gateway.call("GET", "/", key=key)
-    assert (code, body) == (503, b"No available servers")
+    code, headers, body = gateway.call("GET", "/", key=key)
+    assert (code, body) == (503, b"No available servers\nrequest id: %s\n" % headers["x-request-id"].encode())
     backends[0].start()
     wait_until(lambda: gateway.call("GET", "/", key=key)[2] == b"Server one answer", 10, "backend one back")
 
@@ -165,3 +167,31 @@ def test_sighup_adds_a_backend(tmp_path: Path, gateway: Gateway, backends: List[
         assert gateway.call("GET", "/", key=key)[0] == 200
     finally:
         third.stop()
+
+
+def test_request_ids_end_to_end_and_the_json_access_log(tmp_path: Path, backends: List[Backend]) -> None:
+    write_servers(tmp_path / "servers.yaml", backends[:1])
+    gateway = Gateway(tmp_path)
+    gateway.env.update({"LBSVC_ACCESS_LOG": str(tmp_path / "access.json"), "LBSVC_ACCESS_LOG_FORMAT": "json"})
+    gateway.start().wait_ready()
+    try:
+        key = gateway.create("traced")
+        trace = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "tracestate": "a=1,b=2"}
+        code, headers, _ = gateway.call("GET", "/kept", key=key, headers={"X-Request-Id": "client-id.1", **trace})
+        assert code == 200 and headers["x-request-id"] == "client-id.1"
+        seen = backends[0].seen[-1]
+        assert seen["_path"] == "/kept" and seen["x-request-id"] == "client-id.1"
+        assert (seen["traceparent"], seen["tracestate"]) == (trace["traceparent"], trace["tracestate"])
+        code, headers, _ = gateway.call("GET", "/made", key=key, headers={"X-Request-Id": "not safe!"})
+        made = headers["x-request-id"]
+        assert code == 200 and made != "not safe!" and backends[0].seen[-1]["x-request-id"] == made
+        path = tmp_path / "access.json"
+        wait_until(lambda: path.exists() and len(path.read_text().splitlines()) >= 3, 5, "the access log flushed")
+        lines = {entry["target"]: entry for entry in map(json.loads, path.read_text().splitlines())}
+        assert lines["/kept"]["request_id"] == "client-id.1" and lines["/made"]["request_id"] == made
+        assert (lines["/kept"]["user"], lines["/kept"]["backend"], lines["/kept"]["status"]) == ("traced", "one", 200)
+        assert lines["/kept"]["upstream_ms"] >= 0 and lines["/kept"]["duration_ms"] >= lines["/kept"]["upstream_ms"]
+        assert lines["/user/create"]["status"] == 201 and "user" not in lines["/user/create"]
+    finally:
+        gateway.stop()
+    assert_no_logged_errors([gateway])

@@ -26,6 +26,7 @@ def test_gradesvc_defaults_come_from_the_contract() -> None:
     assert (config.get_endpoint, config.set_endpoint) == ("tcp:8070", "tcp:8071")
     assert config.amqp_url == "amqp://guest:guest@127.0.0.1:5672/%2F"
     assert (config.stream, config.peers, config.access_log) == ("user_grades", (), "-")
+    assert config.access_log_format == "combined"
     assert config.replica_id and config.peer_idle_timeout == 30.0
     assert "pw" not in repr(config)
 
@@ -38,6 +39,7 @@ def test_gradesvc_environment_then_command_line() -> None:
     assert config.stream == "s2"
     assert config.peers == ("http://a:1", "http://b:2")
     assert config.replica_id == "r9"
+    assert grades([], {**CREDENTIALS, "GRADESVC_ACCESS_LOG_FORMAT": "JSON"}).config.access_log_format == "json"
 
 
 @pytest.mark.parametrize("args, env, message", [
@@ -51,6 +53,7 @@ def test_gradesvc_environment_then_command_line() -> None:
     (["--peer-idle-timeout", "soon"], CREDENTIALS, "number"),
     (["--get-endpoint", " "], CREDENTIALS, "empty"),
     (["--access-log", ""], CREDENTIALS, "access-log"),
+    (["--access-log-format", "xml"], CREDENTIALS, "combined or json"),
 ])
 def test_gradesvc_refuses_bad_options(args: List[str], env: Dict[str, str], message: str) -> None:
     with pytest.raises(usage.UsageError, match=message):
@@ -75,6 +78,8 @@ def test_lbsvc_options(tmp_path: Path) -> None:
     assert (settings.endpoint, settings.max_body, settings.database) == ("tcp:8081", 1000, "x.sqlite3")
     assert settings.admin_endpoint == "tcp:8079:interface=127.0.0.1"
     assert [s.name for s in settings.servers.servers] == ["a"]
+    assert settings.access_log_format == "combined"
+    assert gateway(["--access-log-format", "json"], env).settings.access_log_format == "json"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -82,6 +87,7 @@ def test_lbsvc_options(tmp_path: Path) -> None:
     (["--max-body", "lots"], "max-body"),
     (["--max-body", "-1"], "max-body"),
     (["--database", ""], "database"),
+    (["--access-log-format", "clf"], "combined or json"),
 ])
 def test_lbsvc_refuses_bad_options(tmp_path: Path, args: List[str], message: str) -> None:
     with pytest.raises(usage.UsageError, match=message):
