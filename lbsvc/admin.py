@@ -6,6 +6,8 @@ shadowed: on the gateway port every path outside ``/user/`` is proxied.
 
 from __future__ import annotations
 
+from typing import Callable, Dict, Optional
+
 from prometheus_client import CollectorRegistry
 from twisted.web import server
 
@@ -13,11 +15,18 @@ from lbsvc.backends import BackendPool
 from svckit import metrics
 from svckit.readiness import Readiness
 from svckit.responses import BytesResponse, JSONResponse
-from svckit.web import Route, Router
+from svckit.web import Handler, Route, Router
 
 
-def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorRegistry) -> Router:
-    """The admin port's routes."""
+def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorRegistry,
+                 workers: Optional[Callable[[], Dict[str, int]]] = None,
+                 scrape: Optional[Handler] = None) -> Router:
+    """The admin port's routes.
+
+    ``workers`` reports ``{"configured", "running"}`` processes for ``/ready``
+    (with ``--workers``); ``scrape`` answers ``/metrics`` instead of this
+    process's registry alone (:class:`lbsvc.workermetrics.WorkerScrape`).
+    """
 
     def health(request: server.Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -27,17 +36,18 @@ def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorReg
             "ready": readiness.ready,
             "problems": readiness.problems(),
             "backends": {b.name: b.healthy for b in pool.backends},
+            "workers": workers() if workers is not None else {"configured": 1, "running": 1},
         }
         return JSONResponse(body, 200 if readiness.ready else 503)
 
-    def scrape(request: server.Request) -> BytesResponse:
+    def own_metrics(request: server.Request) -> BytesResponse:
         return metrics.render(registry)
 
     return Router(
         {
             b"/health": Route("health", {b"GET": health}, max_body=0),
             b"/ready": Route("ready", {b"GET": ready}, max_body=0),
-            b"/metrics": Route("metrics", {b"GET": scrape}, max_body=0),
+            b"/metrics": Route("metrics", {b"GET": scrape or own_metrics}, max_body=0),
         },
         registry=registry,
         prefix="lbsvc_admin",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import os
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application import service
 from twisted.internet import task
@@ -24,6 +25,7 @@ from lbsvc.upstream import UpstreamPool
 from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, UserAPI, parse_capacity, parse_rate
 from lbsvc.userdb import StorageUnavailable, open_database
 from lbsvc.users import SYNC_INTERVAL, UserStore
+from lbsvc.workermetrics import METRICS_SOCKET, SocketDirectory, WorkerScrape, worker_metrics_service
 from lbsvc.workers import AdoptedPort, ParentWatch, WorkerPool, bind, inherited
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
@@ -212,21 +214,30 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     api = UserAPI(users, store, settings.max_capacity, settings.max_rate)
     router = gateway_router(users, api, proxy, settings.max_body, registry)
     adopted = inherited()
-    if adopted is not None:  # a worker of a --workers parent: its socket, no admin endpoint
+    if adopted is not None:  # a worker of a --workers parent: its socket, metrics for the parent only
         AdoptedPort(reactor, adopted[0], adopted[1], make_site(router, access_log)).setServiceParent(gateway)
         ParentWatch(reactor).setServiceParent(top)
+        socket_path = os.environ.get(METRICS_SOCKET)
+        if socket_path:
+            worker_metrics_service(reactor, socket_path, registry).setServiceParent(top)
         return top
+    scrape: Optional[WorkerScrape] = None
+    running: Optional[Callable[[], Dict[str, int]]] = None
     if settings.workers > 1:
         try:
             shared = bind(settings.endpoint)
         except (OSError, ValueError) as e:
             raise SystemExit(f"lbsvc: cannot listen on {settings.endpoint} for {settings.workers} workers: {e}") from None
         AdoptedPort(reactor, shared.fileno(), shared.family, make_site(router, access_log)).setServiceParent(gateway)
-        workers = WorkerPool(reactor, settings.workers, shared.fileno(), shared.family, options.argv())
+        sockets = SocketDirectory()
+        workers = WorkerPool(reactor, settings.workers, shared.fileno(), shared.family, options.argv(), sockets)
         workers.socket = shared  # kept open as long as the pool
         workers.setServiceParent(top)
+        scrape = WorkerScrape(reactor, registry, sockets, list(range(1, settings.workers)))
+        pool_of_workers = workers
+        running = lambda: {"configured": settings.workers, "running": pool_of_workers.processes}  # noqa: E731
     else:
         listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
-    admin = admin_router(pool, readiness, registry)
+    admin = admin_router(pool, readiness, registry, running, scrape)
     listen(reactor, settings.admin_endpoint, admin, AccessLog(OFF, reactor)).setServiceParent(top)
     return top

@@ -11,8 +11,9 @@ worker needs ``--buckets redis://...``.
 
 The parent restarts a worker that dies (after a second), stops them when it
 stops, and a worker stops when its parent is gone (it checks its parent
-process id every second).  Only the parent serves the admin endpoint
-(``/ready`` and ``/metrics`` describe the parent).
+process id every second).  Only the parent serves the admin endpoint; its
+``/metrics`` covers every process (:mod:`lbsvc.workermetrics`) and its
+``/ready`` says how many run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from lbsvc.workermetrics import METRICS_SOCKET, SocketDirectory
 
 log = Logger()
 
@@ -109,8 +112,11 @@ class _Worker(protocol.ProcessProtocol):
 class WorkerPool(service.Service):
     """Starts, restarts and stops the other N - 1 worker processes."""
 
-    def __init__(self, reactor: Any, count: int, fd: int, family: int, argv: List[str]) -> None:
+    def __init__(self, reactor: Any, count: int, fd: int, family: int, argv: List[str],
+                 sockets: Optional[SocketDirectory] = None) -> None:
         self.reactor = reactor
+        self.sockets = sockets
+        """Where each worker serves its metrics to this parent."""
         self.count = count
         self.fd = fd
         self.family = family
@@ -121,6 +127,11 @@ class WorkerPool(service.Service):
         self._restarts: Dict[int, IDelayedCall] = {}
         self.socket: Optional[socket.socket] = None
         """The shared listening socket, kept open as long as the pool."""
+
+    @property
+    def processes(self) -> int:
+        """Gateway processes running now, this parent included."""
+        return 1 + len(self.workers)
 
     @property
     def pids(self) -> List[int]:
@@ -136,6 +147,8 @@ class WorkerPool(service.Service):
     def _spawn(self, number: int) -> None:
         self._restarts.pop(number, None)
         env = {**os.environ, WORKER_FD: str(self.fd), WORKER_FAMILY: str(int(self.family))}
+        if self.sockets is not None:
+            env[METRICS_SOCKET] = self.sockets.socket_for(number)
         worker = _Worker(self, number)
         self._protocols[number] = worker
         self.workers[number] = self.reactor.spawnProcess(
@@ -169,7 +182,13 @@ class WorkerPool(service.Service):
             except Exception:  # already gone
                 continue
             self.reactor.callLater(10, self._kill, transport)
-        return defer.DeferredList(waits)
+        done: defer.Deferred[Any] = defer.DeferredList(waits)
+        return done.addBoth(self._stopped)
+
+    def _stopped(self, result: Any) -> Any:
+        if self.sockets is not None:
+            self.sockets.remove()
+        return result
 
     def _kill(self, transport: Any) -> None:
         if transport.pid is not None:

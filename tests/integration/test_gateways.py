@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import assert_no_logged_errors, http, metric, wait_until
 from tests.integration.lbharness import (
@@ -248,6 +249,15 @@ def test_workers_share_the_port_and_one_budget(tmp_path: Path, user_database: st
         count, elapsed = admitted([gateway], key, 2.0)
         assert 40 <= count <= 40 + 10 * elapsed, (count, elapsed)
         assert cpu_ticks(worker) > before  # the worker took its share of the connections
+        # The parent's /metrics covers both processes; its /ready counts them.
+        admin = f"http://127.0.0.1:{gateway.admin_port}"
+        text = http("GET", admin + "/metrics")[2].decode()
+        proxied = {s.labels["worker"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "lbsvc_http_requests_total" and s.labels.get("route") == "proxy"
+                   and s.labels.get("code") == "200"}
+        assert set(proxied) == {"0", "1"} and all(v > 0 for v in proxied.values()) and sum(proxied.values()) == count
+        assert metric(admin + "/metrics", "lbsvc_worker_up", worker="1") == 1
+        assert json.loads(http("GET", admin + "/ready")[2])["workers"] == {"configured": 2, "running": 2}
         gateway.process.kill()  # the parent dies: its worker stops too
         gateway.process.wait()
         wait_until(lambda: not Path(f"/proc/{worker}").exists() or "Z" in

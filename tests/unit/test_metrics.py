@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lbsvc.workermetrics import merge
 from svckit.metrics import CallbackGauges, new_registry, render
 
 
@@ -41,3 +42,21 @@ def test_registries_are_separate_and_names_register_once() -> None:
         gauges.add("y", "Y again.", lambda: 2)
     with pytest.raises(ValueError):
         CallbackGauges(one).add("x_total", "clash", lambda: 1)
+
+
+def test_worker_metrics_merge_into_one_exposition_labelled_by_worker() -> None:
+    texts = []
+    for worker in range(2):
+        registry = new_registry()
+        counter = Counter("lbsvc_things", "Things.", ["kind"], registry=registry)
+        counter.labels("a").inc(worker + 1)
+        Histogram("lbsvc_seconds", "Seconds.", registry=registry, buckets=(0.1, 1.0)).observe(0.5)
+        texts.append(generate_latest(registry).decode())
+    merged = merge({"0": texts[0], "1": texts[1], "2": None}).decode()
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    things = {s.labels["worker"]: s.value for s in families["lbsvc_things"].samples}
+    assert things == {"0": 1.0, "1": 2.0} and families["lbsvc_things"].type == "counter"
+    counts = [s for s in families["lbsvc_seconds"].samples if s.name == "lbsvc_seconds_count"]
+    assert sorted(s.labels["worker"] for s in counts) == ["0", "1"]
+    assert {s.labels["worker"]: s.value for s in families["lbsvc_worker_up"].samples} == {"0": 1, "1": 1, "2": 0}
+    assert merged.count("# TYPE lbsvc_things_total counter") == 1  # one family, samples of both processes
