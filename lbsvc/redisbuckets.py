@@ -1,13 +1,21 @@
 """Token buckets in Redis, one budget per user for every gateway (``--buckets redis://...``).
 
-Each token is taken by one server-side Lua script (:data:`SCRIPT`) in one
-round trip: it credits the bucket for the time since its last visit by the
-Redis server's own clock (``TIME``, so the gateways' clocks do not matter),
-takes the token if there is one, and stores the level (a full bucket is
-deleted, an emptier one expires when it would be full again).  Redis runs
-scripts one at a time, so however many gateways ask at once, no window of
-``t`` seconds admits more than ``C + R·t``.  The profile runs the same script
-with a cost of 0: it reads without spending.
+Tokens are taken by one server-side Lua script (:data:`SCRIPT`): for each
+bucket it is given, in order, it credits the bucket for the time since its
+last visit by the Redis server's own clock (``TIME``, so the gateways' clocks
+do not matter), takes the token if there is one, and stores the level (a full
+bucket is deleted, an emptier one expires when it would be full again).
+Redis runs scripts one at a time, so however many gateways ask at once, no
+window of ``t`` seconds admits more than ``C + R·t``.  The profile runs the
+same script with a cost of 0: it reads without spending.
+
+**One round trip per batch.**  Every decision asked for within one reactor
+turn is queued and sent at the end of it (``callLater(0)``) as one script
+call over all their keys (at most :data:`MAX_BATCH` a call; the same user
+may appear several times, and is decided in arrival order).  Redis still
+decides every token atomically; what a batch saves is the round trip, the
+command encoding and a Deferred per request.  ``lbsvc_bucket_store_batch_size``
+and ``lbsvc_bucket_store_round_trip_seconds`` are histograms on ``/metrics``.
 
 Redis calls are bounded by ``--redis-timeout`` (50 ms by default) so a slow
 Redis never stalls the gateway.  While Redis cannot be used, requests are
@@ -34,7 +42,7 @@ from typing import Any, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import txredisapi
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
@@ -50,42 +58,52 @@ from svckit.responses import HTTPError
 
 log = Logger()
 
+_Queued = Tuple[str, int, float, int, "defer.Deferred[Verdict]"]
+"""A decision waiting for the next batch: name, capacity, rate, cost, and its answer."""
+
 KEY_PREFIX = "lbsvc:bucket:"
+MAX_BATCH = 256
+"""Decisions sent in one script call at most (a longer queue is sent in several)."""
 RETRY_AFTER = 1.0
 """Seconds Redis is left alone after a failure before it is tried again."""
 FALLBACKS = ("local", "deny")
 
 SCRIPT = """
-local capacity = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'level', 'at')
-local level = tonumber(state[1])
-local at = tonumber(state[2])
-if level == nil or at == nil then
-  level = capacity
-  at = now
+local out = {}
+for i, key in ipairs(KEYS) do
+  local capacity = tonumber(ARGV[3 * i - 2])
+  local rate = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local state = redis.call('HMGET', key, 'level', 'at')
+  local level = tonumber(state[1])
+  local at = tonumber(state[2])
+  if level == nil or at == nil then
+    level = capacity
+    at = now
+  end
+  if now > at then
+    level = level + (now - at) * rate
+  end
+  if level > capacity then
+    level = capacity
+  end
+  local taken = 0
+  if cost > 0 and level >= cost then
+    level = level - cost
+    taken = 1
+  end
+  if level >= capacity then
+    redis.call('DEL', key)
+  else
+    redis.call('HSET', key, 'level', string.format('%.17g', level), 'at', string.format('%.17g', now))
+    redis.call('PEXPIRE', key, math.ceil((capacity - level) / rate * 1000) + 1000)
+  end
+  out[2 * i - 1] = taken
+  out[2 * i] = string.format('%.17g', level)
 end
-if now > at then
-  level = level + (now - at) * rate
-end
-if level > capacity then
-  level = capacity
-end
-local taken = 0
-if cost > 0 and level >= cost then
-  level = level - cost
-  taken = 1
-end
-if level >= capacity then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('HSET', KEYS[1], 'level', string.format('%.17g', level), 'at', string.format('%.17g', now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - level) / rate * 1000) + 1000)
-end
-return {taken, string.format('%.17g', level)}
+return out
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 
@@ -190,6 +208,13 @@ class RedisBucketStore:
                                   " by fallback mode.", ["mode"], registry=registry).labels(fallback)
         self._errors = Counter("lbsvc_bucket_store_errors", "Redis calls that failed or timed out.",
                                registry=registry)
+        self._batch_sizes = Histogram("lbsvc_bucket_store_batch_size", "Bucket decisions sent to Redis in one call.",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+        self._round_trips = Histogram("lbsvc_bucket_store_round_trip_seconds", "Seconds from sending a batch to"
+                                      " Redis to its answer.", buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
+                                                                        0.05, 0.1, 0.25, 1.0), registry=registry)
+        self._queue: List[_Queued] = []
+        self._flush_call: Optional[IDelayedCall] = None
 
     # --- IBucketStore -----------------------------------------------------
 
@@ -223,29 +248,67 @@ class RedisBucketStore:
     # --- internals --------------------------------------------------------
 
     def _run(self, name: str, capacity: int, rate: float, cost: int) -> defer.Deferred[Verdict]:
+        """Queue one decision for the next batch (or decide it now without Redis)."""
         if not self.up and self.clock.seconds() < self._retry_at:
             return defer.maybeDeferred(self._without_redis, name, capacity, rate, cost)
-        redis = self.link.current()
-        if redis is None:
+        if self.link.current() is None:
             self._failed(Failure(txredisapi.ConnectionError("not connected")))
             return defer.maybeDeferred(self._without_redis, name, capacity, rate, cost)
-        args = [str(capacity), repr(float(rate)), str(cost)]
-        d = self._bounded(self._script(redis, [KEY_PREFIX + name], args))
+        d: defer.Deferred[Verdict] = defer.Deferred()
+        self._queue.append((name, capacity, rate, cost, d))
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+        return d
 
-        def answered(result: Any) -> Verdict:
+    def _flush(self) -> None:
+        """Send what this reactor turn queued: one script call per :data:`MAX_BATCH` decisions."""
+        self._flush_call = None
+        queue, self._queue = self._queue, []
+        redis = self.link.current()
+        for start in range(0, len(queue), MAX_BATCH):
+            self._send(redis, queue[start:start + MAX_BATCH])
+
+    def _send(self, redis: Any, batch: List[_Queued]) -> None:
+        if redis is None:
+            self._failed(Failure(txredisapi.ConnectionError("not connected")))
+            self._decide_without_redis(batch)
+            return
+        keys: List[str] = []
+        args: List[str] = []
+        for name, capacity, rate, cost, _ in batch:
+            keys.append(KEY_PREFIX + name)
+            args += (str(capacity), repr(float(rate)), str(cost))
+        sent = self.clock.seconds()
+        self._batch_sizes.observe(len(batch))
+
+        def answered(result: Any) -> None:
+            self._round_trips.observe(self.clock.seconds() - sent)
             if not self.up and self.clock.seconds() >= self._retry_at:  # not an answer sent before the failure
                 self.up = True
                 log.info("Redis buckets at {url} reachable again", url=self.url)
-            taken, level = result
-            bucket = Bucket(capacity, rate)
-            bucket.level = float(level)
-            return bool(int(taken)), bucket
+            for i, (_, capacity, rate, _, d) in enumerate(batch):
+                if d.called:  # the client went away meanwhile
+                    continue
+                bucket = Bucket(capacity, rate)
+                bucket.level = float(result[2 * i + 1])
+                d.callback((bool(int(result[2 * i])), bucket))
 
-        def failed(reason: Failure) -> Verdict:
+        def failed(reason: Failure) -> None:
             self._failed(reason)
-            return self._without_redis(name, capacity, rate, cost)
+            self._decide_without_redis(batch)
 
-        return d.addCallbacks(answered, failed)
+        self._bounded(self._script(redis, keys, args)).addCallbacks(answered, failed)
+
+    def _decide_without_redis(self, batch: List[_Queued]) -> None:
+        for name, capacity, rate, cost, d in batch:
+            if d.called:
+                continue
+            try:
+                verdict = self._without_redis(name, capacity, rate, cost)
+            except Exception:
+                d.errback(Failure())
+            else:
+                d.callback(verdict)
 
     def _script(self, redis: Any, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = redis.evalsha(SCRIPT_SHA, keys, args)

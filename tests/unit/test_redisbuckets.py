@@ -15,7 +15,15 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from lbsvc.buckets import Buckets
-from lbsvc.redisbuckets import KEY_PREFIX, SCRIPT, SCRIPT_SHA, BucketStoreUnavailable, RedisBucketStore, parse_redis_url
+from lbsvc.redisbuckets import (
+    KEY_PREFIX,
+    MAX_BATCH,
+    SCRIPT,
+    SCRIPT_SHA,
+    BucketStoreUnavailable,
+    RedisBucketStore,
+    parse_redis_url,
+)
 from svckit.metrics import new_registry, sample_value
 from tests.unit.fired import fired
 
@@ -71,27 +79,33 @@ def store(fallback: str = "local", redis: Optional[FakeRedis] = None) -> Tuple[R
             redis, clock, registry)
 
 
+def decided(clock: Clock, d: defer.Deferred[Any]) -> Any:
+    """The result of ``d`` once the reactor turn that queued it ended (the batch is sent)."""
+    clock.advance(0)
+    return fired(d)
+
+
 def fallbacks(registry: Any, mode: str) -> float:
     return sample_value(registry, "lbsvc_bucket_store_fallback_total", {"mode": mode})
 
 
 def test_a_token_is_one_script_call_and_the_script_is_loaded_once() -> None:
-    s, redis, _, _ = store()
+    s, redis, clock, _ = store()
     redis.answers = [[1, "4"], [0, "0.25"]]
-    taken, bucket = fired(s.take("alice", 5, 1.0))
+    taken, bucket = decided(clock, s.take("alice", 5, 1.0))
     assert taken and bucket.level == 4.0
     assert redis.calls == [("evalsha", [KEY_PREFIX + "alice"], ["5", "1.0", "1"]),
                            ("eval", [KEY_PREFIX + "alice"], ["5", "1.0", "1"])]
-    taken, bucket = fired(s.take("alice", 5, 1.0))
+    taken, bucket = decided(clock, s.take("alice", 5, 1.0))
     assert not taken and bucket.level == 0.25 and bucket.retry_after() == 0.75
     assert [c[0] for c in redis.calls] == ["evalsha", "eval", "evalsha"]
 
 
 def test_peek_costs_nothing() -> None:
-    s, redis, _, _ = store()
+    s, redis, clock, _ = store()
     redis.scripts.add(SCRIPT_SHA)
     redis.answers = [[0, "3.5"]]
-    assert fired(s.peek("bob", 5, 1.0)).level == 3.5
+    assert decided(clock, s.peek("bob", 5, 1.0)).level == 3.5
     assert redis.calls[0][2][2] == "0"
 
 
@@ -99,6 +113,7 @@ def test_a_slow_redis_is_decided_locally_then_tried_again() -> None:
     s, redis, clock, registry = store("local")
     redis.scripts.add(SCRIPT_SHA)
     d = s.take("carol", 2, 1.0)
+    clock.advance(0)  # the batch goes out
     clock.advance(0.05)
     clock.advance(0)  # one more reactor turn for an answer that did arrive
     taken, _ = fired(d)
@@ -111,7 +126,7 @@ def test_a_slow_redis_is_decided_locally_then_tried_again() -> None:
     assert not s.up
     clock.advance(1.0)
     redis.answers = [[1, "0"]]
-    assert fired(s.take("carol", 2, 1.0))[0] is True and s.up and len(redis.calls) == 2
+    assert decided(clock, s.take("carol", 2, 1.0))[0] is True and s.up and len(redis.calls) == 2
 
 
 def test_deny_fallback_is_503() -> None:
@@ -120,7 +135,7 @@ def test_deny_fallback_is_503() -> None:
     redis.answers = [txredisapi.ConnectionError("Lost connection")]
     d = s.take("dave", 2, 1.0)
     with pytest.raises(BucketStoreUnavailable) as refused:
-        fired(d)
+        decided(clock, d)
     assert refused.value.code == 503 and refused.value.headers == {"Retry-After": "1"}
     assert fallbacks(registry, "deny") == 1 and sample_value(registry, "lbsvc_bucket_store_errors_total") == 1
 
@@ -152,3 +167,32 @@ def test_no_connection_is_decided_at_once() -> None:
     with pytest.raises(BucketStoreUnavailable):
         fired(s.take("fay", 2, 1.0))
     assert redis.calls == [] and not s.up
+
+
+def test_decisions_of_one_reactor_turn_are_one_script_call_in_arrival_order() -> None:
+    s, redis, clock, registry = store()
+    redis.scripts.add(SCRIPT_SHA)
+    first, gone, second, profile = (s.take("gus", 2, 1.0), s.take("hal", 3, 0.5), s.take("gus", 2, 1.0),
+                                    s.peek("ida", 4, 2.0))
+    gone.cancel()  # its client went away before the batch was answered
+    gone.addErrback(lambda reason: reason.trap(defer.CancelledError))
+    assert redis.calls == []  # nothing sent within the turn
+    clock.advance(0)
+    assert redis.calls == [("evalsha", [KEY_PREFIX + n for n in ("gus", "hal", "gus", "ida")],
+                            ["2", "1.0", "1", "3", "0.5", "1", "2", "1.0", "1", "4", "2.0", "0"])]
+    redis.pending[0].callback([1, "1", 1, "2", 0, "0.5", 0, "4"])
+    (taken, _), (again, bucket) = fired(first), fired(second)
+    assert [taken, again, bucket.level, fired(profile).level] == [True, False, 0.5, 4.0]
+    assert sample_value(registry, "lbsvc_bucket_store_batch_size_count") == 1
+    assert sample_value(registry, "lbsvc_bucket_store_batch_size_sum") == 4
+
+
+def test_a_long_queue_goes_out_in_batches_of_at_most_max_batch() -> None:
+    s, redis, clock, _ = store()
+    redis.scripts.add(SCRIPT_SHA)
+    decisions = [s.take(f"u{i}", 5, 1.0) for i in range(MAX_BATCH + 3)]
+    clock.advance(0)
+    assert [len(keys) for _, keys, _ in redis.calls] == [MAX_BATCH, 3]
+    for pending, size in zip(redis.pending, (MAX_BATCH, 3)):
+        pending.callback([1, "4"] * size)
+    assert all(fired(d)[0] for d in decisions)
