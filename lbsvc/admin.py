@@ -6,7 +6,7 @@ shadowed: on the gateway port every path outside ``/user/`` is proxied.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from prometheus_client import CollectorRegistry
 from twisted.web import server
@@ -20,11 +20,13 @@ from svckit.web import Handler, Route, Router
 
 def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorRegistry,
                  workers: Optional[Callable[[], Dict[str, int]]] = None,
-                 scrape: Optional[Handler] = None) -> Router:
+                 scrape: Optional[Handler] = None,
+                 limits: Optional[Callable[[], Dict[str, Any]]] = None) -> Router:
     """The admin port's routes.
 
     ``workers`` reports ``{"configured", "running"}`` processes for ``/ready``
-    (with ``--workers``); ``scrape`` answers ``/metrics`` instead of this
+    (with ``--workers``); ``limits`` who decides the buckets now (``/ready``'s
+    ``limits``: store, mode, live gateways); ``scrape`` answers ``/metrics`` instead of this
     process's registry alone (:class:`lbsvc.workermetrics.WorkerScrape`).
     """
 
@@ -37,6 +39,7 @@ def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorReg
             "problems": readiness.problems(),
             "backends": {b.name: b.healthy for b in pool.backends},
             "workers": workers() if workers is not None else {"configured": 1, "running": 1},
+            "limits": limits() if limits is not None else {"buckets": "memory", "mode": "memory"},
         }
         return JSONResponse(body, 200 if readiness.ready else 503)
 

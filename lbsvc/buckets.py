@@ -40,7 +40,7 @@ class Bucket:
 
     __slots__ = ("capacity", "rate", "level", "since")
 
-    def __init__(self, capacity: int, rate: float) -> None:
+    def __init__(self, capacity: float, rate: float) -> None:
         self.capacity = capacity
         self.rate = rate
         self.level = float(capacity)
@@ -79,14 +79,14 @@ class Buckets:
         if self.loop.running:
             self.loop.stop()
 
-    def bucket(self, name: str, capacity: int, rate: float) -> Bucket:
+    def bucket(self, name: str, capacity: float, rate: float) -> Bucket:
         """The bucket of ``name`` (a new one starts full)."""
         bucket = self._buckets.get(name)
         if bucket is None:
             bucket = self._buckets[name] = Bucket(capacity, rate)
         return bucket
 
-    def take(self, name: str, capacity: int, rate: float) -> Optional[Bucket]:
+    def take(self, name: str, capacity: float, rate: float) -> Optional[Bucket]:
         """Spend one token: the bucket if there was one, None if empty."""
         bucket = self.bucket(name, capacity, rate)
         now = self.clock.seconds()
@@ -99,13 +99,13 @@ class Buckets:
         bucket.level -= 1.0
         return bucket
 
-    def peek(self, name: str, capacity: int, rate: float) -> Bucket:
+    def peek(self, name: str, capacity: float, rate: float) -> Bucket:
         """The bucket, credited up to now, without spending anything."""
         bucket = self.bucket(name, capacity, rate)
         self.refill_one(name, bucket, self.clock.seconds())
         return bucket
 
-    def change(self, name: str, capacity: int, rate: float) -> Bucket:
+    def change(self, name: str, capacity: float, rate: float) -> Bucket:
         """New limits, at once; the level is capped at the new capacity."""
         bucket = self.bucket(name, capacity, rate)
         now = self.clock.seconds()
@@ -123,6 +123,12 @@ class Buckets:
         """Drop the bucket of a deleted user."""
         self._buckets.pop(name, None)
         self._refilling.pop(name, None)
+
+    def clear(self) -> None:
+        """Drop every bucket (the next one of each user starts afresh)."""
+        self._buckets.clear()
+        self._refilling.clear()
+        self._pass = []
 
     def refill_one(self, name: str, bucket: Bucket, now: float) -> None:
         """Credit one bucket for the time since it was last credited."""

@@ -19,9 +19,12 @@ and ``lbsvc_bucket_store_round_trip_seconds`` are histograms on ``/metrics``.
 
 Redis calls are bounded by ``--redis-timeout`` (50 ms by default) so a slow
 Redis never stalls the gateway.  While Redis cannot be used, requests are
-decided by ``--bucket-store-fallback``: ``local`` (each process enforces its
-own bucket, as with ``--buckets memory``; limits then multiply by the number
-of processes) or ``deny`` (503 with ``Retry-After``).  After a failure Redis
+decided by ``--bucket-store-fallback``: ``local`` (each of the N live
+gateway processes enforces its share, C/N and R/N, from its share of the
+level Redis last reported, and the tokens it spent are charged to Redis when
+it is back: :mod:`lbsvc.fallbackshare`; N from :mod:`lbsvc.livegateways`) or
+``deny`` (503 with ``Retry-After``).  Decisions are counted by path on
+``/metrics`` (``lbsvc_bucket_decisions_total{path="redis|local_share|deny"}``).  After a failure Redis
 is left alone for :data:`RETRY_AFTER` seconds, then tried again; the switch
 both ways is logged, and counted on ``/metrics``
 (``lbsvc_bucket_store_up``, ``lbsvc_bucket_store_fallback_total{mode}``).
@@ -52,14 +55,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lbsvc.buckets import Bucket, Buckets, IBucketStore, MemoryBucketStore, Verdict
+from lbsvc.buckets import Bucket, Buckets, IBucketStore, Verdict
+from lbsvc.fallbackshare import ShareFallback
 from lbsvc.upstream import client_endpoint
 from svckit.responses import HTTPError
 
 log = Logger()
 
-_Queued = Tuple[str, int, float, int, "defer.Deferred[Verdict]"]
-"""A decision waiting for the next batch: name, capacity, rate, cost, and its answer."""
+_Queued = Tuple[str, int, float, int, "Optional[defer.Deferred[Verdict]]"]
+"""A decision waiting for the next batch: name, capacity, rate, cost (negative: a charge
+of that many tokens spent during an outage), and its answer (None for a charge)."""
 
 KEY_PREFIX = "lbsvc:bucket:"
 MAX_BATCH = 256
@@ -92,6 +97,9 @@ for i, key in ipairs(KEYS) do
   local taken = 0
   if cost > 0 and level >= cost then
     level = level - cost
+    taken = 1
+  elseif cost < 0 then
+    level = math.max(level + cost, -capacity)
     taken = 1
   end
   if level >= capacity then
@@ -196,7 +204,7 @@ class RedisBucketStore:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
         self.url = url
-        self.local = MemoryBucketStore(local)
+        self.share = ShareFallback(local)
         self.fallback = fallback
         self.timeout = timeout
         self.clock = clock
@@ -213,6 +221,12 @@ class RedisBucketStore:
         self._round_trips = Histogram("lbsvc_bucket_store_round_trip_seconds", "Seconds from sending a batch to"
                                       " Redis to its answer.", buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
                                                                         0.05, 0.1, 0.25, 1.0), registry=registry)
+        decisions = Counter("lbsvc_bucket_decisions", "Bucket decisions by who made them: redis, this"
+                            " process's share while Redis is away (local_share), or a refusal (deny).",
+                            ["path"], registry=registry)
+        self._by_redis = decisions.labels("redis")
+        self._by_share = decisions.labels("local_share")
+        self._denied = decisions.labels("deny")
         self._queue: List[_Queued] = []
         self._flush_call: Optional[IDelayedCall] = None
 
@@ -228,12 +242,12 @@ class RedisBucketStore:
 
     def change(self, name: str, capacity: int, rate: float) -> defer.Deferred[Bucket]:
         """New limits: the next script run caps the level at the new capacity."""
-        self.local.change(name, capacity, rate)
+        self.share.forget(name)
         return self.peek(name, capacity, rate)
 
     def forget(self, name: str) -> defer.Deferred[None]:
         """Delete the bucket everywhere."""
-        self.local.forget(name)
+        self.share.forget(name)
         redis = self.link.current()
         if redis is None:
             return defer.succeed(None)  # its level expires by itself
@@ -280,35 +294,66 @@ class RedisBucketStore:
             args += (str(capacity), repr(float(rate)), str(cost))
         sent = self.clock.seconds()
         self._batch_sizes.observe(len(batch))
+        timed_out = [False]
+        admitted_here: List[bool] = []
+
+        def late(result: Any) -> Any:
+            if timed_out[0] and isinstance(result, list):  # decided by the fallback meanwhile
+                for i, (name, capacity, rate, cost, _) in enumerate(batch):
+                    if cost > 0 and i < len(admitted_here):
+                        self.share.late(name, capacity, rate, bool(int(result[2 * i])), admitted_here[i])
+            return result
 
         def answered(result: Any) -> None:
             self._round_trips.observe(self.clock.seconds() - sent)
             if not self.up and self.clock.seconds() >= self._retry_at:  # not an answer sent before the failure
-                self.up = True
-                log.info("Redis buckets at {url} reachable again", url=self.url)
-            for i, (_, capacity, rate, _, d) in enumerate(batch):
-                if d.called:  # the client went away meanwhile
+                self._recovered()
+            self._by_redis.inc(len(batch))
+            share = self.share
+            for i, (name, capacity, rate, _, d) in enumerate(batch):
+                level = float(result[2 * i + 1])
+                share.seen(name, level)
+                if d is None or d.called:  # a charge, or the client went away meanwhile
                     continue
                 bucket = Bucket(capacity, rate)
-                bucket.level = float(result[2 * i + 1])
+                bucket.level = level
                 d.callback((bool(int(result[2 * i])), bucket))
 
         def failed(reason: Failure) -> None:
+            timed_out[0] = bool(reason.check(defer.TimeoutError))
             self._failed(reason)
-            self._decide_without_redis(batch)
+            admitted_here.extend(self._decide_without_redis(batch))
 
-        self._bounded(self._script(redis, keys, args)).addCallbacks(answered, failed)
+        call = self._script(redis, keys, args).addCallback(late)
+        self._bounded(call).addCallbacks(answered, failed)
 
-    def _decide_without_redis(self, batch: List[_Queued]) -> None:
+    def _recovered(self) -> None:
+        """Redis answers again: charge it what the fallback spent meanwhile."""
+        self.up = True
+        charges = self.share.end() if self.fallback == "local" else {}
+        log.info("Redis buckets at {url} reachable again; charging {n} users for tokens spent meanwhile",
+                 url=self.url, n=len(charges))
+        for name, (count, capacity, rate) in charges.items():
+            self._queue.append((name, capacity, rate, -count, None))
+        if charges and self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _decide_without_redis(self, batch: List[_Queued]) -> List[bool]:
+        """Let the fallback decide ``batch``; whether each was admitted here."""
+        admitted: List[bool] = []
         for name, capacity, rate, cost, d in batch:
-            if d.called:
+            if d is None or d.called:  # a charge is dropped: its tokens stay charged locally
+                admitted.append(False)
                 continue
             try:
                 verdict = self._without_redis(name, capacity, rate, cost)
             except Exception:
+                admitted.append(False)
                 d.errback(Failure())
             else:
+                admitted.append(verdict[0] and cost > 0)
                 d.callback(verdict)
+        return admitted
 
     def _script(self, redis: Any, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = redis.evalsha(SCRIPT_SHA, keys, args)
@@ -354,13 +399,24 @@ class RedisBucketStore:
         self._retry_at = self.clock.seconds() + RETRY_AFTER
         if self.up:
             self.up = False
-            log.warn("Redis buckets at {url} unavailable ({error}); deciding by the {mode!r} fallback",
-                     url=self.url, error=reason.getErrorMessage(), mode=self.fallback)
+            self.share.begin()
+            log.warn("Redis buckets at {url} unavailable ({error}); deciding by the {mode!r} fallback"
+                     " ({n} gateway processes share each budget)",
+                     url=self.url, error=reason.getErrorMessage(), mode=self.fallback, n=self.share.live)
 
     def _without_redis(self, name: str, capacity: int, rate: float, cost: int) -> Verdict:
         self._fallbacks.inc()
         if self.fallback == "deny":
+            self._denied.inc()
             raise BucketStoreUnavailable()
+        self._by_share.inc()
         if cost == 0:
-            return True, self.local.peek(name, capacity, rate)
-        return self.local.take(name, capacity, rate)
+            return True, self.share.peek(name, capacity, rate)
+        return self.share.take(name, capacity, rate)
+
+    @property
+    def mode(self) -> str:
+        """Who decides now: ``redis``, ``local_share`` or ``deny``."""
+        if self.up:
+            return "redis"
+        return "local_share" if self.fallback == "local" else "deny"

@@ -8,6 +8,7 @@ restart.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -265,3 +266,38 @@ def test_workers_share_the_port_and_one_budget(tmp_path: Path, user_database: st
     finally:
         gateway.stop()
     assert_no_logged_errors([gateway])
+
+
+def test_default_settings_stay_within_the_bound_through_a_stalled_redis(tmp_path: Path, user_database: str,
+                                                                        backend: Backend, redis: RedisServer) -> None:
+    """The issue's measurement, with the defaults (50 ms Redis timeout, local fallback): 100 connections
+    over two gateways, Redis SIGSTOPped for 3 s in the middle; the whole run admits at most C + R·t + 1."""
+    a, b = gateways(tmp_path, user_database, backend, redis)
+    stalled = threading.Timer(2.0, lambda: redis.process.send_signal(signal.SIGSTOP))  # type: ignore[union-attr]
+    resumed = threading.Timer(5.0, lambda: redis.process.send_signal(signal.SIGCONT))  # type: ignore[union-attr]
+    try:
+        key = a.create("bounded")
+        within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=key)[0] == 200, "the user on b")
+        assert a.call("POST", "/user/tokens/change", {"capacity": 10, "rate_per_sec": 20}, key=key)[0] == 200
+        within(1.0, lambda: json.loads(b.call("GET", "/user/tokens/profile", key=key)[2])["capacity"] == 10,
+               "the new limits on b")
+        for gateway in (a, b):
+            wait_until(lambda g=gateway: json.loads(http("GET", f"http://127.0.0.1:{g.admin_port}/ready")[2])
+                       ["limits"] == {"buckets": "redis", "mode": "redis", "gateways": 2}, 5, "both heartbeats")
+        stalled.start()
+        resumed.start()
+        count, elapsed = admitted([a, b], key, 8.0)
+        bound = 10 + 20 * elapsed + 1
+        assert count <= bound, (count, bound)
+        assert count >= 0.5 * bound, (count, bound)  # and it did admit: shares, not a denial
+        shared = sum(metric(f"http://127.0.0.1:{g.admin_port}/metrics", "lbsvc_bucket_decisions_total",
+                            path="local_share") for g in (a, b))
+        assert shared > 0  # the stall was decided by the shares
+    finally:
+        stalled.cancel()
+        resumed.cancel()
+        if redis.process is not None:
+            redis.process.send_signal(signal.SIGCONT)
+        for gateway in (a, b):
+            gateway.stop()
+    assert_no_logged_errors([a, b])

@@ -122,11 +122,16 @@ def test_a_slow_redis_is_decided_locally_then_tried_again() -> None:
     assert fired(s.take("carol", 2, 1.0))[0] is True
     assert fired(s.take("carol", 2, 1.0))[0] is False  # capacity 2, spent locally
     assert len(redis.calls) == 1
-    redis.pending[0].callback([1, "1"])  # the late answer changes nothing
+    # The late answer: Redis took a token for the call that timed out, so of the
+    # two the fallback handed out, only one is still to be charged.
+    redis.pending[0].callback([1, "1"])
     assert not s.up
     clock.advance(1.0)
-    redis.answers = [[1, "0"]]
-    assert decided(clock, s.take("carol", 2, 1.0))[0] is True and s.up and len(redis.calls) == 2
+    redis.answers = [[1, "0"], [1, "0"]]
+    assert decided(clock, s.take("carol", 2, 1.0))[0] is True and s.up
+    # Back: what the outage spent is charged, in the next batch.
+    assert redis.calls[1:] == [("evalsha", [KEY_PREFIX + "carol"], ["2", "1.0", "1"]),
+                               ("evalsha", [KEY_PREFIX + "carol"], ["2", "1.0", "-1"])]
 
 
 def test_deny_fallback_is_503() -> None:
@@ -196,3 +201,53 @@ def test_a_long_queue_goes_out_in_batches_of_at_most_max_batch() -> None:
     for pending, size in zip(redis.pending, (MAX_BATCH, 3)):
         pending.callback([1, "4"] * size)
     assert all(fired(d)[0] for d in decisions)
+
+
+def test_the_local_fallback_gives_each_gateway_its_share_from_the_last_level_redis_reported() -> None:
+    s, redis, clock, registry = store("local")
+    redis.scripts.add(SCRIPT_SHA)
+    s.share.set_live(2)  # two gateways share every budget
+    redis.answers = [[1, "6"]]
+    assert decided(clock, s.take("ivy", 10, 4.0))[0]  # Redis: 6 of 10 left
+    redis.answers = [txredisapi.ConnectionError("Lost connection")]
+    first = decided(clock, s.take("ivy", 10, 4.0))  # Redis goes away: this gateway's share is 6 / 2 = 3
+    assert first[0] and first[1].capacity == 5 and first[1].level == 2.0
+    assert [fired(s.take("ivy", 10, 4.0))[0] for _ in range(3)] == [True, True, False]  # 3 in all, not 10
+    clock.advance(0.5)  # refilled at 4 / 2 = 2 per second
+    assert fired(s.take("ivy", 10, 4.0))[0] and not fired(s.take("ivy", 10, 4.0))[0]
+    assert fallbacks(registry, "local") == 6
+    assert sample_value(registry, "lbsvc_bucket_decisions_total", {"path": "local_share"}) == 6
+    assert sample_value(registry, "lbsvc_bucket_decisions_total", {"path": "redis"}) == 1
+    assert s.mode == "local_share"
+    # Back: the four tokens spent meanwhile are charged to Redis.
+    clock.advance(1.0)
+    redis.answers = [[1, "3"], [1, "0"]]
+    assert decided(clock, s.take("ivy", 10, 4.0))[0] and s.mode == "redis"
+    assert redis.calls[-1] == ("evalsha", [KEY_PREFIX + "ivy"], ["10", "4.0", "-4"])
+
+
+def test_a_user_redis_never_reported_starts_from_a_full_share() -> None:
+    s, redis, clock, _ = store("local")
+    s.share.set_live(4)
+    redis.connected = False
+    verdict = fired(s.take("joe", 8, 1.0))
+    assert verdict[0] and verdict[1].capacity == 2 and verdict[1].level == 1.0
+    assert fired(s.take("joe", 8, 1.0))[0] and not fired(s.take("joe", 8, 1.0))[0]
+
+
+def test_a_late_token_redis_took_for_a_request_refused_here_still_costs_the_share() -> None:
+    s, redis, clock, _ = store("local")
+    redis.scripts.add(SCRIPT_SHA)
+    redis.answers = [[1, "0"]]
+    decided(clock, s.take("kim", 2, 1.0))  # Redis: nothing left
+    d = s.take("kim", 2, 1.0)
+    clock.advance(0)
+    clock.advance(0.05)
+    clock.advance(0)
+    assert fired(d)[0] is False  # timed out: the share (from level 0) refuses it
+    redis.pending[0].callback([1, "0"])  # but Redis had a token for it after all (say, refilled)
+    redis.connected = False  # and is gone again: the share goes on deciding
+    clock.advance(1.0)  # refilled at 1 per second: 1 token, less the one Redis took
+    assert fired(s.take("kim", 2, 1.0))[0] is False
+    clock.advance(1.1)
+    assert fired(s.take("kim", 2, 1.0))[0] is True
