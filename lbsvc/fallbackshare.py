@@ -18,7 +18,7 @@ also decided is not charged a second time.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Iterable, Tuple
 
 from lbsvc.buckets import Bucket, Buckets, Verdict
 
@@ -109,6 +109,12 @@ class ShareFallback:
         """The user was deleted, or its limits changed: its share is made afresh."""
         self.buckets.forget(name)
         self._started.pop(name, None)
+
+    def restore(self, charges: Iterable[Tuple[str, Spent]]) -> None:
+        """Charges taken by :meth:`end` that did not reach Redis: still to be charged."""
+        for name, (count, capacity, rate) in charges:
+            spent = self._spent.get(name)
+            self._spent[name] = (count + (spent[0] if spent else 0), capacity, rate)
 
     def end(self) -> Dict[str, Spent]:
         """The outage is over: the tokens spent meanwhile (and the limits), by user, to charge to Redis."""

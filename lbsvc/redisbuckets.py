@@ -287,6 +287,12 @@ class RedisBucketStore:
             self._failed(Failure(txredisapi.ConnectionError("not connected")))
             self._decide_without_redis(batch)
             return
+        charges: List[_Queued] = []
+        if not self.up and self.fallback == "local":
+            # Redis may be back: what the outage spent goes first, before any new token is taken.
+            charges = [(name, capacity, rate, -count, None)
+                       for name, (count, capacity, rate) in self.share.end().items()]
+            batch = charges + batch
         keys: List[str] = []
         args: List[str] = []
         for name, capacity, rate, cost, _ in batch:
@@ -305,6 +311,9 @@ class RedisBucketStore:
             return result
 
         def answered(result: Any) -> None:
+            if not isinstance(result, list) or len(result) != 2 * len(batch):
+                failed(Failure(txredisapi.ResponseError(f"unexpected answer to the bucket script: {result!r:.80}")))
+                return
             self._round_trips.observe(self.clock.seconds() - sent)
             if not self.up and self.clock.seconds() >= self._retry_at:  # not an answer sent before the failure
                 self._recovered()
@@ -322,21 +331,16 @@ class RedisBucketStore:
         def failed(reason: Failure) -> None:
             timed_out[0] = bool(reason.check(defer.TimeoutError))
             self._failed(reason)
+            self.share.restore((name, (-cost, capacity, rate)) for name, capacity, rate, cost, _ in charges)
             admitted_here.extend(self._decide_without_redis(batch))
 
         call = self._script(redis, keys, args).addCallback(late)
         self._bounded(call).addCallbacks(answered, failed)
 
     def _recovered(self) -> None:
-        """Redis answers again: charge it what the fallback spent meanwhile."""
+        """Redis answers again (and has been charged what the fallback spent meanwhile)."""
         self.up = True
-        charges = self.share.end() if self.fallback == "local" else {}
-        log.info("Redis buckets at {url} reachable again; charging {n} users for tokens spent meanwhile",
-                 url=self.url, n=len(charges))
-        for name, (count, capacity, rate) in charges.items():
-            self._queue.append((name, capacity, rate, -count, None))
-        if charges and self._flush_call is None:
-            self._flush_call = self.clock.callLater(0, self._flush)
+        log.info("Redis buckets at {url} reachable again", url=self.url)
 
     def _decide_without_redis(self, batch: List[_Queued]) -> List[bool]:
         """Let the fallback decide ``batch``; whether each was admitted here."""

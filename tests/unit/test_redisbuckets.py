@@ -127,11 +127,10 @@ def test_a_slow_redis_is_decided_locally_then_tried_again() -> None:
     redis.pending[0].callback([1, "1"])
     assert not s.up
     clock.advance(1.0)
-    redis.answers = [[1, "0"], [1, "0"]]
+    redis.answers = [[1, "0", 1, "0"]]
     assert decided(clock, s.take("carol", 2, 1.0))[0] is True and s.up
-    # Back: what the outage spent is charged, in the next batch.
-    assert redis.calls[1:] == [("evalsha", [KEY_PREFIX + "carol"], ["2", "1.0", "1"]),
-                               ("evalsha", [KEY_PREFIX + "carol"], ["2", "1.0", "-1"])]
+    # Back: what the outage spent is charged first, in the same call, before the new token.
+    assert redis.calls[1:] == [("evalsha", [KEY_PREFIX + "carol"] * 2, ["2", "1.0", "-1", "2", "1.0", "1"])]
 
 
 def test_deny_fallback_is_503() -> None:
@@ -221,9 +220,9 @@ def test_the_local_fallback_gives_each_gateway_its_share_from_the_last_level_red
     assert s.mode == "local_share"
     # Back: the four tokens spent meanwhile are charged to Redis.
     clock.advance(1.0)
-    redis.answers = [[1, "3"], [1, "0"]]
+    redis.answers = [[1, "3", 1, "2"]]
     assert decided(clock, s.take("ivy", 10, 4.0))[0] and s.mode == "redis"
-    assert redis.calls[-1] == ("evalsha", [KEY_PREFIX + "ivy"], ["10", "4.0", "-4"])
+    assert redis.calls[-1] == ("evalsha", [KEY_PREFIX + "ivy"] * 2, ["10", "4.0", "-4", "10", "4.0", "1"])
 
 
 def test_a_user_redis_never_reported_starts_from_a_full_share() -> None:
@@ -251,3 +250,26 @@ def test_a_late_token_redis_took_for_a_request_refused_here_still_costs_the_shar
     assert fired(s.take("kim", 2, 1.0))[0] is False
     clock.advance(1.1)
     assert fired(s.take("kim", 2, 1.0))[0] is True
+
+
+def test_charges_that_do_not_reach_redis_are_kept_for_the_next_try() -> None:
+    s, redis, clock, _ = store("local")
+    redis.scripts.add(SCRIPT_SHA)
+    redis.connected = False
+    assert fired(s.take("lee", 4, 1.0))[0]  # spent by the fallback
+    redis.connected = True
+    clock.advance(1.0)
+    redis.answers = [txredisapi.ConnectionError("Lost connection")]
+    assert decided(clock, s.take("lee", 4, 1.0))[0]  # the retry fails: still the fallback
+    clock.advance(1.0)
+    redis.answers = [[1, "2", 1, "1"]]
+    assert decided(clock, s.take("lee", 4, 1.0))[0] and s.up
+    assert redis.calls[-1] == ("evalsha", [KEY_PREFIX + "lee"] * 2, ["4", "1.0", "-2", "4", "1.0", "1"])
+
+
+def test_a_malformed_answer_is_a_failure_not_a_crash() -> None:
+    s, redis, clock, registry = store("local")
+    redis.scripts.add(SCRIPT_SHA)
+    redis.answers = [[1]]
+    assert decided(clock, s.take("max", 2, 1.0))[0] and not s.up
+    assert sample_value(registry, "lbsvc_bucket_store_errors_total") == 1
