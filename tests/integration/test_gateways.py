@@ -62,6 +62,16 @@ def gateways(tmp_path: Path, database: str, backend: Backend, redis: RedisServer
     return started
 
 
+def shared_user(a: Gateway, b: Gateway, name: str, capacity: int, rate: float) -> str:
+    """A user made on ``a`` with these limits, seen with them on ``b`` within a second; its key."""
+    key = a.create(name)
+    within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=key)[0] == 200, "the user on b")
+    assert a.call("POST", "/user/tokens/change", {"capacity": capacity, "rate_per_sec": rate}, key=key)[0] == 200
+    within(1.0, lambda: json.loads(b.call("GET", "/user/tokens/profile", key=key)[2])["capacity"] == capacity,
+           "the new limits on b")
+    return key
+
+
 def within(seconds: float, condition: Callable[[], bool], what: str) -> float:
     """Poll ``condition``; fail unless it holds within ``seconds``; the time it took."""
     start = time.monotonic()
@@ -97,11 +107,7 @@ def test_two_gateways_behave_as_one(tmp_path: Path, user_database: str, backend:
     # decided by the local fallback (which is not exact, by design).
     a, b = gateways(tmp_path, user_database, backend, redis, LBSVC_REDIS_TIMEOUT="1")
     try:
-        key = a.create("shared")
-        within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=key)[0] == 200, "the user on b")
-        assert a.call("POST", "/user/tokens/change", {"capacity": 40, "rate_per_sec": 10}, key=key)[0] == 200
-        within(1.0, lambda: json.loads(b.call("GET", "/user/tokens/profile", key=key)[2])["capacity"] == 40,
-               "the new limits on b")
+        key = shared_user(a, b, "shared", 40, 10)
         # One budget: 100 connections split over both gateways admit at most C + R·t.
         count, elapsed = admitted([a, b], key, 2.0)
         bound = 40 + 10 * elapsed
@@ -282,11 +288,7 @@ def test_default_settings_stay_within_the_bound_through_a_redis_fault(tmp_path: 
     else:
         stalled, resumed = threading.Timer(2.0, redis.kill), threading.Timer(5.0, redis.start)
     try:
-        key = a.create("bounded")
-        within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=key)[0] == 200, "the user on b")
-        assert a.call("POST", "/user/tokens/change", {"capacity": 10, "rate_per_sec": 20}, key=key)[0] == 200
-        within(1.0, lambda: json.loads(b.call("GET", "/user/tokens/profile", key=key)[2])["capacity"] == 10,
-               "the new limits on b")
+        key = shared_user(a, b, "bounded", 10, 20)
         for gateway in (a, b):
             wait_until(lambda g=gateway: json.loads(http("GET", f"http://127.0.0.1:{g.admin_port}/ready")[2])
                        ["limits"] == {"buckets": "redis", "mode": "redis", "gateways": 2}, 5, "both heartbeats")
