@@ -304,7 +304,7 @@ class RedisBucketStore:
         admitted_here: List[bool] = []
 
         def late(result: Any) -> Any:
-            if timed_out[0] and isinstance(result, list):  # decided by the fallback meanwhile
+            if timed_out[0] and isinstance(result, list) and len(result) == 2 * len(batch):  # decided meanwhile
                 for i, (name, capacity, rate, cost, _) in enumerate(batch):
                     if cost > 0 and i < len(admitted_here):
                         self.share.late(name, capacity, rate, bool(int(result[2 * i])), admitted_here[i])
@@ -317,7 +317,7 @@ class RedisBucketStore:
             self._round_trips.observe(self.clock.seconds() - sent)
             if not self.up and self.clock.seconds() >= self._retry_at:  # not an answer sent before the failure
                 self._recovered()
-            self._by_redis.inc(len(batch))
+            self._by_redis.inc(len(batch) - len(charges))
             share = self.share
             for i, (name, capacity, rate, _, d) in enumerate(batch):
                 level = float(result[2 * i + 1])

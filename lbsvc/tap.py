@@ -183,23 +183,24 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     gauges.add("lbsvc_backend_in_flight", "Requests in flight per backend.",
                lambda: {(b.name,): b.in_flight for b in pool.backends}, ["backend"])
     gauges.add("lbsvc_ready", "1 when ready.", lambda: int(readiness.ready))
-    limits: Callable[[], Dict[str, Any]] = lambda: {"buckets": "memory", "mode": "memory"}  # noqa: E731
+    limits: Optional[Callable[[], Dict[str, Any]]] = None  # memory buckets: the admin router's default
+    live: Optional[LiveGateways] = None
     if isinstance(store, RedisBucketStore) and link is not None:
         redis_store = store
-        live = LiveGateways(link, reactor, on_count=redis_store.share.set_live)
+        heartbeat = live = LiveGateways(link, reactor, on_count=redis_store.share.set_live)
         gauges.add("lbsvc_bucket_store_up", "1 while Redis decides the buckets, 0 while the fallback does.",
                    lambda: int(redis_store.up))
         gauges.add("lbsvc_bucket_store_mode", "1 for who decides the buckets now: redis, local_share or deny.",
                    lambda: {(m,): int(redis_store.mode == m) for m in ("redis", "local_share", "deny")}, ["mode"])
         gauges.add("lbsvc_gateways_live", "Gateway processes sharing the Redis buckets (the N of the local"
-                   " fallback's shares).", lambda: live.count)
-        limits = lambda: {"buckets": "redis", "mode": redis_store.mode, "gateways": live.count}  # noqa: E731
+                   " fallback's shares).", lambda: heartbeat.count)
+        limits = lambda: {"buckets": "redis", "mode": redis_store.mode, "gateways": heartbeat.count}  # noqa: E731
 
     top = service.MultiService()
     if link is not None:
         link.setServiceParent(top)
-        if isinstance(store, RedisBucketStore):
-            live.setServiceParent(top)
+    if live is not None:
+        live.setServiceParent(top)
     access_log = AccessLog(settings.access_log, reactor, settings.access_log_format)
     access_log.setServiceParent(top)
     def failed(name: str) -> None:

@@ -109,7 +109,7 @@ class GuardedRequest(server.Request):
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", [server.version])
         headers.setRawHeaders(b"date", [site.date()])
-        if site.request_ids:
+        if site.router.request_ids:
             headers.setRawHeaders(b"x-request-id", [request_id(self)])
         self.prepath, self.postpath = [], []
         if self.path == b"*":  # OPTIONS * is answered, any other method is 405
@@ -244,7 +244,7 @@ class GuardedChannel(http.HTTPChannel):
             # No "100 Continue" after the answer: the body is not wanted.
             request.requestHeaders.removeHeader(b"expect")
         answer = {"Error": error.message}
-        if self.site.request_ids and request is not None:
+        if self.site.router.request_ids and request is not None:
             answer["request_id"] = request_id(request).decode("ascii")
         body = dumps(answer)
         head = [
@@ -324,8 +324,6 @@ class GuardedSite(server.Site):
         self._parsePOSTFormSubmission = False
         self.router = router
         self.access_log = access_log
-        self.request_ids = router.request_ids
-        """Whether every answer carries ``X-Request-Id`` and every error body its ``request_id``."""
 
     _date_second = -1
     _date = b""
