@@ -72,6 +72,17 @@ def http(
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def receive_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What ``sock`` receives until ``marker`` is in it, or until the peer closes."""
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def basic(user: str, password: str) -> Dict[str, str]:
     """An Authorization header for HTTP Basic."""
     token = base64.b64encode(f"{user}:{password}".encode()).decode()

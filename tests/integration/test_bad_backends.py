@@ -17,7 +17,7 @@ from typing import Iterator, List
 
 import pytest
 
-from tests.integration.harness import assert_no_logged_errors, free_port, metric, wait_until
+from tests.integration.harness import assert_no_logged_errors, free_port, metric, receive_until, wait_until
 from tests.integration.lbharness import Backend, Gateway, servers_file
 
 pytestmark = pytest.mark.integration
@@ -35,12 +35,9 @@ class RawBackend:
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 connection: socket.socket = self.request
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = connection.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
+                data = receive_until(connection, b"\r\n\r\n")
+                if b"\r\n\r\n" not in data:
+                    return
                 line = data.split(b"\r\n", 1)[0]
                 if line.split(b" ")[1] == b"/health":
                     connection.sendall(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

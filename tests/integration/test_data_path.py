@@ -17,7 +17,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from tests.integration.harness import assert_no_logged_errors, free_port, metric, wait_until
+from tests.integration.harness import assert_no_logged_errors, free_port, metric, receive_until, wait_until
 from tests.integration.lbharness import Backend, Gateway, servers_file
 
 MiB = 1024 * 1024
@@ -132,13 +132,7 @@ def send_body(port: int, key: str, size: int, chunked: bool = False) -> bytes:
         if chunked:
             s.sendall(b"0\r\n\r\n")
         s.settimeout(60)
-        answer = b""
-        while b"}" not in answer:
-            data = s.recv(65536)
-            if not data:
-                break
-            answer += data
-    return answer
+        return receive_until(s, b"}")
 
 
 def expected_digest(size: int) -> str:
