@@ -3,9 +3,16 @@
 While Redis cannot be asked, each of the N live gateway processes (counted
 by :mod:`lbsvc.livegateways`) enforces ``C/N`` tokens refilled at ``R/N``,
 so the cluster as a whole still admits at most ``C + R·t``.  A user's share
-starts from its share of the level Redis last reported to this process for
-that user (a full share for a user it has not seen), never from a full bucket:
-what was spent in Redis stays spent.
+holds its share of the level Redis last reported to this process for that
+user (a full share for a user it has not seen), never a full bucket: what was
+spent in Redis stays spent.
+
+That level is handed out only once the outage is **confirmed**
+(:meth:`ShareFallback.confirm`: Redis silent for a while, so every gateway
+has lost it, not just this one); until then a share starts empty and only
+refills at ``R/N``.  A gateway that alone finds Redis slow (its other
+callers still spending the level in Redis) would otherwise spend a share of
+that same level a second time.
 
 Every token the fallback hands out is remembered and charged to Redis when it
 is back (:meth:`ShareFallback.end`; the level may go below zero, a debt that
@@ -36,9 +43,13 @@ class ShareFallback:
         self.buckets = buckets
         self.live = 1
         """Gateway processes sharing the budget (at least this one)."""
+        self.confirmed = True
+        """Whether this outage is known to be everyone's (the last levels' shares are handed out)."""
         self._last: Dict[str, float] = {}
         self._spent: Dict[str, Spent] = {}
         self._started: Dict[str, bool] = {}
+        self._held: Dict[str, Tuple[float, float, float]] = {}
+        """Users whose share of the last level waits for the outage to be confirmed: (level, capacity, rate)."""
 
     def set_live(self, count: int) -> None:
         """The heartbeat counted ``count`` live gateway processes."""
@@ -53,9 +64,21 @@ class ShareFallback:
         last[name] = level
 
     def begin(self) -> None:
-        """An outage starts: every share is made afresh from Redis's last levels."""
+        """An outage starts: every share is made afresh, empty until the outage is confirmed."""
         self.buckets.clear()
         self._started.clear()
+        self._held.clear()
+        self.confirmed = False
+
+    def confirm(self) -> None:
+        """The outage is everyone's: each share gets its part of the level Redis last reported."""
+        self.confirmed = True
+        held, self._held = self._held, {}
+        for name, (level, capacity, rate) in held.items():
+            if name in self._started:
+                bucket = self.buckets.peek(name, capacity, rate)
+                bucket.level = min(bucket.level + level, capacity)
+                self.buckets.change(name, capacity, rate)
 
     def _share(self, name: str, capacity: int, rate: float) -> Tuple[float, float]:
         """This process's capacity and rate for ``name``; its bucket made on first use in an outage."""
@@ -66,6 +89,9 @@ class ShareFallback:
             self.buckets.forget(name)
             bucket = self.buckets.bucket(name, share_capacity, share_rate)
             start = min(self._last.get(name, float(capacity)), float(capacity)) / n
+            if not self.confirmed and start > 0:
+                self._held[name] = (start, share_capacity, share_rate)
+                start = 0.0
             if start < share_capacity:
                 bucket.level = start
                 self.buckets.change(name, share_capacity, share_rate)  # refilled from now on
@@ -109,6 +135,7 @@ class ShareFallback:
         """The user was deleted, or its limits changed: its share is made afresh."""
         self.buckets.forget(name)
         self._started.pop(name, None)
+        self._held.pop(name, None)
 
     def restore(self, charges: Iterable[Tuple[str, Spent]]) -> None:
         """Charges taken by :meth:`end` that did not reach Redis: still to be charged."""

@@ -71,6 +71,9 @@ MAX_BATCH = 256
 """Decisions sent in one script call at most (a longer queue is sent in several)."""
 RETRY_AFTER = 1.0
 """Seconds Redis is left alone after a failure before it is tried again."""
+CONFIRM_AFTER = 0.5
+"""Seconds without any answer from Redis after which an outage is taken to be every gateway's: only
+then does the ``local`` fallback hand out the shares of the last levels (:meth:`ShareFallback.confirm`)."""
 FALLBACKS = ("local", "deny")
 
 SCRIPT = """
@@ -183,6 +186,14 @@ class RedisLink(service.Service):
             return protocol
         return None
 
+    def connected(self) -> defer.Deferred[Any]:
+        """The connected protocol now, or once the next attempt connects (failing if it does not)."""
+        protocol = self.current()
+        if protocol is not None:
+            return defer.succeed(protocol)
+        d: defer.Deferred[Any] = self.client.whenConnected(failAfterFailures=1)
+        return d.addCallback(lambda _: self.protocol)
+
     def startService(self) -> None:
         """Connect, and keep reconnecting."""
         super().startService()
@@ -212,6 +223,8 @@ class RedisBucketStore:
         """Whose ``current()`` is the connected Redis protocol, or None (:class:`RedisLink`)."""
         self.up = True
         self._retry_at = 0.0
+        self._heard_at = float("-inf")
+        """When Redis last answered anything (on time or late)."""
         self._fallbacks = Counter("lbsvc_bucket_store_fallback", "Bucket decisions made without Redis,"
                                   " by fallback mode.", ["mode"], registry=registry).labels(fallback)
         self._errors = Counter("lbsvc_bucket_store_errors", "Redis calls that failed or timed out.",
@@ -305,6 +318,8 @@ class RedisBucketStore:
 
         def late(result: Any) -> Any:
             if timed_out[0] and isinstance(result, list) and len(result) == 2 * len(batch):  # decided meanwhile
+                self._heard_at = self.clock.seconds()
+                self._retry_at = min(self._retry_at, self._heard_at)  # it answers after all: ask it again
                 for i, (name, capacity, rate, cost, _) in enumerate(batch):
                     if cost > 0 and i < len(admitted_here):
                         self.share.late(name, capacity, rate, bool(int(result[2 * i])), admitted_here[i])
@@ -314,7 +329,8 @@ class RedisBucketStore:
             if not isinstance(result, list) or len(result) != 2 * len(batch):
                 failed(Failure(txredisapi.ResponseError(f"unexpected answer to the bucket script: {result!r:.80}")))
                 return
-            self._round_trips.observe(self.clock.seconds() - sent)
+            self._heard_at = self.clock.seconds()
+            self._round_trips.observe(self._heard_at - sent)
             if not self.up and self.clock.seconds() >= self._retry_at:  # not an answer sent before the failure
                 self._recovered()
             self._by_redis.inc(len(batch) - len(charges))
@@ -371,13 +387,21 @@ class RedisBucketStore:
         return d.addErrback(unknown)
 
     def _bounded(self, call: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        """``call``, or a timeout after :attr:`timeout` seconds (the call itself is left to finish)."""
+        """``call``, or a timeout once Redis has had :attr:`timeout` seconds (the call itself is left to finish).
+
+        The timeout measures Redis, not this reactor's backlog: the clock
+        starts after the reactor's next look at the sockets (when the command
+        has been written, not when it was queued), and when it runs out the
+        answer is looked for once more before the call is given up (a busy
+        reactor runs its timers before it reads an answer that did arrive).
+        """
         out: defer.Deferred[Any] = defer.Deferred()
-        timer: Optional[IDelayedCall] = None
+        timer: List[IDelayedCall] = []
 
         def result(value: Any) -> None:
-            if timer is not None and timer.active():
-                timer.cancel()
+            for pending in timer:
+                if pending.active():
+                    pending.cancel()
             if out.called:
                 return
             if isinstance(value, Failure):
@@ -389,12 +413,13 @@ class RedisBucketStore:
             if not out.called:
                 out.errback(defer.TimeoutError(f"Redis did not answer within {self.timeout}s"))
 
-        def check() -> None:
-            # Once more after the reactor's next look at the sockets: a busy
-            # reactor runs timers before reading an answer that did arrive.
-            self.clock.callLater(0, too_slow)
+        def look_again() -> None:
+            timer.append(self.clock.callLater(0, too_slow))
 
-        timer = self.clock.callLater(self.timeout, check)
+        def start() -> None:
+            timer.append(self.clock.callLater(self.timeout, look_again))
+
+        timer.append(self.clock.callLater(0, start))
         call.addBoth(result)
         return out
 
@@ -414,6 +439,8 @@ class RedisBucketStore:
             self._denied.inc()
             raise BucketStoreUnavailable()
         self._by_share.inc()
+        if not self.share.confirmed and self.clock.seconds() - self._heard_at >= CONFIRM_AFTER:
+            self.share.confirm()
         if cost == 0:
             return True, self.share.peek(name, capacity, rate)
         return self.share.take(name, capacity, rate)

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 
 from lbsvc.buckets import Buckets
 from lbsvc.redisbuckets import (
+    CONFIRM_AFTER,
     KEY_PREFIX,
     MAX_BATCH,
     SCRIPT,
@@ -209,11 +210,12 @@ def test_the_local_fallback_gives_each_gateway_its_share_from_the_last_level_red
     redis.answers = [[1, "6"]]
     assert decided(clock, s.take("ivy", 10, 4.0))[0]  # Redis: 6 of 10 left
     redis.answers = [txredisapi.ConnectionError("Lost connection")]
-    first = decided(clock, s.take("ivy", 10, 4.0))  # Redis goes away: this gateway's share is 6 / 2 = 3
-    assert first[0] and first[1].capacity == 5 and first[1].level == 2.0
-    assert [fired(s.take("ivy", 10, 4.0))[0] for _ in range(3)] == [True, True, False]  # 3 in all, not 10
-    clock.advance(0.5)  # refilled at 4 / 2 = 2 per second
-    assert fired(s.take("ivy", 10, 4.0))[0] and not fired(s.take("ivy", 10, 4.0))[0]
+    # Redis goes away.  Until the outage is confirmed (CONFIRM_AFTER without an answer: every gateway has
+    # lost it, not just this one) the share holds nothing of the level, and refills at 4 / 2 = 2 per second.
+    first = decided(clock, s.take("ivy", 10, 4.0))
+    assert not first[0] and first[1].capacity == 5 and first[1].level == 0.0
+    clock.advance(CONFIRM_AFTER)  # 1 token refilled; confirmed: this gateway's share of 6 is 3 more
+    assert [fired(s.take("ivy", 10, 4.0))[0] for _ in range(5)] == [True] * 4 + [False]  # 4 in all, not 10
     assert fallbacks(registry, "local") == 6
     assert sample_value(registry, "lbsvc_bucket_decisions_total", {"path": "local_share"}) == 6
     assert sample_value(registry, "lbsvc_bucket_decisions_total", {"path": "redis"}) == 1
@@ -223,6 +225,24 @@ def test_the_local_fallback_gives_each_gateway_its_share_from_the_last_level_red
     redis.answers = [[1, "3", 1, "2"]]
     assert decided(clock, s.take("ivy", 10, 4.0))[0] and s.mode == "redis"
     assert redis.calls[-1] == ("evalsha", [KEY_PREFIX + "ivy"] * 2, ["10", "4.0", "-4", "10", "4.0", "1"])
+
+
+def test_a_gateway_that_alone_finds_redis_slow_spends_no_share_of_the_level() -> None:
+    """The others still spend Redis's level: a timeout answered late is not an outage to share it in."""
+    s, redis, clock, _ = store("local")
+    redis.scripts.add(SCRIPT_SHA)
+    s.share.set_live(2)
+    redis.answers = [[1, "9"]]
+    assert decided(clock, s.take("ned", 10, 2.0))[0]
+    d = s.take("ned", 10, 2.0)
+    clock.advance(0)
+    clock.advance(0.05)  # no answer in time: decided here, from an empty share
+    assert fired(d)[0] is False and not s.up
+    clock.advance(0.05)
+    redis.pending[0].callback([1, "8"])  # Redis was only slow: it took a token, and is asked again at once
+    redis.answers = [[1, "7"]]
+    assert decided(clock, s.take("ned", 10, 2.0))[0] and s.up
+    assert redis.calls[-1][2] == ["10", "2.0", "1"]  # nothing spent here, nothing to charge
 
 
 def test_a_user_redis_never_reported_starts_from_a_full_share() -> None:
