@@ -19,14 +19,15 @@ from svckit.web import Handler, Route, Router
 
 
 def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorRegistry,
+                 limits: Callable[[], Dict[str, Any]],
                  workers: Optional[Callable[[], Dict[str, int]]] = None,
-                 scrape: Optional[Handler] = None,
-                 limits: Optional[Callable[[], Dict[str, Any]]] = None) -> Router:
+                 scrape: Optional[Handler] = None) -> Router:
     """The admin port's routes.
 
     ``workers`` reports ``{"configured", "running"}`` processes for ``/ready``
     (with ``--workers``); ``limits`` who decides the buckets now (``/ready``'s
-    ``limits``: store, mode, live gateways); ``scrape`` answers ``/metrics`` instead of this
+    ``limits``: store, mode, live gateways, and a note when memory buckets
+    multiply a limit); ``scrape`` answers ``/metrics`` instead of this
     process's registry alone (:class:`lbsvc.workermetrics.WorkerScrape`).
     """
 
@@ -39,7 +40,7 @@ def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorReg
             "problems": readiness.problems(),
             "backends": {b.name: b.healthy for b in pool.backends},
             "workers": workers() if workers is not None else {"configured": 1, "running": 1},
-            "limits": limits() if limits is not None else {"buckets": "memory", "mode": "memory"},
+            "limits": limits(),
         }
         return JSONResponse(body, 200 if readiness.ready else 503)
 

@@ -16,7 +16,8 @@ from lbsvc.backends import BackendPool
 from lbsvc.buckets import TICK, Buckets, IBucketStore, MemoryBucketStore
 from lbsvc.gateway import gateway_router
 from lbsvc.healthcheck import HealthChecker, http_probe, probe_agent
-from lbsvc.livegateways import LiveGateways
+from lbsvc.livegateways import DatabaseHeartbeat, LiveGateways, RedisHeartbeat
+from lbsvc.memorylimits import PerProcessLimits
 from lbsvc.proxy import Proxy
 from lbsvc.redisbuckets import FALLBACKS, RedisBucketStore, RedisLink, parse_redis_url
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
@@ -173,6 +174,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 
     gauges = CallbackGauges(registry)
     gauges.add("lbsvc_users", "Users known.", lambda: len(users))
+    gauges.add("lbsvc_user_changes_applied", "Position in the user change log up to which this process has"
+               " applied every change (all gateways reach the same).", lambda: users.applied)
     gauges.add("lbsvc_buckets_refilling", "Token buckets that are not full.", lambda: buckets.refilling)
     gauges.add("lbsvc_backend_up", "1 when a backend is in rotation.",
                lambda: {(b.name,): int(b.healthy) for b in pool.backends}, ["backend"])
@@ -183,24 +186,33 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     gauges.add("lbsvc_backend_in_flight", "Requests in flight per backend.",
                lambda: {(b.name,): b.in_flight for b in pool.backends}, ["backend"])
     gauges.add("lbsvc_ready", "1 when ready.", lambda: int(readiness.ready))
-    limits: Optional[Callable[[], Dict[str, Any]]] = None  # memory buckets: the admin router's default
-    live: Optional[LiveGateways] = None
+    live: LiveGateways
+    limits: Callable[[], Dict[str, Any]]
     if isinstance(store, RedisBucketStore) and link is not None:
         redis_store = store
-        heartbeat = live = LiveGateways(link, reactor, on_count=redis_store.share.set_live)
+        live = LiveGateways(RedisHeartbeat(link), reactor, on_count=redis_store.share.set_live)
         gauges.add("lbsvc_bucket_store_up", "1 while Redis decides the buckets, 0 while the fallback does.",
                    lambda: int(redis_store.up))
         gauges.add("lbsvc_bucket_store_mode", "1 for who decides the buckets now: redis, local_share or deny.",
                    lambda: {(m,): int(redis_store.mode == m) for m in ("redis", "local_share", "deny")}, ["mode"])
-        gauges.add("lbsvc_gateways_live", "Gateway processes sharing the Redis buckets (the N of the local"
-                   " fallback's shares).", lambda: heartbeat.count)
-        limits = lambda: {"buckets": "redis", "mode": redis_store.mode, "gateways": heartbeat.count}  # noqa: E731
+        limits = lambda: {"buckets": "redis", "mode": redis_store.mode, "gateways": live.count}  # noqa: E731
+        multiplied = lambda: 0  # noqa: E731
+    else:
+        per_process = PerProcessLimits()
+        live = LiveGateways(DatabaseHeartbeat(database, reactor), reactor,
+                                        on_count=per_process.counted)
+        limits = per_process.report
+        multiplied = lambda: int(per_process.multiplied)  # noqa: E731
+    gauges.add("lbsvc_limits_per_process", "1 while other live gateways keep their own memory buckets for"
+               " the same users (the cluster may admit lbsvc_gateways_live times a limit).", multiplied)
+    gauges.add("lbsvc_gateways_live", "Live gateway processes: on the Redis heartbeat with Redis buckets (the N"
+               " of the local fallback's shares), on the user database's with memory buckets.",
+               lambda: live.count)
 
     top = service.MultiService()
     if link is not None:
         link.setServiceParent(top)
-    if live is not None:
-        live.setServiceParent(top)
+    live.setServiceParent(top)
     access_log = AccessLog(settings.access_log, reactor, settings.access_log_format)
     access_log.setServiceParent(top)
     def failed(name: str) -> None:
@@ -249,6 +261,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         running = lambda: {"configured": settings.workers, "running": pool_of_workers.processes}  # noqa: E731
     else:
         listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
-    admin = admin_router(pool, readiness, registry, running, scrape, limits)
+    admin = admin_router(pool, readiness, registry, limits, running, scrape)
     listen(reactor, settings.admin_endpoint, admin, AccessLog(OFF, reactor)).setServiceParent(top)
     return top

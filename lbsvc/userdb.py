@@ -56,6 +56,11 @@ MIGRATIONS = [
         ("CREATE TABLE IF NOT EXISTS user_changes (seq {serial}, name VARCHAR(64) NOT NULL,"
          " at DOUBLE PRECISION NOT NULL)"),
     ],
+    # 3: a heartbeat counter per running gateway (lbsvc.livegateways), so that
+    # gateways with memory buckets see the others sharing their users.
+    [
+        "CREATE TABLE IF NOT EXISTS lbsvc_gateways (id VARCHAR(64) PRIMARY KEY, beats BIGINT NOT NULL)",
+    ],
 ]
 """Schema changes in order; the database records how many are applied."""
 

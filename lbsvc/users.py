@@ -119,6 +119,11 @@ class UserStore:
     def __len__(self) -> int:
         return len(self._by_name)
 
+    @property
+    def applied(self) -> int:
+        """The position in the change log up to which every change is applied here."""
+        return self._cursor
+
     def _sql(self, statement: str) -> str:
         assert self.database is not None
         return str(self.database.sql(statement))

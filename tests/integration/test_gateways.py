@@ -18,6 +18,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lbsvc.livegateways import INTERVAL, TTL
+from lbsvc.redisbuckets import CONFIRM_AFTER
 from tests.integration.harness import assert_no_logged_errors, http, metric, wait_until
 from tests.integration.lbharness import (
     Backend,
@@ -57,18 +59,33 @@ def gateways(tmp_path: Path, database: str, backend: Backend, redis: RedisServer
         gateway = Gateway(tmp_path, database, name=f"lbsvc-{n}")
         gateway.env.update({"LBSVC_BUCKETS": redis.url, **env})
         started.append(gateway.start())
+    processes = count * int(env.get("LBSVC_WORKERS", "1"))
     for gateway in started:
         gateway.wait_ready()
+    for gateway in started:  # every process's heartbeat counted: the fallback's shares are right from here on
+        wait_until(lambda g=gateway: json.loads(http("GET", f"http://127.0.0.1:{g.admin_port}/ready")[2])
+                   ["limits"]["gateways"] == processes, 5, "every process's heartbeat")
     return started
 
 
 def shared_user(a: Gateway, b: Gateway, name: str, capacity: int, rate: float) -> str:
-    """A user made on ``a`` with these limits, seen with them on ``b`` within a second; its key."""
+    """A user made on ``a`` with these limits, applied by every process of both within a second; its key."""
     key = a.create(name)
-    within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=key)[0] == 200, "the user on b")
-    assert a.call("POST", "/user/tokens/change", {"capacity": capacity, "rate_per_sec": rate}, key=key)[0] == 200
-    within(1.0, lambda: json.loads(b.call("GET", "/user/tokens/profile", key=key)[2])["capacity"] == capacity,
-           "the new limits on b")
+
+    def change() -> bool:  # idempotent: again while it lands on a process that has not read the creation
+        code = a.call("POST", "/user/tokens/change", {"capacity": capacity, "rate_per_sec": rate}, key=key)[0]
+        assert code in (200, 401), code
+        return bool(code == 200)
+
+    within(1.0, change, "the new limits set on a")
+
+    def applied() -> bool:  # both changes (create, change) by every process (each --workers one syncs alone)
+        positions = [s.value for g in (a, b) for f in text_string_to_metric_families(
+            http("GET", f"http://127.0.0.1:{g.admin_port}/metrics")[2].decode()) for s in f.samples
+            if s.name == "lbsvc_user_changes_applied"]
+        return len(positions) >= 2 and min(positions) >= 2
+
+    within(1.0, applied, "the user's changes applied everywhere")
     return key
 
 
@@ -79,8 +96,10 @@ def within(seconds: float, condition: Callable[[], bool], what: str) -> float:
     return time.monotonic() - start
 
 
-def admitted(targets: List[Gateway], key: str, seconds: float, connections: int = 100) -> Tuple[int, float]:
-    """Requests answered 200 by ``targets`` (round robin) from ``connections`` threads for ``seconds``."""
+def admitted(targets: List[Gateway], key: str, seconds: float, connections: int = 100,
+             spans: Optional[List[Tuple[float, float]]] = None) -> Tuple[int, float]:
+    """Requests answered 200 by ``targets`` (round robin) from ``connections`` threads for ``seconds``;
+    with ``spans``, each admitted request's (sent, answered) monotonic times are added to it."""
     ok = [0]
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -88,11 +107,15 @@ def admitted(targets: List[Gateway], key: str, seconds: float, connections: int 
     def client(n: int) -> None:
         gateway = targets[n % len(targets)]
         while time.monotonic() < deadline:
+            sent = time.monotonic()
             code = gateway.call("GET", "/x", key=key)[0]
             assert code in (200, 429), code
             if code == 200:
+                answered = time.monotonic()
                 with lock:
                     ok[0] += 1
+                    if spans is not None:
+                        spans.append((sent, answered))
 
     start = time.monotonic()
     with ThreadPoolExecutor(connections) as pool:
@@ -100,21 +123,40 @@ def admitted(targets: List[Gateway], key: str, seconds: float, connections: int 
     return ok[0], time.monotonic() - start
 
 
+def worst_window(spans: List[Tuple[float, float]], capacity: int, rate: float) -> Tuple[float, float, float]:
+    """The window [t1, t2] holding the most admissions beyond ``C + R·(t2 - t1) + 1``: (excess, t1, t2).
+
+    Only requests both sent and answered inside a window are counted in it
+    (they were certainly admitted there), so client-side latency cannot
+    make a window look fuller than it was.
+    """
+    worst = (float("-inf"), 0.0, 0.0)
+    for t1, _ in spans:
+        inside = sorted(answered for sent, answered in spans if sent >= t1)
+        for count, t2 in enumerate(inside, start=1):
+            excess = count - (capacity + rate * (t2 - t1) + 1)
+            if excess > worst[0]:
+                worst = (excess, t1, t2)
+    return worst
+
+
 def test_two_gateways_behave_as_one(tmp_path: Path, user_database: str, backend: Backend,
                                     redis: RedisServer) -> None:
-    # A Redis timeout longer than the default: 100 client threads, two gateways
-    # and Redis share two cores here, and an answer slower than 50 ms would be
-    # decided by the local fallback (which is not exact, by design).
-    a, b = gateways(tmp_path, user_database, backend, redis, LBSVC_REDIS_TIMEOUT="1")
+    a, b = gateways(tmp_path, user_database, backend, redis)  # the defaults: a 50 ms Redis timeout, local shares
     try:
         key = shared_user(a, b, "shared", 40, 10)
-        # One budget: 100 connections split over both gateways admit at most C + R·t.
-        count, elapsed = admitted([a, b], key, 2.0)
-        bound = 40 + 10 * elapsed
+        # One budget: 100 connections split over both gateways admit at most C + R·t + 1, in every window.
+        spans: List[Tuple[float, float]] = []
+        count, elapsed = admitted([a, b], key, 3.0, spans=spans)
+        bound = 40 + 10 * elapsed + 1
         assert 40 <= count <= bound, (count, bound)
-        for gateway in (a, b):
-            assert metric(f"http://127.0.0.1:{gateway.admin_port}/metrics", "lbsvc_bucket_store_fallback_total",
-                          mode="local") == 0
+        assert worst_window(spans, 40, 10)[0] <= 0
+        # Redis decides.  On this loaded machine Redis itself (not the gateway: the clock starts once the
+        # command is written, and the answer is looked for once more) sometimes answers after 50 ms; those
+        # few decisions fall to the shares, which start empty until an outage is confirmed, so stay exact.
+        by_path = {path: sum(summed(f"http://127.0.0.1:{g.admin_port}", "lbsvc_bucket_decisions_total", path=path)
+                             for g in (a, b)) for path in ("redis", "local_share")}
+        assert by_path["local_share"] <= 0.05 * (by_path["redis"] + by_path["local_share"]), by_path
         # Rotation and deletion on one are seen on the other.
         code, _, body = b.call("POST", "/user/keys/rotate", key=key)
         assert code == 200
@@ -123,6 +165,37 @@ def test_two_gateways_behave_as_one(tmp_path: Path, user_database: str, backend:
         within(1.0, lambda: a.call("GET", "/user/tokens/profile", key=new)[0] == 200, "the new key on a")
         assert a.call("POST", "/user/delete", key=new)[0] == 200
         within(1.0, lambda: b.call("GET", "/user/tokens/profile", key=new)[0] == 401, "the deletion on b")
+    finally:
+        for gateway in (a, b):
+            gateway.stop()
+    assert_no_logged_errors([a, b])
+
+
+def test_memory_buckets_beside_other_gateways_are_reported(tmp_path: Path, user_database: str,
+                                                           backend: Backend) -> None:
+    """Two gateways with memory buckets on one user database: each says, once, that it admits a user's whole
+    limit beside the other (log, /ready note, metrics) and stays ready; a killed one stops counting."""
+    write_servers(tmp_path / "servers.yaml", [backend])
+    alone = {"buckets": "memory", "mode": "memory", "gateways": 1}
+    a = Gateway(tmp_path, user_database, name="lbsvc-a").start().wait_ready()
+    b = Gateway(tmp_path, user_database, name="lbsvc-b")
+
+    def ready(gateway: Gateway) -> dict:
+        return dict(json.loads(http("GET", f"http://127.0.0.1:{gateway.admin_port}/ready")[2]))
+
+    try:
+        assert ready(a)["limits"] == alone
+        b.start().wait_ready()
+        for gateway in (a, b):
+            admin = f"http://127.0.0.1:{gateway.admin_port}/metrics"
+            wait_until(lambda g=gateway: ready(g)["limits"]["gateways"] == 2, 2 * INTERVAL + 2, "the other gateway")
+            body = ready(gateway)
+            assert body["ready"] is True and "up to 2 times its limit" in body["limits"]["note"]
+            assert metric(admin, "lbsvc_limits_per_process") == 1 and metric(admin, "lbsvc_gateways_live") == 2
+            assert gateway.log().count("gateways share this user database with memory buckets") == 1
+        b.kill()  # no goodbye: its heartbeat row stays, and stops moving
+        wait_until(lambda: ready(a)["limits"] == alone, TTL + INTERVAL + 2, "the killed gateway no longer counted")
+        assert metric(f"http://127.0.0.1:{a.admin_port}/metrics", "lbsvc_limits_per_process") == 0
     finally:
         for gateway in (a, b):
             gateway.stop()
@@ -164,10 +237,12 @@ def test_redis_killed_and_restarted_under_load(tmp_path: Path, backend: Backend,
         assert gateway.call("GET", "/x", key=key)[0] == 200
         load = Load(gateway, key)  # requests keep flowing through the kill and the restart
         redis.kill()
-        answers = [gateway.call("GET", "/x", key=key) for _ in range(20)]
         if mode == "local":
-            assert [a[0] for a in answers] == [200] * 20  # each process enforces its own bucket
+            # Its share: refilled at R/N at once, and its part of the last level once the outage is confirmed.
+            within(2 * CONFIRM_AFTER, lambda: all(gateway.call("GET", "/x", key=key)[0] == 200 for _ in range(20)),
+                   "the share admitting")
         else:
+            answers = [gateway.call("GET", "/x", key=key) for _ in range(20)]
             assert [a[0] for a in answers] == [503] * 20
             assert answers[0][1]["retry-after"] == "1"
         assert metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode) >= 19
@@ -176,7 +251,7 @@ def test_redis_killed_and_restarted_under_load(tmp_path: Path, backend: Backend,
         within(10.0, lambda: gateway.call("GET", "/x", key=key)[0] == 200
                and metric(admin, "lbsvc_bucket_store_up") == 1, "Redis used again")
         codes = load.stop()
-        assert codes and set(codes) <= ({200} if mode == "local" else {200, 503}), set(codes)
+        assert codes and set(codes) <= ({200, 429} if mode == "local" else {200, 503}), set(codes)
         fallbacks = metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode)
         for _ in range(10):
             assert gateway.call("GET", "/x", key=key)[0] == 200
@@ -241,20 +316,18 @@ def cpu_ticks(pid: int) -> int:
 
 def test_workers_share_the_port_and_one_budget(tmp_path: Path, user_database: str, backend: Backend,
                                                redis: RedisServer) -> None:
-    (gateway,) = gateways(tmp_path, user_database, backend, redis, count=1,
-                          LBSVC_WORKERS="2", LBSVC_REDIS_TIMEOUT="1")
+    (gateway,) = gateways(tmp_path, user_database, backend, redis, count=1, LBSVC_WORKERS="2")
     assert gateway.process is not None
     parent = gateway.process.pid
     try:
         wait_until(lambda: len(children(parent)) == 1, 10, "one worker process")
         (worker,) = children(parent)
-        key = gateway.create("busy")
-        assert gateway.call("POST", "/user/tokens/change", {"capacity": 40, "rate_per_sec": 10}, key=key)[0] == 200
-        within(1.0, lambda: all(gateway.call("GET", "/user/tokens/profile", key=key)[0] == 200 for _ in range(6)),
-               "the user on both workers")
+        key = shared_user(gateway, gateway, "busy", 40, 10)
         before = cpu_ticks(worker)
-        count, elapsed = admitted([gateway], key, 2.0)
-        assert 40 <= count <= 40 + 10 * elapsed, (count, elapsed)
+        spans: List[Tuple[float, float]] = []
+        count, elapsed = admitted([gateway], key, 2.0, spans=spans)
+        assert 40 <= count <= 40 + 10 * elapsed + 1, (count, elapsed)
+        assert worst_window(spans, 40, 10)[0] <= 0
         assert cpu_ticks(worker) > before  # the worker took its share of the connections
         # The parent's /metrics covers both processes; its /ready counts them.
         admin = f"http://127.0.0.1:{gateway.admin_port}"
@@ -287,7 +360,8 @@ def test_default_settings_stay_within_the_bound_through_a_redis_fault(tmp_path: 
                                                                       fault: str, workers: int) -> None:
     """The issue's measurement, with the defaults (50 ms Redis timeout, local fallback): 100 connections
     over two gateways (of one or two processes each), Redis SIGSTOPped for 3 s (or SIGKILLed, and a new
-    one started 3 s later: every level lost) in the middle; the whole run admits at most C + R·t + 1."""
+    one started 3 s later: every level lost) in the middle; the whole run, and every window of it, admits
+    at most C + R·t + 1."""
     a, b = gateways(tmp_path, user_database, backend, redis, LBSVC_WORKERS=str(workers))
     if fault == "stop":
         stalled = threading.Timer(2.0, lambda: redis.process.send_signal(signal.SIGSTOP))  # type: ignore[union-attr]
@@ -296,15 +370,13 @@ def test_default_settings_stay_within_the_bound_through_a_redis_fault(tmp_path: 
         stalled, resumed = threading.Timer(2.0, redis.kill), threading.Timer(5.0, redis.start)
     try:
         key = shared_user(a, b, "bounded", 10, 20)
-        live = {"buckets": "redis", "mode": "redis", "gateways": 2 * workers}
-        for gateway in (a, b):
-            wait_until(lambda g=gateway: json.loads(http("GET", f"http://127.0.0.1:{g.admin_port}/ready")[2])
-                       ["limits"] == live, 5, "every process's heartbeat")
         stalled.start()
         resumed.start()
-        count, elapsed = admitted([a, b], key, 8.0)
+        spans: List[Tuple[float, float]] = []
+        count, elapsed = admitted([a, b], key, 8.0, spans=spans)
         bound = 10 + 20 * elapsed + 1
         assert count <= bound, (count, bound)
+        assert worst_window(spans, 10, 20)[0] <= 0
         assert count >= 0.5 * bound, (count, bound)  # and it did admit: shares, not a denial
         shared = sum(summed(f"http://127.0.0.1:{g.admin_port}", "lbsvc_bucket_decisions_total",
                             path="local_share") for g in (a, b))

@@ -81,7 +81,7 @@ def test_users_of_the_previous_schema_keep_their_keys(tmp_path: Path) -> None:
         code, _, body = gateway.call("GET", "/user/tokens/profile", key="old-key")
         assert code == 200 and json.loads(body)["capacity"] == 7
         assert "migrated to version 1" in gateway.log()
-        assert sqlite3.connect(str(database)).execute("PRAGMA user_version").fetchone() == (2,)
+        assert sqlite3.connect(str(database)).execute("PRAGMA user_version").fetchone() == (3,)
     finally:
         gateway.stop()
         backend.stop()
