@@ -86,6 +86,8 @@ class Checkpoints:
         self.offset = -1
         """The offset the newest checkpoint written or loaded reflects (-1: none)."""
         self.seconds = 0.0
+        self.written_at: Optional[float] = None
+        """When this process last wrote a checkpoint (the clock's seconds), or None."""
         self._generation = 0
         """Moves on when the checkpoint is refused, so a write in progress is dropped."""
 
@@ -116,7 +118,8 @@ class Checkpoints:
             tmp.unlink(missing_ok=True)
             raise
         self.offset = anchor.offset
-        self.seconds = self.clock.seconds() - started
+        self.written_at = self.clock.seconds()
+        self.seconds = self.written_at - started
         log.info("Checkpoint at offset {offset}: {rows} users in {seconds:.2f}s",
                  offset=anchor.offset, rows=len(self.store), seconds=self.seconds)
         return anchor.offset

@@ -33,6 +33,12 @@ def replica_gauges(registry: CollectorRegistry, store: GradeStore, status: Repli
                lambda: status.consumer_failures)
 
 
+def checkpoint_age(checkpoints: Checkpoints) -> float:
+    """Seconds since this process wrote its newest checkpoint, -1 before the first."""
+    written = checkpoints.written_at
+    return -1.0 if written is None else checkpoints.clock.seconds() - written
+
+
 def checkpoint_gauges(registry: CollectorRegistry, checkpoints: Checkpoints, watch: RetentionWatch) -> None:
     """Register the gauges of the checkpoints and of retention against them."""
     gauges = CallbackGauges(registry)
@@ -40,6 +46,8 @@ def checkpoint_gauges(registry: CollectorRegistry, checkpoints: Checkpoints, wat
                lambda: checkpoints.offset)
     gauges.add("gradesvc_checkpoint_seconds", "Seconds the newest checkpoint took to write.",
                lambda: checkpoints.seconds)
+    gauges.add("gradesvc_checkpoint_age_seconds", "Seconds since this process wrote its newest checkpoint"
+               " (-1: none written yet).", lambda: checkpoint_age(checkpoints))
     gauges.add("gradesvc_retention_margin_offsets",
                "Offsets between the stream's start and the checkpoint's resume point (-1: unknown).",
                lambda: -1 if watch.margin is None else watch.margin)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Dict, Union
+from typing import Any, Awaitable, Dict, Mapping, Tuple, Union
 
 from prometheus_client import CollectorRegistry
 from twisted.web import server
@@ -99,8 +99,9 @@ class ReadAPI:
         return JSONResponse(self.status.report(), 200 if self.status.ready else 503)
 
 
-def read_router(api: ReadAPI, backup: Handler, registry: CollectorRegistry) -> Router:
-    """The whole read port."""
+def read_router(api: ReadAPI, backup: Handler, registry: CollectorRegistry,
+                pages: Mapping[bytes, Tuple[str, Handler]] = {}) -> Router:
+    """The whole read port; ``pages`` adds GET routes (path → name, handler): the status pages."""
 
     def get(name: str, handler: Handler) -> Route:
         return Route(name, {b"GET": handler}, max_body=NO_BODY)
@@ -116,6 +117,7 @@ def read_router(api: ReadAPI, backup: Handler, registry: CollectorRegistry) -> R
             b"/health": get("health", api.health),
             b"/ready": get("ready", api.ready),
             b"/metrics": get("metrics", scrape),
+            **{path: get(name, handler) for path, (name, handler) in pages.items()},
         },
         registry=registry,
         prefix="gradesvc_read",

@@ -20,6 +20,7 @@ from gradesvc.checkpoint import Checkpoints, checkpoint_and_watch
 from gradesvc.config import ReplicaConfig
 from gradesvc.datadir import DEFAULT_ROOT, DataDir, DataDirInUse, default_data_dir
 from gradesvc.gauges import checkpoint_gauges, replica_gauges
+from gradesvc.overview import Overview, PeerWatch
 from gradesvc.progress import StreamProgress
 from gradesvc.readapi import ReadAPI, read_router
 from gradesvc.replication import StreamConsumer
@@ -163,7 +164,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     consumer.verifier = verifier
 
     backup = Backup(store, status, stream, consumer.anchor, registry, config.replica_id, wall)
-    reads = read_router(ReadAPI(store, status, progress, config.replica_id, config.read_wait), backup, registry)
+    overview = Overview(config.replica_id, status, registry, [PeerWatch(p, reactor) for p in config.peers], reactor)
+    overview.history.setServiceParent(top)
+    reads = read_router(ReadAPI(store, status, progress, config.replica_id, config.read_wait), backup, registry,
+                        {b"/status": ("status", overview.page), b"/status.json": ("status_json", overview.json)})
     listen(reactor, config.get_endpoint, reads, access_log).setServiceParent(top)
     writes = WriteAPI(config.replica_id, broker, status, progress, wall, config.write_timeout)
     guard = basic_auth_guard(admin_portal(config.admin_user, config.admin_password))

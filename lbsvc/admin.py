@@ -6,7 +6,7 @@ shadowed: on the gateway port every path outside ``/user/`` is proxied.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry
 from twisted.web import server
@@ -20,15 +20,17 @@ from svckit.web import Handler, Route, Router
 
 def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorRegistry,
                  limits: Callable[[], Dict[str, Any]],
-                 workers: Optional[Callable[[], Dict[str, int]]] = None,
-                 scrape: Optional[Handler] = None) -> Router:
+                 workers: Callable[[], Dict[str, int]],
+                 scrape: Optional[Handler] = None,
+                 pages: Mapping[bytes, Tuple[str, Handler]] = {}) -> Router:
     """The admin port's routes.
 
     ``workers`` reports ``{"configured", "running"}`` processes for ``/ready``
     (with ``--workers``); ``limits`` who decides the buckets now (``/ready``'s
     ``limits``: store, mode, live gateways, and a note when memory buckets
     multiply a limit); ``scrape`` answers ``/metrics`` instead of this
-    process's registry alone (:class:`lbsvc.workermetrics.WorkerScrape`).
+    process's registry alone (:class:`lbsvc.workermetrics.WorkerScrape`); ``pages`` adds GET
+    routes (path → name, handler): the status page (:mod:`lbsvc.overview`).
     """
 
     def health(request: server.Request) -> JSONResponse:
@@ -39,7 +41,7 @@ def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorReg
             "ready": readiness.ready,
             "problems": readiness.problems(),
             "backends": {b.name: b.healthy for b in pool.backends},
-            "workers": workers() if workers is not None else {"configured": 1, "running": 1},
+            "workers": workers(),
             "limits": limits(),
         }
         return JSONResponse(body, 200 if readiness.ready else 503)
@@ -52,6 +54,7 @@ def admin_router(pool: BackendPool, readiness: Readiness, registry: CollectorReg
             b"/health": Route("health", {b"GET": health}, max_body=0),
             b"/ready": Route("ready", {b"GET": ready}, max_body=0),
             b"/metrics": Route("metrics", {b"GET": scrape or own_metrics}, max_body=0),
+            **{path: Route(name, {b"GET": handler}, max_body=0) for path, (name, handler) in pages.items()},
         },
         registry=registry,
         prefix="lbsvc_admin",

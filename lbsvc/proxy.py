@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Set, Union
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -69,6 +69,8 @@ NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id", b"rateli
 GATEWAY_HEADERS = (b"server", b"date", b"x-request-id", b"ratelimit", b"ratelimit-policy")
 """What the gateway puts on every answer, proxied or its own."""
 VIA_NAME = b"lbsvc"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds of ``lbsvc_upstream_response_seconds``'s buckets."""
 
 
 def connection_named(values: Any) -> Set[bytes]:
@@ -293,6 +295,19 @@ class Proxy:
             "lbsvc_upstream_requests", "Requests sent upstream by backend and outcome.",
             ["backend", "outcome"], registry=registry,
         )
+        latency = Histogram(
+            "lbsvc_upstream_response_seconds", "Seconds from sending a request to a backend to the end of its"
+            " answer, by backend (answers relayed whole).", ["backend"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self._latency: Dict[str, Any] = {}
+        self._latency_of = latency.labels
+
+    def latency(self, backend: str) -> Any:
+        """The response-time histogram of ``backend``."""
+        child = self._latency.get(backend)
+        if child is None:
+            child = self._latency[backend] = self._latency_of(backend)
+        return child
 
     def __call__(self, request: server.Request) -> Any:
         """Spend a token (429 without one), then forward."""
@@ -357,6 +372,8 @@ class _Forwarding:
         self.done: defer.Deferred[Union[Streamed, BytesResponse]] = defer.Deferred(self._cancel)
         self.sent = 0
         """Attempts that sent the request (a refused connect is none)."""
+        self.sent_at = 0.0
+        """When the last attempt sent the request."""
         self.started = proxy.clock.seconds()
         self.retrying = False
 
@@ -428,6 +445,7 @@ class _Forwarding:
             relay = self.relay = _Relay(self.request, connection, backend, self.body, self.proxy)
             exchange = connection.request(head, self.body, relay, head_only=self.request.method == b"HEAD")
             self.sent += 1
+            self.sent_at = self.proxy.clock.seconds()
         except Exception:
             connection.cancel()
             self._release()
@@ -440,7 +458,9 @@ class _Forwarding:
     def _exchanged(self, _: object) -> None:
         assert self.relay is not None and self.backend is not None
         self.relay.stop()
-        self.proxy._upstream.labels(self.backend.name, str(self.request.code)).inc()
+        proxy = self.proxy
+        proxy._upstream.labels(self.backend.name, str(self.request.code)).inc()
+        proxy.latency(self.backend.name).observe(proxy.clock.seconds() - self.sent_at)
         self._release()
         self._answer(STREAMED)
 

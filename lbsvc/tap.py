@@ -18,6 +18,7 @@ from lbsvc.gateway import gateway_router
 from lbsvc.healthcheck import HealthChecker, http_probe, probe_agent
 from lbsvc.livegateways import DatabaseHeartbeat, LiveGateways, RedisHeartbeat
 from lbsvc.memorylimits import PerProcessLimits
+from lbsvc.overview import Overview
 from lbsvc.proxy import Proxy
 from lbsvc.redisbuckets import FALLBACKS, RedisBucketStore, RedisLink, parse_redis_url
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
@@ -197,12 +198,14 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
                    lambda: {(m,): int(redis_store.mode == m) for m in ("redis", "local_share", "deny")}, ["mode"])
         limits = lambda: {"buckets": "redis", "mode": redis_store.mode, "gateways": live.count}  # noqa: E731
         multiplied = lambda: 0  # noqa: E731
+        redis_up: Callable[[], Optional[bool]] = lambda: redis_store.up  # noqa: E731
     else:
         per_process = PerProcessLimits()
         live = LiveGateways(DatabaseHeartbeat(database, reactor), reactor,
                                         on_count=per_process.counted)
         limits = per_process.report
         multiplied = lambda: int(per_process.multiplied)  # noqa: E731
+        redis_up = lambda: None  # noqa: E731
     gauges.add("lbsvc_limits_per_process", "1 while other live gateways keep their own memory buckets for"
                " the same users (the cluster may admit lbsvc_gateways_live times a limit).", multiplied)
     gauges.add("lbsvc_gateways_live", "Live gateway processes: on the Redis heartbeat with Redis buckets (the N"
@@ -245,7 +248,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
             worker_metrics_service(reactor, socket_path, registry).setServiceParent(top)
         return top
     scrape: Optional[WorkerScrape] = None
-    running: Optional[Callable[[], Dict[str, int]]] = None
+    running: Callable[[], Dict[str, int]] = lambda: {"configured": 1, "running": 1}  # noqa: E731
     if settings.workers > 1:
         try:
             shared = bind(settings.endpoint)
@@ -261,6 +264,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         running = lambda: {"configured": settings.workers, "running": pool_of_workers.processes}  # noqa: E731
     else:
         listen(reactor, settings.endpoint, router, access_log).setServiceParent(gateway)
-    admin = admin_router(pool, readiness, registry, limits, running, scrape)
+    overview = Overview(pool, users, readiness, registry, reactor, limits, redis_up, running,
+                        scrape.families if scrape is not None else None)
+    overview.history.setServiceParent(top)
+    admin = admin_router(pool, readiness, registry, limits, running, scrape,
+                         {b"/status": ("status", overview.page), b"/status.json": ("status_json", overview.json)})
     listen(reactor, settings.admin_endpoint, admin, AccessLog(OFF, reactor)).setServiceParent(top)
     return top

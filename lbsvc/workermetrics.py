@@ -129,17 +129,27 @@ class WorkerScrape:
         fetched: defer.Deferred[Optional[str]] = d.addCallbacks(text, missing)
         return fetched
 
-    def __call__(self, request: Any) -> defer.Deferred[BytesResponse]:
-        """Scrape every worker, then answer."""
+    def texts(self) -> defer.Deferred[Dict[str, Optional[str]]]:
+        """Every process's exposition text by ``worker`` label ("0": this one; None: did not answer)."""
         own = generate_latest(self.registry).decode("utf-8")
         fetches = [self._fetch(n) for n in self.workers]
 
-        def answer(results: List[Optional[str]]) -> BytesResponse:
+        def gathered(results: List[Optional[str]]) -> Dict[str, Optional[str]]:
             texts: Dict[str, Optional[str]] = {"0": own}
             texts.update({str(n): t for n, t in zip(self.workers, results)})
-            return BytesResponse(merge(texts), content_type=CONTENT_TYPE_LATEST.encode("ascii"))
+            return texts
 
-        return defer.gatherResults(fetches).addCallback(answer)
+        return defer.gatherResults(fetches).addCallback(gathered)
+
+    def families(self) -> defer.Deferred[List[Metric]]:
+        """Every process's metric families, parsed (the status page's sampler)."""
+        return self.texts().addCallback(
+            lambda texts: [f for text in texts.values() for f in text_string_to_metric_families(text or "")])
+
+    def __call__(self, request: Any) -> defer.Deferred[BytesResponse]:
+        """Scrape every worker, then answer."""
+        return self.texts().addCallback(
+            lambda texts: BytesResponse(merge(texts), content_type=CONTENT_TYPE_LATEST.encode("ascii")))
 
 
 def worker_metrics_service(reactor: Any, path: str, registry: CollectorRegistry) -> service.Service:

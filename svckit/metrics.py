@@ -11,7 +11,7 @@ parses with ``prometheus_client.parser``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -86,3 +86,23 @@ def sample_value(registry: CollectorRegistry, name: str, labels: Dict[str, str] 
     """The current value of one sample (0 when absent): for tests and probes."""
     value = registry.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
+
+
+Wanted = Mapping[str, Tuple[str, Mapping[str, str]]]
+"""What to add up: a key → (sample name, labels a sample must have, others being free)."""
+
+
+def sums(families: Iterable[Metric], wanted: Wanted) -> Dict[str, float]:
+    """For each key of ``wanted``, the sum of the matching samples of ``families`` (a registry's
+    ``collect()`` or a parsed ``/metrics`` text: every label not asked for is summed over, ``worker`` too);
+    keys that matched nothing are left out."""
+    by_name: Dict[str, List[Tuple[str, Any]]] = {}
+    for key, (name, labels) in wanted.items():
+        by_name.setdefault(name, []).append((key, labels.items()))
+    out: Dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            for key, labels in by_name.get(sample.name, ()):
+                if labels <= sample.labels.items():
+                    out[key] = out.get(key, 0.0) + sample.value
+    return out
