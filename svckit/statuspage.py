@@ -112,11 +112,12 @@ def _chart(chart: Chart) -> str:
         legend.append(f'<span style="color:{colour}">■</span> {html.escape(label)}: '
                       f'<b>{html.escape(number(last, 2 if last is not None and last < 10 else 0))}</b>')
     minutes = length * chart.interval / 60
+    peak = number(top / 1.1, 3 if top < 1.1 else 1)
     return (f'<section><h2>{html.escape(chart.title)}</h2>'
             f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" preserveAspectRatio="none" role="img"'
             f' aria-label="{html.escape(chart.title)}">'
             f'<line x1="0" y1="{HEIGHT}" x2="{WIDTH}" y2="{HEIGHT}" stroke="#999"/>{"".join(lines)}</svg>'
-            f'<div class="axis"><span>{minutes:.0f} min ago</span><span>max {html.escape(number(top / 1.1, 3 if top < 1.1 else 1))}'
+            f'<div class="axis"><span>{minutes:.0f} min ago</span><span>max {html.escape(peak)}'
             f" {html.escape(chart.unit)}</span><span>now</span></div>"
             f'<div class="legend">{" · ".join(legend)}</div></section>')
 
