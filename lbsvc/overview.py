@@ -142,7 +142,8 @@ class Overview:
                 "healthy": backend.healthy,
                 "ejected": backend.ejected_until > now,
                 "in_rotation": backend.available,
-                "in_flight": int(after.get(f"in_flight:{name}", backend.in_flight)),
+                "in_flight": backend.in_flight if self.families is None  # live; with workers, every process's
+                else int(after.get(f"in_flight:{name}", backend.in_flight)),  # as of the last sample
                 "requests_per_second": round(requests / seconds, 3) if seconds > 0 else None,
                 "error_rate": round(errors / requests, 4) if requests > 0 else None,
                 "latency_ms": latency,

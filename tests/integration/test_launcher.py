@@ -77,3 +77,10 @@ def test_appendix_examples_through_the_launcher(stack: Dict[str, str]) -> None:
     assert changed == {"name": "user1", "capacity": 10, "rate_per_sec": 2, "current_capacity": 5}
     answers = {curl(f'curl localhost:8080/ -H "Authorization: {key}"', stack, cwd) for _ in range(3)}
     assert answers == {"Server a answer", "Server b answer", "Server c answer"}
+    # The two URLs the launcher prints to see everything at a glance: all three replicas, all three backends.
+    assert f"http://127.0.0.1:{stack['GRADESVC_A_GET_PORT']}/status" in printed
+    assert f"http://127.0.0.1:{stack['LBSVC_ADMIN_PORT']}/status" in printed
+    replicas = json.loads(curl("curl localhost:8070/status.json", stack, cwd))["replicas"]
+    assert len(replicas) == 3 and all(r["ready"] for r in replicas)
+    gateway = json.loads(curl(f"curl localhost:{stack['LBSVC_ADMIN_PORT']}/status.json", stack, cwd))
+    assert [b["name"] for b in gateway["backends"]] == ["replica-a", "replica-b", "replica-c"]

@@ -106,16 +106,20 @@ def test_gradesvc_status_shows_every_replica_and_a_peer_going_away(tmp_path: Pat
 def test_lbsvc_status_shows_backends_limits_and_a_backend_going_down(tmp_path: Path, browser: Browser) -> None:
     one, two = Backend("one"), Backend("two")
     write_servers(tmp_path / "servers.yaml", [one, two])
-    gateway = Gateway(tmp_path).start().wait_ready()
+    gateway = Gateway(tmp_path, "users.sqlite3").start().wait_ready()  # relative: the screenshot shows no path
     admin = f"http://127.0.0.1:{gateway.admin_port}"
     try:
         key = gateway.create("viewer")
         assert gateway.call("POST", "/user/tokens/change", {"capacity": 1000, "rate_per_sec": 100}, key=key)[0] == 200
-        for _ in range(10):
-            assert gateway.call("GET", "/x", key=key)[0] == 200
-        # Rates need two samples a second apart.
-        wait_until(lambda: all(b["requests_per_second"] is not None for b in status_json(admin)["backends"]),
-                   5, "two samples")
+        sent = [0]
+
+        def traffic_until_sampled(samples: int) -> bool:  # a few requests, until the history has that many points
+            for _ in range(5):
+                assert gateway.call("GET", "/x", key=key)[0] == 200
+                sent[0] += 1
+            return len(status_json(admin)["history"]["upstream_latency_ms"]["series"]["p50"]) >= samples
+
+        wait_until(lambda: traffic_until_sampled(4), 10, "four samples with traffic")
         status = status_json(admin)
         ready = json.loads(http("GET", admin + "/ready")[2])
         assert status["service"] == "lbsvc" and status["ready"] is ready["ready"] is True
@@ -126,7 +130,8 @@ def test_lbsvc_status_shows_backends_limits_and_a_backend_going_down(tmp_path: P
             assert row["error_rate"] == 0 and row["latency_ms"]["p50"] is not None
         answered = sum(metric(admin + "/metrics", "lbsvc_upstream_response_seconds_count", backend=name)
                        for name in ("one", "two"))
-        assert answered == metric(admin + "/metrics", "lbsvc_http_requests_total", route="proxy", code="200") == 10
+        assert answered == metric(admin + "/metrics", "lbsvc_http_requests_total", route="proxy", code="200") == sent[0]
+        assert all(b["requests_per_second"] is not None for b in status["backends"])
         assert status["limits"]["mode"] == ready["limits"]["mode"] == "memory" and status["limits"]["redis_up"] is None
         users = status["users"]
         assert users["count"] == metric(admin + "/metrics", "lbsvc_users") == 1
