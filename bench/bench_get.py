@@ -41,6 +41,8 @@ USERS = int(os.environ.get("BENCH_USERS_GET", "10000"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if platform.python_implementation() == "PyPy" else "3"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+PREVIOUS = os.environ.get("BENCH_PREVIOUS_TWISTD", "")
+"""The ``twistd`` of another gradesvc release (its own venv) to measure alongside."""
 HERE = Path(__file__).resolve().parent
 
 
@@ -85,6 +87,10 @@ def main() -> None:
                          extra_env={"GRADESVC_ACCESS_LOG": str(workdir / "access.json"),
                                     "GRADESVC_ACCESS_LOG_FORMAT": "json"}).start(),
         ]
+        if PREVIOUS:
+            previous = GradeReplica(workdir, stream, "previous", [logged.read_url])
+            previous.twistd = PREVIOUS
+            others.append(previous.start())
         for replica in others:
             replica.wait_ready()
         bare.start()
@@ -92,9 +98,12 @@ def main() -> None:
         os.environ["BENCH_USERS"] = str(USERS)
         for daemon in [logged, bare, *others]:
             pin_server(daemon)
-        rates = measure({"bare": f"http://127.0.0.1:{port}/get", "log": f"{logged.read_url}/get",
-                         "file": f"{others[0].read_url}/get", "off": f"{others[1].read_url}/get",
-                         "json": f"{others[2].read_url}/get"})
+        urls = {"bare": f"http://127.0.0.1:{port}/get", "log": f"{logged.read_url}/get",
+                "file": f"{others[0].read_url}/get", "off": f"{others[1].read_url}/get",
+                "json": f"{others[2].read_url}/get"}
+        if PREVIOUS:
+            urls["previous"] = f"{others[3].read_url}/get"
+        rates = measure(urls)
         base, to_log, to_file, off, as_json = (rates[k] for k in ("bare", "log", "file", "off", "json"))
         rows = [
             ["GET /get req/s (gradesvc, default access log, vs bare twisted.web)", f"{to_log:,.0f}", f"{base:,.0f}",
@@ -106,6 +115,9 @@ def main() -> None:
             ["GET /get req/s, JSON access log to a file vs off (goal >= 0.90)", f"{as_json:,.0f}", f"{off:,.0f}",
              f"{as_json / off:.2f}x", runtime(), machine()],
         ]
+        if PREVIOUS:
+            rows.append(["GET /get req/s, this build vs the previous release (default access log)", f"{to_log:,.0f}",
+                         f"{rates['previous']:,.0f}", f"{to_log / rates['previous']:.2f}x", runtime(), machine()])
         record(rows)
     finally:
         for daemon in [logged, bare, *others]:

@@ -28,7 +28,7 @@ On PyPy every Twisted contender runs with ``PYPY_GC_NURSERY=16M`` (unless
 set otherwise): PyPy's default nursery on this machine is small enough that
 minor collections cost about a third of lbsvc's throughput (10.4k req/s with
 the default, 14-16k with 16M, measured with this benchmark's method); the
-README recommends the same setting for running lbsvc on PyPy.
+docs/operating.md recommends the same setting for running lbsvc on PyPy.
 
 ``BENCH_PREVIOUS_TWISTD=/path/to/other/checkout/.venv/bin/twistd`` adds that
 release's lbsvc as one more contender (the issue's "CPU per request compared

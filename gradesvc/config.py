@@ -9,7 +9,7 @@ import attrs
 
 @attrs.frozen
 class ReplicaConfig:
-    """Everything a replica needs to start (see the README's option table)."""
+    """Everything a replica needs to start (see the option table in docs/operating.md)."""
 
     get_endpoint: str
     set_endpoint: str

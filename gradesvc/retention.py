@@ -8,7 +8,7 @@ the margin is smaller than :data:`WARN_INTERVALS` checkpoint intervals' worth
 of writes, retention is about to outrun the checkpoints: a warning in the log
 and ``gradesvc_retention_margin_intervals`` on ``/metrics`` say so.  (The
 rule for operators: retention must cover several checkpoint intervals of
-writes; the README gives it.)
+writes; docs/design.md gives it.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ structured fields naming one policy, ``"default"``:
   left, until the next token, which is then also the ``Retry-After`` of a 429.
 
 A token bucket is not a fixed window, so ``q`` and ``w`` describe the steady
-rate and the burst, not a window that resets all at once; the README says so.
+rate and the burst, not a window that resets all at once; docs/operating.md says so.
 """
 
 from __future__ import annotations

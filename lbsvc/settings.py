@@ -9,7 +9,7 @@ from lbsvc.config import ServersConfig
 
 @attrs.frozen
 class GatewaySettings:
-    """Everything a gateway needs to start (see the README's option table)."""
+    """Everything a gateway needs to start (see the option table in docs/operating.md)."""
 
     endpoint: str
     admin_endpoint: str
