@@ -62,7 +62,7 @@ class Options(EnvOptions):
         ["buckets", None, "memory",
          "Token buckets: memory (this process) or redis://host:port/db (shared) [LBSVC_BUCKETS]."],
         ["bucket-store-fallback", None, "local",
-         ("While Redis is unreachable: local (each process its own bucket) or deny (503)"
+         ("While Redis is unreachable: local (each process its share of every budget) or deny (503)"
           " [LBSVC_BUCKET_STORE_FALLBACK].")],
         ["redis-timeout", None, "0.05", "Seconds a Redis call may take [LBSVC_REDIS_TIMEOUT]."],
         ["workers", None, "1", "Gateway processes sharing the port (more than 1 needs Redis) [LBSVC_WORKERS]."],
