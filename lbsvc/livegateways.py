@@ -137,9 +137,17 @@ class DatabaseHeartbeat:
         self.clock = clock
         self.watch = BeatWatch()
         self._silent: List[Tuple[str, int]] = []
+        self._busy = False
+        """A beat's interaction still runs in adbapi's thread (its caller may have given up on it)."""
 
     def beat(self, member: str) -> defer.Deferred[int]:
-        """Count up this gateway's row, delete long-silent ones, read every counter."""
+        """Count up this gateway's row, delete long-silent ones, read every counter.
+
+        While a slow database still holds the previous beat, none is queued
+        behind it: beats must not pile up in adbapi's queue during an outage.
+        """
+        if self._busy:
+            return defer.fail(defer.TimeoutError("the previous heartbeat is still in the database's hands"))
         sql = self.database.sql
         silent = self._silent
 
@@ -152,7 +160,20 @@ class DatabaseHeartbeat:
             cursor.execute("SELECT id, beats FROM lbsvc_gateways")
             return [(str(row[0]), int(row[1])) for row in cursor.fetchall()]
 
-        d: defer.Deferred[List[Tuple[str, int]]] = self.database.pool.runInteraction(work)
+        self._busy = True
+        running: defer.Deferred[List[Tuple[str, int]]] = self.database.pool.runInteraction(work)
+        d: defer.Deferred[List[Tuple[str, int]]] = defer.Deferred()
+
+        def finished(result: Any) -> None:
+            self._busy = False
+            if d.called:  # given up on: the deadline passed
+                return
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+        running.addBoth(finished)
         d.addTimeout(DEADLINE, self.clock)
 
         def counted(rows: List[Tuple[str, int]]) -> int:

@@ -9,7 +9,7 @@ from twisted.internet import defer, task
 from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import implementer
 
-from lbsvc.livegateways import FORGET, INTERVAL, TTL, BeatWatch, DatabaseHeartbeat, IHeartbeat, LiveGateways
+from lbsvc.livegateways import DEADLINE, FORGET, INTERVAL, TTL, BeatWatch, DatabaseHeartbeat, IHeartbeat, LiveGateways
 from lbsvc.memorylimits import PerProcessLimits
 from lbsvc.userdb import SQLiteDatabase
 
@@ -93,6 +93,32 @@ def test_two_gateways_on_one_sqlite_file_see_each_other_and_forget_the_dead(tmp_
     assert rows == [("a",)]
     counted(a.leave("a"))  # type: ignore[arg-type]
     assert sqlite3.connect(path).execute("SELECT count(*) FROM lbsvc_gateways").fetchone() == (0,)
+
+
+class StuckPool:
+    """A database that takes every interaction and answers only when told."""
+
+    def __init__(self) -> None:
+        self.pending: List[defer.Deferred[Any]] = []
+
+    def runInteraction(self, work: Callable[[Any], Any]) -> defer.Deferred[Any]:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+
+def test_beats_do_not_pile_up_behind_a_stuck_database(tmp_path: Any) -> None:
+    clock = task.Clock()
+    heartbeat = sqlite_heartbeat(str(tmp_path / "users.sqlite3"), clock)
+    pool = StuckPool()
+    heartbeat.database.pool = pool
+    failures: List[Any] = []
+    heartbeat.beat("a").addErrback(failures.append)
+    clock.advance(DEADLINE)  # given up on; the interaction still runs
+    heartbeat.beat("a").addErrback(failures.append)  # not queued behind it
+    assert len(failures) == 2 and len(pool.pending) == 1
+    pool.pending[0].callback([("a", 1)])  # the database answers at last: a late answer is dropped
+    heartbeat.beat("a")
+    assert len(pool.pending) == 2
 
 
 @implementer(IHeartbeat)
