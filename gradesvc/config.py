@@ -1,4 +1,10 @@
-"""The typed configuration of one replica, as ``twistd gradesvc`` options give it."""
+"""The options of ``twistd gradesvc``, declared once, and the typed configuration they give.
+
+:data:`OPTIONS` is the one table: ``--help``, the environment variables and
+:class:`ReplicaConfig` are all made from it (see :mod:`svckit.options`);
+defaults that a module also uses (the read wait, the write timeout, the peer
+idle timeout) are that module's constants.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,67 @@ from typing import Tuple
 
 import attrs
 
+from gradesvc.bootstrap import IDLE_TIMEOUT
+from gradesvc.broker import node_urls
+from gradesvc.readapi import READ_WAIT
+from gradesvc.writeapi import WRITE_TIMEOUT
+from svckit.options import Option, access_log_destination, access_log_format, endpoint_description, not_empty, positive
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def amqp_urls(value: str) -> str:
+    """An ``amqp://`` URL, or a comma-separated list of them (the nodes of a cluster)."""
+    urls = node_urls(value)
+    if not urls or not all(url.startswith(("amqp://", "amqps://")) for url in urls):
+        raise ValueError("must be an amqp:// URL, or a comma-separated list of them")
+    return value
+
+
+def peer_urls(value: str) -> Tuple[str, ...]:
+    """Comma-separated base URLs of other replicas' read ports."""
+    peers = tuple(p.strip().rstrip("/") for p in value.split(",") if p.strip())
+    for peer in peers:
+        if not peer.startswith(("http://", "https://")):
+            raise ValueError(f"names peer {peer!r}, which is not an http:// or https:// URL")
+    return peers
+
+
+def seconds(default: float) -> str:
+    """A default number of seconds as it would be typed."""
+    return f"{default:g}"
+
+
+OPTIONS = (
+    Option("get-endpoint", "GRADESVC_GET_ENDPOINT", "tcp:8070", "Read port endpoint", endpoint_description),
+    Option("set-endpoint", "GRADESVC_SET_ENDPOINT", "tcp:8071", "Write port endpoint", endpoint_description),
+    Option("amqp-url", "GRADESVC_AMQP_URL", DEFAULT_AMQP_URL, "Broker URL (or the nodes' URLs, comma-separated)",
+           amqp_urls),
+    Option("stream", "GRADESVC_STREAM", "user_grades", "Stream queue name", not_empty),
+    Option("replica-id", "GRADESVC_REPLICA_ID", None, "Unique replica id; default the host name", not_empty),
+    Option("peers", "GRADESVC_PEERS", "", "Comma-separated base URLs of peers' read ports", peer_urls),
+    Option("admin-user", "GRADESVC_ADMIN_USER", None, "User name for the write port"),
+    Option("admin-password", "GRADESVC_ADMIN_PASSWORD", None, "Password for the write port"),
+    Option("access-log", "GRADESVC_ACCESS_LOG", "-", "Access log: - (this log), a file, or off",
+           access_log_destination),
+    Option("access-log-format", "GRADESVC_ACCESS_LOG_FORMAT", "combined", "Access log format: combined or json",
+           access_log_format),
+    Option("peer-idle-timeout", "GRADESVC_PEER_IDLE_TIMEOUT", seconds(IDLE_TIMEOUT),
+           "Seconds a peer's /backup may send nothing before the next peer is tried", positive),
+    Option("write-timeout", "GRADESVC_WRITE_TIMEOUT", seconds(WRITE_TIMEOUT),
+           "Seconds POST /set waits for its confirmed message to be applied here before answering 503", positive),
+    Option("read-wait", "GRADESVC_READ_WAIT", seconds(READ_WAIT), "Seconds GET /get?min_offset=N waits for offset N",
+           positive),
+    Option("data-dir", "GRADESVC_DATA_DIR", None, "Directory of this replica's checkpoint, held by one process;"
+           " default gradesvc-data/<stream>/<replica-id>", not_empty),
+    Option("checkpoint-interval", "GRADESVC_CHECKPOINT_INTERVAL", "30", "Seconds between checkpoints", positive),
+)
+"""Every option of ``twistd gradesvc``: name, environment variable, default, help, parser."""
+
 
 @attrs.frozen
 class ReplicaConfig:
-    """Everything a replica needs to start (see the option table in docs/operating.md)."""
+    """Everything a replica needs to start: :data:`OPTIONS` parsed."""
 
     get_endpoint: str
     set_endpoint: str
@@ -19,12 +82,13 @@ class ReplicaConfig:
     peers: Tuple[str, ...]
     admin_user: str
     admin_password: str = attrs.field(repr=False)
-    access_log: str = "-"
-    access_log_format: str = "combined"
-    peer_idle_timeout: float = 30.0
-    write_timeout: float = 5.0
-    data_dir: str = "gradesvc-data"
-    data_dir_given: bool = True
+    access_log: str
+    access_log_format: str
+    peer_idle_timeout: float
+    write_timeout: float
+    read_wait: float
+    data_dir: str
+    data_dir_given: bool
     """False when ``data_dir`` is the default (then the previous release's default is looked at too)."""
-    checkpoint_interval: float = 30.0
-    read_wait: float = 2.0
+    checkpoint_interval: float
+

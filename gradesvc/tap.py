@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 from twisted.application import service
 from twisted.internet import task
@@ -15,9 +15,9 @@ from twisted.python import usage
 from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
 from gradesvc.bootstrap import Bootstrap, BootstrapService
-from gradesvc.broker import BrokerService, node_urls, stream_id_of
+from gradesvc.broker import BrokerService, stream_id_of
 from gradesvc.checkpoint import Checkpoints, checkpoint_and_watch
-from gradesvc.config import ReplicaConfig
+from gradesvc.config import OPTIONS, ReplicaConfig
 from gradesvc.datadir import DEFAULT_ROOT, DataDir, DataDirInUse, default_data_dir
 from gradesvc.gauges import checkpoint_gauges, replica_gauges
 from gradesvc.overview import Overview, PeerWatch
@@ -32,103 +32,37 @@ from gradesvc.verification import StreamVerifier
 from gradesvc.writeapi import WriteAPI, write_router
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
-from svckit.options import EnvOptions, access_log_destination, access_log_format, endpoint_description, positive_float
+from svckit.options import EnvOptions
 from svckit.site import listen
 from svckit.supervisor import Supervisor
 
 log = Logger()
 
 
-def parse_peers(value: str) -> Tuple[str, ...]:
-    """Comma-separated base URLs of other replicas' read ports."""
-    peers = tuple(p.strip().rstrip("/") for p in value.split(",") if p.strip())
-    for peer in peers:
-        if not peer.startswith(("http://", "https://")):
-            raise usage.UsageError(f"peer {peer!r} is not an http:// or https:// URL")
-    return peers
-
-
 class Options(EnvOptions):
-    """Command line of ``twistd gradesvc``; each option has an environment variable."""
+    """Command line of ``twistd gradesvc``: :data:`gradesvc.config.OPTIONS`, each with an environment variable."""
 
     synopsis = "[options]"
     longdesc = (
         "A replica of the grade store. Every option can also be set through the"
         " environment variable named in brackets; the command line wins."
     )
-    optParameters = [
-        ["get-endpoint", None, "tcp:8070", "Read port endpoint [GRADESVC_GET_ENDPOINT]."],
-        ["set-endpoint", None, "tcp:8071", "Write port endpoint [GRADESVC_SET_ENDPOINT]."],
-        ["amqp-url", None, "amqp://guest:guest@127.0.0.1:5672/%2F", "Broker URL [GRADESVC_AMQP_URL]."],
-        ["stream", None, "user_grades", "Stream queue name [GRADESVC_STREAM]."],
-        ["replica-id", None, None, "Unique replica id; default the host name [GRADESVC_REPLICA_ID]."],
-        ["peers", None, "", "Comma-separated base URLs of peers' read ports [GRADESVC_PEERS]."],
-        ["admin-user", None, None, "User name for the write port [GRADESVC_ADMIN_USER]."],
-        ["admin-password", None, None, "Password for the write port [GRADESVC_ADMIN_PASSWORD]."],
-        ["access-log", None, "-", "Access log: - (this log), a file, or off [GRADESVC_ACCESS_LOG]."],
-        ["access-log-format", None, "combined", "Access log format: combined or json [GRADESVC_ACCESS_LOG_FORMAT]."],
-        ["peer-idle-timeout", None, "30", ("Seconds a peer's /backup may send nothing before the next"
-         " peer is tried [GRADESVC_PEER_IDLE_TIMEOUT].")],
-        ["write-timeout", None, "5", ("Seconds POST /set waits for its confirmed message to be applied"
-         " here before answering 503 [GRADESVC_WRITE_TIMEOUT].")],
-        ["read-wait", None, "2", ("Seconds GET /get?min_offset=N waits for offset N"
-         " [GRADESVC_READ_WAIT].")],
-        ["data-dir", None, None, ("Directory of this replica's checkpoint, held by one process;"
-         " default gradesvc-data/<stream>/<replica-id> [GRADESVC_DATA_DIR].")],
-        ["checkpoint-interval", None, "30", "Seconds between checkpoints [GRADESVC_CHECKPOINT_INTERVAL]."],
-    ]
-    envVars = {
-        "get-endpoint": "GRADESVC_GET_ENDPOINT",
-        "set-endpoint": "GRADESVC_SET_ENDPOINT",
-        "amqp-url": "GRADESVC_AMQP_URL",
-        "stream": "GRADESVC_STREAM",
-        "replica-id": "GRADESVC_REPLICA_ID",
-        "peers": "GRADESVC_PEERS",
-        "admin-user": "GRADESVC_ADMIN_USER",
-        "admin-password": "GRADESVC_ADMIN_PASSWORD",
-        "access-log": "GRADESVC_ACCESS_LOG",
-        "access-log-format": "GRADESVC_ACCESS_LOG_FORMAT",
-        "peer-idle-timeout": "GRADESVC_PEER_IDLE_TIMEOUT",
-        "write-timeout": "GRADESVC_WRITE_TIMEOUT",
-        "read-wait": "GRADESVC_READ_WAIT",
-        "data-dir": "GRADESVC_DATA_DIR",
-        "checkpoint-interval": "GRADESVC_CHECKPOINT_INTERVAL",
-    }
+    table = OPTIONS
     config: ReplicaConfig
 
     def postOptions(self) -> None:
-        """Validate everything into a :class:`ReplicaConfig`."""
+        """Parse every option into a :class:`ReplicaConfig`."""
         if not self["admin-user"] or not self["admin-password"]:
             raise usage.UsageError(
                 "the write port needs credentials: set --admin-user and"
                 " --admin-password (or GRADESVC_ADMIN_USER and GRADESVC_ADMIN_PASSWORD)"
             )
-        urls = node_urls(self["amqp-url"])
-        if not urls or not all(url.startswith(("amqp://", "amqps://")) for url in urls):
-            raise usage.UsageError("--amqp-url must be an amqp:// URL, or a comma-separated list of them")
-        if not self["stream"]:
-            raise usage.UsageError("--stream must not be empty")
-        if self["data-dir"] == "":
-            raise usage.UsageError("--data-dir must not be empty")
-        replica_id = self["replica-id"] or socket.gethostname()
-        self.config = ReplicaConfig(
-            get_endpoint=endpoint_description(self["get-endpoint"]),
-            set_endpoint=endpoint_description(self["set-endpoint"]),
-            amqp_url=self["amqp-url"],
-            stream=self["stream"],
-            replica_id=replica_id,
-            peers=parse_peers(self["peers"] or ""),
-            admin_user=self["admin-user"],
-            admin_password=self["admin-password"],
-            access_log=access_log_destination(self["access-log"]),
-            access_log_format=access_log_format(self["access-log-format"]),
-            peer_idle_timeout=positive_float("--peer-idle-timeout", str(self["peer-idle-timeout"])),
-            write_timeout=positive_float("--write-timeout", str(self["write-timeout"])),
-            read_wait=positive_float("--read-wait", str(self["read-wait"])),
-            data_dir=self["data-dir"] or default_data_dir(self["stream"], replica_id),
-            data_dir_given=bool(self["data-dir"]),
-            checkpoint_interval=positive_float("--checkpoint-interval", str(self["checkpoint-interval"])),
-        )
+        values = self.parsed()
+        values["replica_id"] = values["replica_id"] or socket.gethostname()
+        values["data_dir_given"] = values["data_dir"] is not None
+        if values["data_dir"] is None:
+            values["data_dir"] = default_data_dir(values["stream"], values["replica_id"])
+        self.config = ReplicaConfig(**values)
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:

@@ -1,28 +1,94 @@
-"""The typed configuration of a gateway, as ``twistd lbsvc`` options give it."""
+"""The options of ``twistd lbsvc``, declared once, and the typed settings they give.
+
+:data:`OPTIONS` is the one table: ``--help``, the environment variables and
+:class:`GatewaySettings` are all made from it (see :mod:`svckit.options`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import attrs
 
 from lbsvc.config import ServersConfig
+from lbsvc.redisbuckets import FALLBACKS, parse_redis_url
+from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, parse_capacity, parse_rate
+from svckit.options import Option, access_log_destination, access_log_format, endpoint_description, not_empty, positive, whole
+from svckit.responses import HTTPError
+
+MAX_BODY = 64 * 1024 * 1024
+"""The largest request body proxied by default."""
+MAX_WORKERS = 256
+
+
+def _ceiling(parse: Any, kind: Any) -> Any:
+    def checked(value: str) -> Any:
+        try:
+            return parse(kind(value))
+        except (HTTPError, ValueError) as e:
+            raise ValueError(f"is wrong: {e}") from None
+
+    return checked
+
+
+def _buckets(value: str) -> str:
+    if value != "memory":
+        try:
+            parse_redis_url(value)
+        except ValueError as e:
+            raise ValueError(f"must be memory or redis://host:port/db: {e}") from None
+    return value
+
+
+def _fallback(value: str) -> str:
+    if value not in FALLBACKS:
+        raise ValueError(f"must be one of {', '.join(FALLBACKS)}")
+    return value
+
+
+OPTIONS = (
+    Option("endpoint", "LBSVC_ENDPOINT", "tcp:8080", "Gateway endpoint", endpoint_description),
+    Option("servers", "LBSVC_SERVERS", "servers.yaml", "Backends file", not_empty),
+    Option("database", "LBSVC_DATABASE", "lbsvc.sqlite3",
+           "Users: a SQLite file, or postgresql://user:password@host:port/db", not_empty),
+    Option("admin-endpoint", "LBSVC_ADMIN_ENDPOINT", "tcp:8079:interface=127.0.0.1",
+           "Endpoint of the gateway's own /health, /ready, /metrics, /status", endpoint_description),
+    Option("access-log", "LBSVC_ACCESS_LOG", "-", "Access log: - (this log), a file, or off",
+           access_log_destination),
+    Option("access-log-format", "LBSVC_ACCESS_LOG_FORMAT", "combined", "Access log format: combined or json",
+           access_log_format),
+    Option("max-body", "LBSVC_MAX_BODY", str(MAX_BODY), "Largest request body proxied, bytes", whole(0, 2**62)),
+    Option("max-capacity", "LBSVC_MAX_CAPACITY", str(MAX_CAPACITY), "Highest capacity a user may set",
+           _ceiling(parse_capacity, int)),
+    Option("max-rate", "LBSVC_MAX_RATE", str(MAX_RATE), f"Highest rate_per_sec a user may set ({MIN_RATE} ...)",
+           _ceiling(parse_rate, float)),
+    Option("buckets", "LBSVC_BUCKETS", "memory", "Token buckets: memory (this process) or redis://host:port/db"
+           " (shared)", _buckets),
+    Option("bucket-store-fallback", "LBSVC_BUCKET_STORE_FALLBACK", "local",
+           "While Redis is unreachable: local (each process its share of every budget) or deny (503)", _fallback),
+    Option("redis-timeout", "LBSVC_REDIS_TIMEOUT", "0.05", "Seconds a Redis call may take", positive),
+    Option("workers", "LBSVC_WORKERS", "1", "Gateway processes sharing the port (more than 1 needs Redis)",
+           whole(1, MAX_WORKERS)),
+)
+"""Every option of ``twistd lbsvc``: name, environment variable, default, help, parser."""
 
 
 @attrs.frozen
 class GatewaySettings:
-    """Everything a gateway needs to start (see the option table in docs/operating.md)."""
+    """Everything a gateway needs to start: :data:`OPTIONS` parsed, and ``servers.yaml`` loaded."""
 
     endpoint: str
     admin_endpoint: str
     servers_path: str
     servers: ServersConfig
     database: str
-    access_log: str = "-"
-    access_log_format: str = "combined"
-    max_body: int = 64 * 1024 * 1024
-    max_capacity: int = 1_000_000_000
-    max_rate: float = 1_000_000.0
-    buckets: str = "memory"
+    access_log: str
+    access_log_format: str
+    max_body: int
+    max_capacity: int
+    max_rate: float
+    buckets: str
     """``memory``, or a ``redis://host:port/db`` URL."""
-    bucket_store_fallback: str = "local"
-    redis_timeout: float = 0.05
-    workers: int = 1
+    bucket_store_fallback: str
+    redis_timeout: float
+    workers: int

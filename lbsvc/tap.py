@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from twisted.application import service
 from twisted.internet import task
@@ -20,128 +20,44 @@ from lbsvc.livegateways import DatabaseHeartbeat, LiveGateways, RedisHeartbeat
 from lbsvc.memorylimits import PerProcessLimits
 from lbsvc.overview import Overview
 from lbsvc.proxy import Proxy
-from lbsvc.redisbuckets import FALLBACKS, RedisBucketStore, RedisLink, parse_redis_url
+from lbsvc.redisbuckets import RedisBucketStore, RedisLink
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
-from lbsvc.settings import GatewaySettings
+from lbsvc.settings import OPTIONS, GatewaySettings
 from lbsvc.tls import BackendTLS, ProbePolicy
 from lbsvc.upstream import UpstreamPool
-from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, UserAPI, parse_capacity, parse_rate
+from lbsvc.userapi import UserAPI
 from lbsvc.userdb import StorageUnavailable, open_database
 from lbsvc.users import SYNC_INTERVAL, UserStore
 from lbsvc.workermetrics import METRICS_SOCKET, SocketDirectory, WorkerScrape, worker_metrics_service
 from lbsvc.workers import AdoptedPort, ParentWatch, WorkerPool, bind, inherited
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
-from svckit.options import EnvOptions, access_log_destination, access_log_format, endpoint_description, positive_float
+from svckit.options import EnvOptions
 from svckit.readiness import Readiness
-from svckit.responses import HTTPError
 from svckit.site import listen, make_site
 from svckit.supervisor import Supervisor
 
 log = Logger()
 
-MAX_BODY = 64 * 1024 * 1024
-
-
 class Options(EnvOptions):
-    """Command line of ``twistd lbsvc``; each option has an environment variable."""
+    """Command line of ``twistd lbsvc``: :data:`lbsvc.settings.OPTIONS`, each with an environment variable."""
 
     synopsis = "[options]"
-    optParameters = [
-        ["endpoint", None, "tcp:8080", "Gateway endpoint [LBSVC_ENDPOINT]."],
-        ["servers", None, "servers.yaml", "Backends file [LBSVC_SERVERS]."],
-        ["database", None, "lbsvc.sqlite3",
-         "Users: a SQLite file, or postgresql://user:password@host:port/db [LBSVC_DATABASE]."],
-        ["admin-endpoint", None, "tcp:8079:interface=127.0.0.1",
-         "Endpoint of the gateway's own /health, /ready, /metrics [LBSVC_ADMIN_ENDPOINT]."],
-        ["access-log", None, "-", "Access log: - (this log), a file, or off [LBSVC_ACCESS_LOG]."],
-        ["access-log-format", None, "combined", "Access log format: combined or json [LBSVC_ACCESS_LOG_FORMAT]."],
-        ["max-body", None, str(MAX_BODY), "Largest request body proxied, bytes [LBSVC_MAX_BODY]."],
-        ["max-capacity", None, str(MAX_CAPACITY), "Highest capacity a user may set [LBSVC_MAX_CAPACITY]."],
-        ["max-rate", None, str(MAX_RATE), "Highest rate_per_sec a user may set [LBSVC_MAX_RATE]."],
-        ["buckets", None, "memory",
-         "Token buckets: memory (this process) or redis://host:port/db (shared) [LBSVC_BUCKETS]."],
-        ["bucket-store-fallback", None, "local",
-         ("While Redis is unreachable: local (each process its share of every budget) or deny (503)"
-          " [LBSVC_BUCKET_STORE_FALLBACK].")],
-        ["redis-timeout", None, "0.05", "Seconds a Redis call may take [LBSVC_REDIS_TIMEOUT]."],
-        ["workers", None, "1", "Gateway processes sharing the port (more than 1 needs Redis) [LBSVC_WORKERS]."],
-    ]
-    envVars = {
-        "endpoint": "LBSVC_ENDPOINT",
-        "servers": "LBSVC_SERVERS",
-        "database": "LBSVC_DATABASE",
-        "admin-endpoint": "LBSVC_ADMIN_ENDPOINT",
-        "access-log": "LBSVC_ACCESS_LOG",
-        "access-log-format": "LBSVC_ACCESS_LOG_FORMAT",
-        "max-body": "LBSVC_MAX_BODY",
-        "max-capacity": "LBSVC_MAX_CAPACITY",
-        "max-rate": "LBSVC_MAX_RATE",
-        "buckets": "LBSVC_BUCKETS",
-        "bucket-store-fallback": "LBSVC_BUCKET_STORE_FALLBACK",
-        "redis-timeout": "LBSVC_REDIS_TIMEOUT",
-        "workers": "LBSVC_WORKERS",
-    }
+    table = OPTIONS
     settings: GatewaySettings
 
-    def argv(self) -> List[str]:
-        """These options as a command line (for the workers of ``--workers``)."""
-        return [f"--{name}={self[name]}" for name, *_ in self.optParameters if name]
-
     def postOptions(self) -> None:
-        """Validate everything into :class:`GatewaySettings`; load ``servers.yaml`` now."""
+        """Parse every option into :class:`GatewaySettings`; load ``servers.yaml`` now."""
+        values = self.parsed()
         try:
-            servers = servers_config.load(self["servers"])
+            servers = servers_config.load(values["servers"])
         except servers_config.ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        try:
-            max_body = int(self["max-body"])
-        except ValueError:
-            raise usage.UsageError(f"--max-body must be a number of bytes, not {self['max-body']!r}") from None
-        if max_body < 0:
-            raise usage.UsageError("--max-body must not be negative")
-        if not self["database"]:
-            raise usage.UsageError("--database must not be empty")
-        try:
-            max_capacity = parse_capacity(int(self["max-capacity"]))
-            max_rate = parse_rate(float(self["max-rate"]))
-        except (ValueError, HTTPError) as e:
-            raise usage.UsageError(f"--max-capacity must be 1 ... {MAX_CAPACITY} and --max-rate"
-                                   f" {MIN_RATE} ... {MAX_RATE} ({e})") from None
-        buckets = self["buckets"]
-        if buckets != "memory":
-            try:
-                parse_redis_url(buckets)
-            except ValueError as e:
-                raise usage.UsageError(f"--buckets must be memory or redis://host:port/db: {e}") from None
-        if self["bucket-store-fallback"] not in FALLBACKS:
-            raise usage.UsageError(f"--bucket-store-fallback must be one of {', '.join(FALLBACKS)}")
-        redis_timeout = positive_float("--redis-timeout", self["redis-timeout"])
-        try:
-            workers = int(self["workers"])
-        except ValueError:
-            raise usage.UsageError(f"--workers must be a whole number, not {self['workers']!r}") from None
-        if not 1 <= workers <= 256:
-            raise usage.UsageError("--workers must be 1 ... 256")
-        if workers > 1 and buckets == "memory":
+        workers = values["workers"]
+        if workers > 1 and values["buckets"] == "memory":
             raise usage.UsageError(f"--workers {workers} needs --buckets redis://...: with memory buckets"
                                    f" every worker would have its own, and limits would multiply by {workers}")
-        self.settings = GatewaySettings(
-            endpoint=endpoint_description(self["endpoint"]),
-            admin_endpoint=endpoint_description(self["admin-endpoint"]),
-            servers_path=self["servers"],
-            servers=servers,
-            database=self["database"],
-            access_log=access_log_destination(self["access-log"]),
-            access_log_format=access_log_format(self["access-log-format"]),
-            max_body=max_body,
-            max_capacity=max_capacity,
-            max_rate=max_rate,
-            buckets=buckets,
-            bucket_store_fallback=self["bucket-store-fallback"],
-            redis_timeout=redis_timeout,
-            workers=workers,
-        )
+        self.settings = GatewaySettings(servers_path=values.pop("servers"), servers=servers, **values)
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:

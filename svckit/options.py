@@ -1,32 +1,76 @@
-"""Command-line options that fall back to environment variables.
+"""Command-line options declared once, each with an environment variable.
 
-Each daemon's ``Options`` lists ``optParameters`` as usual and maps option names
-to variables in ``envVars``; a variable that is set replaces the default, and the
-command line still wins because it is parsed afterwards.
+A daemon lists its options as a table of :class:`Option` (name, variable,
+default, help, parser); ``optParameters`` (and so ``--help``, which names
+each variable in brackets) and the environment mapping are made from it, and
+:meth:`EnvOptions.parsed` runs every value through its parser into the
+keyword arguments of the daemon's typed settings.  A variable that is set
+replaces the default, and the command line still wins because it is parsed
+afterwards.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence
 
+import attrs
 from twisted.python import usage
 
 from svckit.accesslog import FORMATS
 
 
-class EnvOptions(usage.Options):
-    """``usage.Options`` whose defaults come from the environment."""
+@attrs.frozen
+class Option:
+    """One option, declared once."""
 
-    envVars: Dict[str, str] = {}
+    name: str
+    """The long option, without ``--``; the settings attribute is it with ``_`` for ``-``."""
+    variable: str
+    """The environment variable that sets it."""
+    default: Optional[str]
+    """As it would be typed (None: not given)."""
+    help: str
+    parse: Callable[[str], Any] = str
+    """Text to value; a ``ValueError`` or ``UsageError`` refuses it (the message follows the option's name)."""
+
+    @property
+    def attribute(self) -> str:
+        """Its name in the typed settings."""
+        return self.name.replace("-", "_")
+
+
+class EnvOptions(usage.Options):
+    """``usage.Options`` made from a table of :class:`Option`, whose defaults come from the environment."""
+
+    table: ClassVar[Sequence[Option]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.optParameters = [[o.name, None, o.default, f"{o.help} [{o.variable}]."] for o in cls.table]  # type: ignore[attr-defined]
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
         super().__init__()
         env = os.environ if environ is None else environ
-        for option, variable in self.envVars.items():
-            value = env.get(variable)
+        for option in self.table:
+            value = env.get(option.variable)
             if value is not None and value != "":
-                self[option] = value
+                self[option.name] = value
+
+    def parsed(self) -> Dict[str, Any]:
+        """Every option through its parser, by settings attribute (an option not given stays None)."""
+        values: Dict[str, Any] = {}
+        for option in self.table:
+            text = self[option.name]
+            try:
+                values[option.attribute] = None if text is None else option.parse(text)
+            except ValueError as e:
+                raise usage.UsageError(f"--{option.name} {e}") from None
+        return values
+
+    def argv(self) -> List[str]:
+        """These options as a command line (given ones only)."""
+        return [f"--{o.name}={self[o.name]}" for o in self.table if self[o.name] is not None]
 
 
 def endpoint_description(value: str) -> str:
@@ -55,12 +99,34 @@ def access_log_format(value: str) -> str:
     return value
 
 
-def positive_float(name: str, value: str) -> float:
-    """Parse ``value`` as a number > 0, or raise ``UsageError`` naming ``name``."""
+def positive(value: str) -> float:
+    """A finite number greater than 0."""
     try:
         number = float(value)
     except ValueError:
-        raise usage.UsageError(f"{name} must be a number, not {value!r}") from None
+        raise ValueError(f"must be a number, not {value!r}") from None
     if not 0 < number < float("inf"):
-        raise usage.UsageError(f"{name} must be a finite number greater than 0")
+        raise ValueError("must be a finite number greater than 0")
     return number
+
+
+def whole(low: int, high: int) -> Callable[[str], int]:
+    """A parser of whole numbers from ``low`` to ``high``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"must be a whole number, not {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be {low} ... {high}")
+        return number
+
+    return parse
+
+
+def not_empty(value: str) -> str:
+    """Any text but the empty one."""
+    if not value:
+        raise ValueError("must not be empty")
+    return value

@@ -48,3 +48,19 @@ def test_every_link_resolves(page: Path, target: str) -> None:
     if fragment:
         assert destination.suffix == ".md" and fragment in anchors(destination), \
             f"{page.name}: no heading #{fragment} in {destination.name}"
+
+
+def test_the_option_tables_in_the_docs_follow_the_code() -> None:
+    """Every option of both daemons, with its variable and default, in docs/operating.md (and nothing more)."""
+    from gradesvc.config import OPTIONS as GRADESVC
+    from lbsvc.settings import OPTIONS as LBSVC
+
+    text = (ROOT / "docs" / "operating.md").read_text()
+    for options in (GRADESVC, LBSVC):
+        for option in options:
+            rows = [line for line in text.splitlines() if line.startswith(f"| `--{option.name}` | `{option.variable}` |")]
+            assert len(rows) == 1, option.name
+            if option.default:
+                assert f"`{option.default}`" in rows[0], (option.name, option.default)
+    documented = re.findall(r"^\| `--([a-z-]+)` \| `((?:GRADESVC|LBSVC)_[A-Z_]+)` \|", text, re.M)
+    assert sorted(documented) == sorted((o.name, o.variable) for o in (*GRADESVC, *LBSVC))
