@@ -1,6 +1,6 @@
 """Refill ticks with 100,000 non-full buckets (and a million idle ones), in process.
 
-A tick credits at most lbsvc.buckets.SLICE buckets; the whole pass over the
+A tick credits at most lbsvc.limits.buckets.SLICE buckets; the whole pass over the
 100,000 is reported too (its CPU time, spread over several ticks)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, record, runtime
 from twisted.internet.task import Clock
 
-from lbsvc.buckets import SLICE, Buckets
+from lbsvc.limits.buckets import SLICE, Buckets
 
 
 def main() -> None:

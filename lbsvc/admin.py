@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from prometheus_client import CollectorRegistry
 from twisted.web import server
 
-from lbsvc.backends import BackendPool
+from lbsvc.backends.pool import BackendPool
 from svckit import metrics
 from svckit.readiness import Readiness
 from svckit.responses import BytesResponse, JSONResponse

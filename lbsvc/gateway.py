@@ -5,11 +5,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from twisted.web import server
 
-from lbsvc.keys import key_guard
-from lbsvc.proxy import Proxy
-from lbsvc.target import origin_target
-from lbsvc.userapi import MAX_BODY, UserAPI
-from lbsvc.users import UserStore
+from lbsvc.proxying.proxy import Proxy
+from lbsvc.proxying.target import origin_target
+from lbsvc.users.api import MAX_BODY, UserAPI
+from lbsvc.users.keys import key_guard
+from lbsvc.users.store import UserStore
 from svckit.responses import HTTPError
 from svckit.web import Route, Router
 

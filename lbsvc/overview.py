@@ -25,9 +25,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import server
 
-from lbsvc.backends import BackendPool
-from lbsvc.proxy import LATENCY_BUCKETS
-from lbsvc.users import UserStore
+from lbsvc.backends.pool import BackendPool
+from lbsvc.proxying.proxy import LATENCY_BUCKETS
+from lbsvc.users.store import UserStore
 from svckit.history import History
 from svckit.readiness import Readiness
 from svckit.responses import BytesResponse, JSONResponse

@@ -15,10 +15,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 
-from lbsvc import config as servers_config
-from lbsvc.backends import BackendPool
-from lbsvc.healthcheck import HealthChecker
-from lbsvc.users import StorageUnavailable, UserStore
+from lbsvc.backends import servers as servers_config
+from lbsvc.backends.healthcheck import HealthChecker
+from lbsvc.backends.pool import BackendPool
+from lbsvc.users.store import StorageUnavailable, UserStore
 from svckit.readiness import Readiness
 from svckit.supervisor import Supervisor, backoff
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import attrs
 
-from lbsvc.config import ServersConfig
-from lbsvc.redisbuckets import FALLBACKS, parse_redis_url
-from lbsvc.userapi import MAX_CAPACITY, MAX_RATE, MIN_RATE, parse_capacity, parse_rate
+from lbsvc.backends.servers import ServersConfig
+from lbsvc.limits.redisbuckets import FALLBACKS
+from lbsvc.limits.redislink import parse_redis_url
+from lbsvc.users.api import MAX_CAPACITY, MAX_RATE, MIN_RATE, parse_capacity, parse_rate
 from svckit.options import Option, access_log_destination, access_log_format, endpoint_description, not_empty, positive, whole
 from svckit.responses import HTTPError
 

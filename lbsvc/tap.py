@@ -10,26 +10,27 @@ from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python import usage
 
-from lbsvc import config as servers_config
 from lbsvc.admin import admin_router
-from lbsvc.backends import BackendPool
-from lbsvc.buckets import TICK, Buckets, IBucketStore, MemoryBucketStore
+from lbsvc.backends import servers as servers_config
+from lbsvc.backends.healthcheck import HealthChecker, http_probe, probe_agent
+from lbsvc.backends.pool import BackendPool
+from lbsvc.backends.tls import BackendTLS, ProbePolicy
 from lbsvc.gateway import gateway_router
-from lbsvc.healthcheck import HealthChecker, http_probe, probe_agent
-from lbsvc.livegateways import DatabaseHeartbeat, LiveGateways, RedisHeartbeat
-from lbsvc.memorylimits import PerProcessLimits
+from lbsvc.limits.buckets import TICK, Buckets, IBucketStore, MemoryBucketStore
+from lbsvc.limits.livegateways import DatabaseHeartbeat, LiveGateways, RedisHeartbeat
+from lbsvc.limits.memorylimits import PerProcessLimits
+from lbsvc.limits.redisbuckets import RedisBucketStore
+from lbsvc.limits.redislink import RedisLink
 from lbsvc.overview import Overview
-from lbsvc.proxy import Proxy
-from lbsvc.redisbuckets import RedisBucketStore, RedisLink
+from lbsvc.proxying.connections import UpstreamConnections
+from lbsvc.proxying.proxy import Proxy
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
 from lbsvc.settings import OPTIONS, GatewaySettings
-from lbsvc.tls import BackendTLS, ProbePolicy
-from lbsvc.upstream import UpstreamPool
-from lbsvc.userapi import UserAPI
-from lbsvc.userdb import StorageUnavailable, open_database
-from lbsvc.users import SYNC_INTERVAL, UserStore
+from lbsvc.users.api import UserAPI
+from lbsvc.users.database import StorageUnavailable, open_database
+from lbsvc.users.store import SYNC_INTERVAL, UserStore
 from lbsvc.workermetrics import METRICS_SOCKET, SocketDirectory, WorkerScrape, worker_metrics_service
-from lbsvc.workers import AdoptedPort, ParentWatch, WorkerPool, bind, inherited
+from lbsvc.workers import AdoptedPort, ParentWatch, Workers, bind, inherited
 from svckit.accesslog import OFF, AccessLog
 from svckit.metrics import CallbackGauges, new_registry
 from svckit.options import EnvOptions
@@ -151,7 +152,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
 
     gateway = GatewayService(reactor, users, pool, checker, checks, settings.servers_path, readiness)
     gateway.setServiceParent(top)
-    upstream = UpstreamPool(reactor, settings.servers.timeouts.connect, settings.servers.pool_size, tls=tls)
+    upstream = UpstreamConnections(reactor, settings.servers.timeouts.connect, settings.servers.pool_size, tls=tls)
     proxy = Proxy(store, pool, upstream, reactor, registry)
     api = UserAPI(users, store, settings.max_capacity, settings.max_rate)
     router = gateway_router(users, api, proxy, settings.max_body, registry)
@@ -172,7 +173,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
             raise SystemExit(f"lbsvc: cannot listen on {settings.endpoint} for {settings.workers} workers: {e}") from None
         AdoptedPort(reactor, shared.fileno(), shared.family, make_site(router, access_log)).setServiceParent(gateway)
         sockets = SocketDirectory()
-        workers = WorkerPool(reactor, settings.workers, shared.fileno(), shared.family, options.argv(), sockets)
+        workers = Workers(reactor, settings.workers, shared.fileno(), shared.family, options.argv(), sockets)
         workers.socket = shared  # kept open as long as the pool
         workers.setServiceParent(top)
         scrape = WorkerScrape(reactor, registry, sockets, list(range(1, settings.workers)))

@@ -99,7 +99,7 @@ class AdoptedPort(service.Service):
 
 
 class _Worker(protocol.ProcessProtocol):
-    def __init__(self, pool: WorkerPool, number: int) -> None:
+    def __init__(self, pool: Workers, number: int) -> None:
         self.pool = pool
         self.number = number
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -109,7 +109,7 @@ class _Worker(protocol.ProcessProtocol):
         self.pool.ended(self, reason)
 
 
-class WorkerPool(service.Service):
+class Workers(service.Service):
     """Starts, restarts and stops the other N - 1 worker processes."""
 
     def __init__(self, reactor: Any, count: int, fd: int, family: int, argv: List[str],

@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 import yaml
 
-from lbsvc import config as servers_config
+from lbsvc.backends import servers as servers_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbsvc.livegateways import INTERVAL, TTL
-from lbsvc.redisbuckets import CONFIRM_AFTER
+from lbsvc.limits.livegateways import INTERVAL, TTL
+from lbsvc.limits.redisbuckets import CONFIRM_AFTER
 from tests.integration.harness import assert_no_logged_errors, http, metric, wait_until
 from tests.integration.lbharness import (
     Backend,

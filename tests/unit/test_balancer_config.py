@@ -9,10 +9,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from lbsvc import config
-from lbsvc.backends import BackendPool
-from lbsvc.balancer import Backend, IBalancer, LeastConnections, RoundRobin
-from lbsvc.healthcheck import HealthChecker
+from lbsvc.backends import servers as config
+from lbsvc.backends.balancer import Backend, IBalancer, LeastConnections, RoundRobin
+from lbsvc.backends.healthcheck import HealthChecker
+from lbsvc.backends.pool import BackendPool
 
 GOOD = {
     "algorithm": "round_robin",

@@ -6,7 +6,7 @@ import time
 
 from twisted.internet.task import Clock
 
-from lbsvc.buckets import Buckets
+from lbsvc.limits.buckets import Buckets
 
 
 def make(tick: float = 0.05) -> tuple:

@@ -9,9 +9,9 @@ from twisted.internet import defer, task
 from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import implementer
 
-from lbsvc.livegateways import DEADLINE, FORGET, INTERVAL, TTL, BeatWatch, DatabaseHeartbeat, IHeartbeat, LiveGateways
-from lbsvc.memorylimits import PerProcessLimits
-from lbsvc.userdb import SQLiteDatabase
+from lbsvc.limits.livegateways import DEADLINE, FORGET, INTERVAL, TTL, BeatWatch, DatabaseHeartbeat, IHeartbeat, LiveGateways
+from lbsvc.limits.memorylimits import PerProcessLimits
+from lbsvc.users.database import SQLiteDatabase
 
 
 def test_a_counter_counts_while_it_moves_by_this_clock() -> None:

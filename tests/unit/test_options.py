@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from gradesvc import tap as gradesvc_tap
 from lbsvc import tap as lbsvc_tap
-from lbsvc.userdb import SQLiteDatabase, StorageUnavailable
+from lbsvc.users.database import SQLiteDatabase, StorageUnavailable
 
 CREDENTIALS = {"GRADESVC_ADMIN_USER": "admin", "GRADESVC_ADMIN_PASSWORD": "pw"}
 

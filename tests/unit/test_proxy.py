@@ -23,15 +23,16 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lbsvc import config
-from lbsvc.backends import BackendPool
-from lbsvc.buckets import Buckets, MemoryBucketStore
+from lbsvc.backends import servers as config
+from lbsvc.backends.pool import BackendPool
 from lbsvc.gateway import gateway_router
-from lbsvc.proxy import Proxy
-from lbsvc.retries import RetryBudget
-from lbsvc.upstream import UpstreamConnection, UpstreamPool
-from lbsvc.userapi import UserAPI
-from lbsvc.users import User, UserStore, hash_key
+from lbsvc.limits.buckets import Buckets, MemoryBucketStore
+from lbsvc.proxying.connections import UpstreamConnections
+from lbsvc.proxying.proxy import Proxy
+from lbsvc.proxying.retries import RetryBudget
+from lbsvc.proxying.upstream import UpstreamConnection
+from lbsvc.users.api import UserAPI
+from lbsvc.users.store import User, UserStore, hash_key
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry, sample_value
 from svckit.requestbody import HIGH_WATER
@@ -82,7 +83,7 @@ class World:
         users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
         buckets = MemoryBucketStore(Buckets(self.clock))
         self.pool = BackendPool(servers, self.clock)
-        self.upstream = UpstreamPool(self.clock, 1.0, 4, endpoint_for=lambda b: Dial(self, (b.host, b.port)))
+        self.upstream = UpstreamConnections(self.clock, 1.0, 4, endpoint_for=lambda b: Dial(self, (b.host, b.port)))
         registry = new_registry()
         proxy = Proxy(buckets, self.pool, self.upstream, self.clock, registry)
         router = gateway_router(users, UserAPI(users, buckets), proxy, 1 << 20, registry)

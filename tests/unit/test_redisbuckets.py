@@ -14,8 +14,8 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from lbsvc.buckets import Buckets
-from lbsvc.redisbuckets import (
+from lbsvc.limits.buckets import Buckets
+from lbsvc.limits.redisbuckets import (
     CONFIRM_AFTER,
     KEY_PREFIX,
     MAX_BATCH,
@@ -23,8 +23,8 @@ from lbsvc.redisbuckets import (
     SCRIPT_SHA,
     BucketStoreUnavailable,
     RedisBucketStore,
-    parse_redis_url,
 )
+from lbsvc.limits.redislink import parse_redis_url
 from svckit.metrics import new_registry, sample_value
 from tests.unit.fired import fired
 

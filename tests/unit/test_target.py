@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbsvc.target import origin_target
+from lbsvc.proxying.target import origin_target
 from svckit.responses import HTTPError
 
 

@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lbsvc.upstream import BadResponse, IResponseSink, StaleConnection, UpstreamConnection
+from lbsvc.proxying.upstream import BadResponse, IResponseSink, StaleConnection, UpstreamConnection
 from svckit.requestbody import HIGH_WATER, BodyBrokenOff, RequestBody
 
 

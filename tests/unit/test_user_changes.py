@@ -6,7 +6,8 @@ from typing import List
 
 from twisted.internet.task import Clock
 
-from lbsvc.users import GAP_PATIENCE, User, UserStore, hash_key
+from lbsvc.users.changelog import GAP_PATIENCE, ChangeCursor
+from lbsvc.users.store import User, UserStore, hash_key
 
 
 def store() -> UserStore:
@@ -36,20 +37,17 @@ def test_reload_updates_in_place_adds_and_deletes() -> None:
 
 
 def test_a_hole_in_the_sequence_is_waited_for_then_skipped() -> None:
-    users = store()
-    clock: Clock = users.clock  # type: ignore[assignment]
-    users._cursor = 10
-    users._ahead = {12, 13}  # 11 not seen yet: a transaction still committing, or rolled back
-    users._advance()
-    assert users._cursor == 10
-    users._ahead.add(11)  # it committed: everything up to 13 is seen
-    users._advance()
-    assert users._cursor == 13 and users._ahead == set()
-    users._ahead = {15}
-    users._advance()
+    clock = Clock()
+    changes = ChangeCursor(clock, position=10)
+    changes.seen({12, 13})  # 11 not seen yet: a transaction still committing, or rolled back
+    assert changes.position == 10
+    changes.seen({11})  # it committed: everything up to 13 is seen
+    assert changes.position == 13 and changes.ahead == set()
+    changes.seen({15})
     clock.advance(GAP_PATIENCE - 1)
-    users._skip_old_gap()
-    assert users._cursor == 13
+    changes.wait_for_holes()
+    assert changes.position == 13
     clock.advance(1)
-    users._skip_old_gap()  # 14 never came: taken as rolled back
-    assert users._cursor == 15 and users._ahead == set()
+    changes.wait_for_holes()  # 14 never came: taken as rolled back
+    assert changes.position == 15 and changes.ahead == set()
+

@@ -1,4 +1,4 @@
-"""Users and API keys in SQL (:mod:`lbsvc.userdb`), mirrored in memory.
+"""Users and API keys in SQL (:mod:`lbsvc.users.database`), mirrored in memory.
 
 API keys are UUID4s shown once at creation and stored only as their SHA-256
 (a random 122-bit secret needs no salt or slow hash).  All users are loaded
@@ -33,7 +33,7 @@ import hashlib
 import re
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
@@ -41,7 +41,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lbsvc.userdb import Conflict, IUserDatabase, SQLiteDatabase, StorageUnavailable, open_database
+from lbsvc.users.changelog import ChangeCursor
+from lbsvc.users.database import Conflict, IUserDatabase, SQLiteDatabase, StorageUnavailable, open_database
 
 log = Logger()
 
@@ -52,9 +53,6 @@ DEADLINE = 1.5
 """Seconds a database call may take before the request is answered 503."""
 SYNC_INTERVAL = 0.25
 """Seconds between two polls of the change log."""
-GAP_PATIENCE = 10.0
-"""Seconds a hole in the change log's sequence is waited for (a transaction
-still committing) before it is taken to be a rolled-back one."""
 CHANGES_KEPT = 3600.0
 """Seconds of change log kept; older entries are deleted now and then."""
 
@@ -106,9 +104,8 @@ class UserStore:
         self._by_name: Dict[str, User] = {}
         self._keys: Dict[str, Tuple[User, Optional[float]]] = {}
         """Key hash → its user and when it stops working (None: never)."""
-        self._cursor = 0
-        self._ahead: Set[int] = set()
-        self._gap_since: Optional[float] = None
+        self.changes = ChangeCursor(clock)
+        """Where this process is in the change log (:mod:`lbsvc.users.changelog`)."""
         self._pruned_at = 0.0
 
     @classmethod
@@ -122,7 +119,7 @@ class UserStore:
     @property
     def applied(self) -> int:
         """The position in the change log up to which every change is applied here."""
-        return self._cursor
+        return self.changes.position
 
     def _sql(self, statement: str) -> str:
         assert self.database is not None
@@ -170,7 +167,8 @@ class UserStore:
             cursor.execute(sql("SELECT key_hash, name, expires_at FROM api_keys"))
             return int(cursor_at), users, cursor.fetchall()
 
-        self._cursor, users, keys = await self._interaction("load users", load)
+        position, users, keys = await self._interaction("load users", load)
+        self.changes = ChangeCursor(self.clock, position)
         for name, key_hash, capacity, rate in users:
             self._by_name[name] = User(name, key_hash, int(capacity), float(rate))
         for key_hash, name, expires_at in keys:
@@ -193,10 +191,10 @@ class UserStore:
         if self.synced_at is None:
             return 0  # not loaded yet
         sql = self._sql
-        after = self._cursor
+        after = self.changes.position
         now = self.wall()
         prune = now - self._pruned_at > CHANGES_KEPT / 6
-        seen = frozenset(self._ahead)
+        seen = frozenset(self.changes.ahead)
 
         def read(cursor: Any) -> Tuple[List[Any], List[Any], List[Any]]:
             if prune:
@@ -222,33 +220,12 @@ class UserStore:
             self._pruned_at = now
         self.synced_at = self.clock.seconds()
         if not changes:
-            self._skip_old_gap()
+            self.changes.wait_for_holes()
             return 0
         names = {name for _, name in changes}
         self._reload(names, users, keys)
-        for seq, _ in changes:
-            self._ahead.add(seq)
-        self._advance()
+        self.changes.seen(seq for seq, _ in changes)
         return len(names)
-
-    def _advance(self) -> None:
-        while self._cursor + 1 in self._ahead:
-            self._cursor += 1
-            self._ahead.discard(self._cursor)
-        self._skip_old_gap()
-
-    def _skip_old_gap(self) -> None:
-        """A hole in the sequence waits :data:`GAP_PATIENCE`, then counts as a rollback."""
-        if not self._ahead:
-            self._gap_since = None
-            return
-        now = self.clock.seconds()
-        if self._gap_since is None:
-            self._gap_since = now
-        elif now - self._gap_since >= GAP_PATIENCE:
-            self._cursor = min(self._ahead) - 1
-            self._gap_since = None
-            self._advance()
 
     def _reload(self, names: Iterable[str], users: List[Any], keys: List[Any]) -> None:
         """Make the memory copy of ``names`` what the database says."""

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter
 
-from lbsvc.config import Retries
+from lbsvc.backends.servers import Retries
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 MIN_RETRY_CONCURRENCY = 3

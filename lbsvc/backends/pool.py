@@ -1,6 +1,6 @@
 """The backend pool: current backends, their health, the balancer, reloads.
 
-Health is tracked two ways.  Actively, :class:`lbsvc.healthcheck.HealthChecker`
+Health is tracked two ways.  Actively, :class:`lbsvc.backends.healthcheck.HealthChecker`
 reports each check through :meth:`BackendPool.record_check`; ``fall``
 failures in a row take a backend out, ``rise`` successes in a row bring it
 back.  Passively, the proxy calls :meth:`BackendPool.connect_failed` when a
@@ -26,8 +26,8 @@ from typing import Container, Dict, List, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lbsvc.balancer import BALANCERS, Backend, IBalancer
-from lbsvc.config import HealthCheck, ServersConfig
+from lbsvc.backends.balancer import BALANCERS, Backend, IBalancer
+from lbsvc.backends.servers import HealthCheck, ServersConfig
 
 log = Logger()
 

@@ -4,7 +4,7 @@ With ``--buckets memory`` every gateway keeps its own buckets, so N
 gateways on one user database admit up to N times a user's limit.  That is
 documented, and allowed (one gateway, or limits meant per gateway), but it
 must not be silent: a gateway whose user-database heartbeat
-(:class:`lbsvc.livegateways.DatabaseHeartbeat`) sees other live gateways
+(:class:`lbsvc.limits.livegateways.DatabaseHeartbeat`) sees other live gateways
 logs one warning per such episode, adds a note to ``/ready`` (which stays
 ready) and sets ``lbsvc_limits_per_process`` to 1.
 """

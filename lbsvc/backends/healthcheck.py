@@ -14,9 +14,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import client
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
-from lbsvc.backends import BackendPool
-from lbsvc.balancer import Backend
-from lbsvc.config import HealthCheck
+from lbsvc.backends.balancer import Backend
+from lbsvc.backends.pool import BackendPool
+from lbsvc.backends.servers import HealthCheck
 
 Probe = Callable[[str, float], "defer.Deferred[int]"]
 """``probe(url, timeout)`` fires with the HTTP status code (errback on failure)."""
@@ -29,7 +29,7 @@ class _QuietFactory(client._HTTP11ClientFactory):
 def probe_agent(reactor: Any, connect_timeout: float, tls: Optional[IPolicyForHTTPS] = None) -> IAgent:
     """An agent for health checks: a new connection per check, never pooled.
 
-    ``tls`` verifies ``https`` backends (:class:`lbsvc.tls.ProbePolicy`: the
+    ``tls`` verifies ``https`` backends (:class:`lbsvc.backends.tls.ProbePolicy`: the
     same CA files as the proxied requests).
     """
     pool = client.HTTPConnectionPool(reactor, persistent=False)

@@ -6,9 +6,9 @@ from typing import Any, Dict, Union
 
 from twisted.web import server
 
-from lbsvc.buckets import IBucketStore, settled
-from lbsvc.keys import user_of
-from lbsvc.users import DuplicateUser, StorageUnavailable, User, UserStore, valid_name
+from lbsvc.limits.buckets import IBucketStore, settled
+from lbsvc.users.keys import user_of
+from lbsvc.users.store import DuplicateUser, StorageUnavailable, User, UserStore, valid_name
 from svckit.responses import HTTPError, JSONResponse, unavailable
 from svckit.web import body_size, read_json
 

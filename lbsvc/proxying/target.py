@@ -1,7 +1,7 @@
 """The request-target: the only part of a client's request line that goes upstream.
 
 The upstream request is assembled from parsed parts: the connection is made
-to the backend's configured host and port (:mod:`lbsvc.upstream`), and only
+to the backend's configured host and port (:mod:`lbsvc.proxying.upstream`), and only
 the path and query of the client's request-target, once checked here, go into
 the request line; never by gluing the client's bytes onto the backend's URL
 (``GET 64371/secret`` once made the port ``807064371``, which wrapped around

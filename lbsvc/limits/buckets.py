@@ -9,7 +9,7 @@ tokens are ever handed out.
 
 :class:`IBucketStore` is what the proxy and the user API use: these buckets
 (:class:`MemoryBucketStore`), or Redis shared by every gateway
-(:mod:`lbsvc.redisbuckets`).
+(:mod:`lbsvc.limits.redisbuckets`).
 
 A tick credits at most :data:`SLICE` buckets, resuming where the last one
 stopped, so the reactor is never held for long however many users are

@@ -56,7 +56,7 @@ MIGRATIONS = [
         ("CREATE TABLE IF NOT EXISTS user_changes (seq {serial}, name VARCHAR(64) NOT NULL,"
          " at DOUBLE PRECISION NOT NULL)"),
     ],
-    # 3: a heartbeat counter per running gateway (lbsvc.livegateways), so that
+    # 3: a heartbeat counter per running gateway (lbsvc.limits.livegateways), so that
     # gateways with memory buckets see the others sharing their users.
     [
         "CREATE TABLE IF NOT EXISTS lbsvc_gateways (id VARCHAR(64) PRIMARY KEY, beats BIGINT NOT NULL)",
@@ -205,7 +205,7 @@ class _QuietConnection(adbapi.Connection):
         raise adbapi.ConnectionLost()
 
 
-class ReconnectingPool(adbapi.ConnectionPool):
+class ReconnectingConnectionPool(adbapi.ConnectionPool):
     """adbapi's pool, reconnecting after a lost server without logging tracebacks.
 
     ``cp_reconnect`` logs "Rollback failed" with two tracebacks for every call
@@ -257,7 +257,7 @@ class PostgresDatabase:
         self.description = f"postgresql://{self.connect_args['user']}@{netloc}{parts.path}"
         self._driver = pg8000.dbapi
         self.unavailable_errors: Tuple[Type[Exception], ...] = (pg8000.dbapi.Error, OSError)
-        self.pool = ReconnectingPool("pg8000.dbapi", cp_min=1, cp_max=4, cp_reconnect=True, cp_noisy=False,
+        self.pool = ReconnectingConnectionPool("pg8000.dbapi", cp_min=1, cp_max=4, cp_reconnect=True, cp_noisy=False,
                                      **self.connect_args)
 
     def sql(self, statement: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Tuple
 
-from lbsvc.buckets import Bucket
+from lbsvc.limits.buckets import Bucket
 
 POLICY_HEADER = b"RateLimit-Policy"
 STATE_HEADER = b"RateLimit"

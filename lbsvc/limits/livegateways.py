@@ -7,7 +7,7 @@ gateway's clock is trusted by another.  Two places keep the beats:
 * :class:`RedisHeartbeat` (``--buckets redis://``): a sorted set scored by the
   Redis server's own clock (``TIME``), members not seen for :data:`TTL`
   seconds dropped, all in one script.  The count is what the ``local``
-  fallback divides each user's budget by (:mod:`lbsvc.fallbackshare`); while
+  fallback divides each user's budget by (:mod:`lbsvc.limits.fallbackshare`); while
   Redis cannot be asked it keeps its last value, which is the count of the
   gateways that lost Redis with it.
 * :class:`DatabaseHeartbeat` (memory buckets): a counter per gateway in the
@@ -15,7 +15,7 @@ gateway's clock is trusted by another.  Two places keep the beats:
   process sees its counter move: within :data:`TTL` seconds of this
   process's own monotonic clock, so neither the database's clock nor the
   other gateway's is read.  Used to tell the operator that memory buckets on
-  a shared user database multiply a user's limit (:mod:`lbsvc.memorylimits`).
+  a shared user database multiply a user's limit (:mod:`lbsvc.limits.memorylimits`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from lbsvc.userdb import IUserDatabase
+from lbsvc.users.database import IUserDatabase
 
 log = Logger()
 

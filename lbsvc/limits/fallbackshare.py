@@ -1,7 +1,7 @@
 """The ``local`` fallback of Redis buckets: this process's share of each user's budget.
 
 While Redis cannot be asked, each of the N live gateway processes (counted
-by :mod:`lbsvc.livegateways`) enforces ``C/N`` tokens refilled at ``R/N``,
+by :mod:`lbsvc.limits.livegateways`) enforces ``C/N`` tokens refilled at ``R/N``,
 so the cluster as a whole still admits at most ``C + R·t``.  A user's share
 holds its share of the level Redis last reported to this process for that
 user (a full share for a user it has not seen), never a full bucket: what was
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Tuple
 
-from lbsvc.buckets import Bucket, Buckets, Verdict
+from lbsvc.limits.buckets import Bucket, Buckets, Verdict
 
 Spent = Tuple[int, int, float]
 """Tokens spent by the fallback for a user, with its capacity and rate."""

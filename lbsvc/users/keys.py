@@ -10,7 +10,7 @@ from typing import Optional
 
 from twisted.web import server
 
-from lbsvc.users import User, UserStore
+from lbsvc.users.store import User, UserStore
 from svckit.responses import HTTPError
 from svckit.web import Guard
 

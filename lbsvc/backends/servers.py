@@ -8,7 +8,7 @@
     pool_size: 64                   # idle connections kept per backend
     servers:
       - {name: replica-a, url: "http://127.0.0.1:8070"}
-      - {name: tls-b, url: "https://b.internal:8443", ca_file: certs/ca.pem}  # see lbsvc.tls
+      - {name: tls-b, url: "https://b.internal:8443", ca_file: certs/ca.pem}  # see lbsvc.backends.tls
 
 A relative ``ca_file`` is read from the directory of ``servers.yaml``.
 Everything is validated when loaded; :class:`ConfigError` says what is wrong.
@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-from lbsvc.balancer import BALANCERS
-from lbsvc.tls import read_ca_file
+from lbsvc.backends.balancer import BALANCERS
+from lbsvc.backends.tls import read_ca_file
 
 
 class ConfigError(ValueError):
