@@ -167,7 +167,6 @@ class Overview:
         """The body of ``/status.json``."""
         _, after, _ = self._window()
         synced = self.users.synced_at
-        database = self.users.database
         return {
             "service": "lbsvc",
             "ready": self.readiness.ready,
@@ -177,7 +176,7 @@ class Overview:
             "limits": {**self.limits(), "redis_up": self.redis_up(),
                        "decisions": {k.split(":", 1)[1]: v for k, v in after.items() if k.startswith("decisions:")}},
             "users": {
-                "database": database.description if database is not None else None,
+                "database": self.users.database.description,
                 "count": len(self.users),
                 "change_log_position": self.users.applied,
                 "synced_seconds_ago": None if synced is None else round(self.clock.seconds() - synced, 3),

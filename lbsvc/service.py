@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from lbsvc.backends import servers as servers_config
 from lbsvc.backends.healthcheck import HealthChecker
 from lbsvc.backends.pool import BackendPool
-from lbsvc.users.store import StorageUnavailable, UserStore
+from lbsvc.users.database import StorageUnavailable
+from lbsvc.users.store import UserStore
 from svckit.readiness import Readiness
 from svckit.supervisor import Supervisor, backoff
 

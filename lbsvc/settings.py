@@ -93,3 +93,10 @@ class GatewaySettings:
     bucket_store_fallback: str
     redis_timeout: float
     workers: int
+
+
+def default_settings(servers: ServersConfig, servers_path: str = "servers.yaml", **changes: Any) -> GatewaySettings:
+    """Every option at its default, with ``servers`` as loaded and ``changes`` by attribute (tests, benchmarks)."""
+    values = {o.attribute: o.parse(o.default) for o in OPTIONS if o.name != "servers" and o.default is not None}
+    values.update(changes)
+    return GatewaySettings(servers_path=servers_path, servers=servers, **values)

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import client
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 
-from lbsvc.backends.balancer import Backend
+from lbsvc.backends.backend import Backend
 from lbsvc.backends.pool import BackendPool
 from lbsvc.backends.servers import HealthCheck
 

@@ -26,7 +26,8 @@ from typing import Container, Dict, List, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lbsvc.backends.balancer import BALANCERS, Backend, IBalancer
+from lbsvc.backends.backend import Backend
+from lbsvc.backends.balancer import BALANCERS, IBalancer
 from lbsvc.backends.servers import HealthCheck, ServersConfig
 
 log = Logger()

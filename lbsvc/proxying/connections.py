@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from lbsvc.backends.balancer import Backend
+from lbsvc.backends.backend import Backend
 from lbsvc.backends.tls import BackendTLS
 from lbsvc.proxying.upstream import ConnectFailed, Key, UpstreamConnection
 from svckit.endpoints import client_endpoint

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http_headers import Headers
 
-from lbsvc.backends.balancer import Backend
+from lbsvc.backends.backend import Backend
 from lbsvc.proxying.headerrules import GATEWAY_HEADERS, upstream_head
 from lbsvc.proxying.relay import Relay, text
 from lbsvc.proxying.upstream import BadResponse, ConnectFailed, StaleConnection, UpstreamConnection

@@ -24,15 +24,15 @@ from twisted.web import server
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
 
-from lbsvc.backends.balancer import Backend
+from lbsvc.backends.backend import Backend
 from lbsvc.backends.pool import BackendPool
 from lbsvc.limits.buckets import IBucketStore, Verdict
 from lbsvc.limits.ratelimitheaders import POLICY_HEADER, STATE_HEADER, policy, seconds_until_next, state
 from lbsvc.proxying.connections import UpstreamConnections
 from lbsvc.proxying.forwarding import Forwarding
 from lbsvc.proxying.retries import RetryBudget
+from lbsvc.users.index import User
 from lbsvc.users.keys import user_of
-from lbsvc.users.store import User
 from svckit.deadlines import Deadlines
 from svckit.responses import HTTPError
 

@@ -17,7 +17,7 @@ from twisted.web import server
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from lbsvc.backends.balancer import Backend
+from lbsvc.backends.backend import Backend
 from lbsvc.proxying.headerrules import NOT_RELAYED, VIA_NAME, connection_named
 from lbsvc.proxying.upstream import Header, IResponseSink, UpstreamConnection
 from svckit.requestbody import RequestBody

@@ -7,8 +7,10 @@ from typing import Any, Dict, Union
 from twisted.web import server
 
 from lbsvc.limits.buckets import IBucketStore, settled
+from lbsvc.users.database import StorageUnavailable
+from lbsvc.users.index import User, valid_name
 from lbsvc.users.keys import user_of
-from lbsvc.users.store import DuplicateUser, StorageUnavailable, User, UserStore, valid_name
+from lbsvc.users.store import DuplicateUser, UserStore
 from svckit.responses import HTTPError, JSONResponse, unavailable
 from svckit.web import body_size, read_json
 

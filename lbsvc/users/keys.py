@@ -10,7 +10,8 @@ from typing import Optional
 
 from twisted.web import server
 
-from lbsvc.users.store import User, UserStore
+from lbsvc.users.index import User
+from lbsvc.users.store import UserStore
 from svckit.responses import HTTPError
 from svckit.web import Guard
 

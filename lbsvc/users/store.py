@@ -1,9 +1,7 @@
 """Users and API keys in SQL (:mod:`lbsvc.users.database`), mirrored in memory.
 
-API keys are UUID4s shown once at creation and stored only as their SHA-256
-(a random 122-bit secret needs no salt or slow hash).  All users are loaded
-into memory at start, so authenticating a proxied request never touches the
-database.
+All users and keys are loaded into memory at start (:mod:`lbsvc.users.index`),
+so authenticating a proxied request never touches the database.
 
 Several gateways share one database: every write also appends the user's
 name to ``user_changes``, and each gateway polls that log every
@@ -16,10 +14,10 @@ and a gateway that lost the database catches up from where it was.
 
 Storage faults are loud, never silent:
 
-* every database call has a deadline (:data:`DEADLINE`): a locked, stuck or
-  unreachable database answers :class:`StorageUnavailable` (503 with
-  ``Retry-After``) within two seconds, and the reactor never waits on it
-  (calls run in adbapi's threads);
+* every database call has a deadline (:mod:`lbsvc.users.transactions`): a
+  locked, stuck or unreachable database answers :class:`StorageUnavailable`
+  (503 with ``Retry-After``) within two seconds, and the reactor never waits
+  on it;
 * :meth:`IUserDatabase.check` opens the database at start, so a SQLite path
   that cannot be opened (or bad PostgreSQL credentials) stops the daemon with
   a one-line reason;
@@ -29,28 +27,22 @@ Storage faults are loud, never silent:
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
-import attrs
-from twisted.enterprise import adbapi
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from lbsvc.users.changelog import ChangeCursor
-from lbsvc.users.database import Conflict, IUserDatabase, SQLiteDatabase, StorageUnavailable, open_database
+from lbsvc.users.database import Conflict, IUserDatabase, StorageUnavailable
+from lbsvc.users.index import KeyIndex, User, hash_key
+from lbsvc.users.transactions import Transactions
 
 log = Logger()
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 DEFAULT_CAPACITY = 5
 DEFAULT_RATE = 1.0
-DEADLINE = 1.5
-"""Seconds a database call may take before the request is answered 503."""
 SYNC_INTERVAL = 0.25
 """Seconds between two polls of the change log."""
 CHANGES_KEPT = 3600.0
@@ -58,63 +50,39 @@ CHANGES_KEPT = 3600.0
 
 T = TypeVar("T")
 
-__all__ = ["StorageUnavailable", "open_database"]
-
 
 class DuplicateUser(Exception):
     """A user with that name exists."""
 
 
-@attrs.define
-class User:
-    """A user's name and limits."""
-
-    name: str
-    key_hash: str
-    capacity: int
-    rate_per_sec: float
-
-
-def hash_key(api_key: str) -> str:
-    """The stored form of an API key."""
-    return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def valid_name(name: Any) -> bool:
-    """1-64 letters, digits, and ``_ . @ -`` (nothing else, no trailing newline)."""
-    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
-
-
 class UserStore:
     """Users in SQL, mirrored in memory for the request path."""
 
-    def __init__(self, database: Optional[IUserDatabase], clock: IReactorTime,
+    def __init__(self, database: IUserDatabase, clock: IReactorTime,
                  wall: Callable[[], float] = time.time) -> None:
         self.database = database
-        self.pool = database.pool if database is not None else None
+        self.transactions = Transactions(database, clock)
         self.clock = clock
         self.wall = wall
         """Wall-clock seconds: key expiry times are stored, so they outlive the process."""
+        self.index = KeyIndex(wall)
+        """Every user and working key, in memory (what :meth:`authenticate` reads)."""
         self.problem: Optional[str] = None
         """Why writes are refused (the file is gone), or None."""
         self.on_deleted: Callable[[str], None] = lambda name: None
         """Called with the name of a user deleted (here or through another gateway)."""
         self.synced_at: Optional[float] = None
         """When the change log was last read (the clock's seconds), or None before."""
-        self._by_name: Dict[str, User] = {}
-        self._keys: Dict[str, Tuple[User, Optional[float]]] = {}
-        """Key hash → its user and when it stops working (None: never)."""
         self.changes = ChangeCursor(clock)
         """Where this process is in the change log (:mod:`lbsvc.users.changelog`)."""
         self._pruned_at = 0.0
 
-    @classmethod
-    def sqlite(cls, path: str, clock: IReactorTime, wall: Callable[[], float] = time.time) -> UserStore:
-        """A store in the SQLite file ``path``."""
-        return cls(SQLiteDatabase(path), clock, wall)
-
     def __len__(self) -> int:
-        return len(self._by_name)
+        return len(self.index)
+
+    def authenticate(self, api_key: str) -> Optional[User]:
+        """The user owning ``api_key``, or None (unknown, or past its grace period)."""
+        return self.index.authenticate(api_key)
 
     @property
     def applied(self) -> int:
@@ -122,39 +90,13 @@ class UserStore:
         return self.changes.position
 
     def _sql(self, statement: str) -> str:
-        assert self.database is not None
         return str(self.database.sql(statement))
 
-    async def _call(self, what: str, call: Callable[[], defer.Deferred[T]], quiet: bool = False) -> T:
-        """One database call, bounded by :data:`DEADLINE`; faults → ``StorageUnavailable``
-        (logged, unless ``quiet``: the caller reports them)."""
-        assert self.database is not None
-        d = call()
-        d.addTimeout(DEADLINE, self.clock)
-        database = self.database
-        try:
-            return await d
-        except defer.TimeoutError:
-            if not quiet:
-                log.error("User database: {what} took more than {deadline}s", what=what, deadline=DEADLINE)
-            raise StorageUnavailable("the user database is not answering") from None
-        except Exception as e:
-            if database.is_conflict(e):
-                raise Conflict(database.describe(e)) from None
-            if not isinstance(e, (*database.unavailable_errors, adbapi.ConnectionLost)):
-                raise
-            reason = database.describe(e)
-            if not quiet:
-                log.error("User database: {what} failed: {error}", what=what, error=reason)
-            raise StorageUnavailable(f"the user database is unavailable ({reason})") from None
-
     def _interaction(self, what: str, work: Callable[[Any], T], quiet: bool = False) -> Any:
-        assert self.pool is not None
-        return self._call(what, lambda: self.pool.runInteraction(work), quiet)  # type: ignore[union-attr]
+        return self.transactions.run(what, work, quiet)
 
     async def open(self) -> None:
         """Create or migrate the schema, then load every user and key."""
-        assert self.database is not None
         database = self.database
         await self._interaction("migrate", database.migrate)
         sql = self._sql
@@ -169,14 +111,9 @@ class UserStore:
 
         position, users, keys = await self._interaction("load users", load)
         self.changes = ChangeCursor(self.clock, position)
-        for name, key_hash, capacity, rate in users:
-            self._by_name[name] = User(name, key_hash, int(capacity), float(rate))
-        for key_hash, name, expires_at in keys:
-            user = self._by_name.get(name)
-            if user is not None:
-                self._keys[key_hash] = (user, None if expires_at is None else float(expires_at))
+        self.index.load(users, keys)
         self.synced_at = self.clock.seconds()
-        log.info("Loaded {count} users and {keys} keys from {db}", count=len(users), keys=len(self._keys),
+        log.info("Loaded {count} users and {keys} keys from {db}", count=len(users), keys=self.index.key_count,
                  db=database.description)
 
     # --- seeing other gateways' changes ---------------------------------
@@ -223,45 +160,16 @@ class UserStore:
             self.changes.wait_for_holes()
             return 0
         names = {name for _, name in changes}
-        self._reload(names, users, keys)
+        for deleted in self.index.reload(names, users, keys):
+            self.on_deleted(deleted)
         self.changes.seen(seq for seq, _ in changes)
         return len(names)
-
-    def _reload(self, names: Iterable[str], users: List[Any], keys: List[Any]) -> None:
-        """Make the memory copy of ``names`` what the database says."""
-        rows = {row[0]: row for row in users}
-        for name in names:
-            row = rows.get(name)
-            current = self._by_name.get(name)
-            if row is None:
-                if current is not None:
-                    self._forget(current)
-                    self.on_deleted(name)
-                continue
-            _, key_hash, capacity, rate = row
-            if current is None:
-                current = self._by_name[name] = User(name, key_hash, int(capacity), float(rate))
-            else:
-                current.key_hash, current.capacity, current.rate_per_sec = key_hash, int(capacity), float(rate)
-            for stale, (owner, _) in list(self._keys.items()):
-                if owner.name == name:
-                    del self._keys[stale]
-        for key_hash, name, expires_at in keys:
-            user = self._by_name.get(name)
-            if user is not None:
-                self._keys[key_hash] = (user, None if expires_at is None else float(expires_at))
-
-    def _forget(self, user: User) -> None:
-        self._by_name.pop(user.name, None)
-        for key_hash, (owner, _) in list(self._keys.items()):
-            if owner is user:
-                del self._keys[key_hash]
 
     # --- the request path -----------------------------------------------
 
     def watch(self) -> None:
         """Check that the database is still the one opened (run every second)."""
-        problem = self.database.problem() if self.database is not None else None
+        problem = self.database.problem()
         if problem is not None and problem != self.problem:
             log.error("{problem} while running: refusing writes; restart lbsvc after"
                       " restoring it", problem=problem)
@@ -272,22 +180,6 @@ class UserStore:
         self.watch()
         if self.problem is not None:
             raise StorageUnavailable(self.problem)
-
-    def _remember(self, user: User) -> None:
-        self._by_name[user.name] = user
-        self._keys[user.key_hash] = (user, None)
-
-    def authenticate(self, api_key: str) -> Optional[User]:
-        """The user owning ``api_key``, or None (unknown, or past its grace period)."""
-        key_hash = hash_key(api_key)
-        entry = self._keys.get(key_hash)
-        if entry is None:
-            return None
-        user, expires_at = entry
-        if expires_at is not None and self.wall() >= expires_at:
-            del self._keys[key_hash]
-            return None
-        return user
 
     def _changed(self, cursor: Any, name: str) -> None:
         cursor.execute(self._sql("INSERT INTO user_changes (name, at) VALUES (?, ?)"), (name, self.wall()))
@@ -313,11 +205,7 @@ class UserStore:
 
         await self._interaction("rotate key", change)
         self._writable()
-        for key_hash, (owner, old_expiry) in list(self._keys.items()):
-            if owner is user and (old_expiry is None or old_expiry > expires_at):
-                self._keys[key_hash] = (user, expires_at)
-        self._keys[new_hash] = (user, None)
-        user.key_hash = new_hash
+        self.index.rotated(user, new_hash, expires_at)
         return api_key
 
     async def delete(self, user: User) -> None:
@@ -331,13 +219,12 @@ class UserStore:
             self._changed(cursor, user.name)
 
         await self._interaction("delete user", remove)
-        self._forget(user)
+        self.index.forget(user)
 
     async def create(self, name: str) -> Tuple[User, str]:
         """A new user with default limits, and its API key (shown only now)."""
         self._writable()
-        assert self.database is not None
-        if name in self._by_name:
+        if name in self.index:
             raise DuplicateUser(name)
         api_key = str(uuid.uuid4())
         user = User(name, hash_key(api_key), DEFAULT_CAPACITY, DEFAULT_RATE)
@@ -355,7 +242,7 @@ class UserStore:
         except Conflict:
             raise DuplicateUser(name) from None
         self._writable()
-        self._remember(user)
+        self.index.remember(user)
         return user, api_key
 
     async def change(self, user: User, capacity: int, rate: float) -> User:
@@ -375,5 +262,4 @@ class UserStore:
 
     def close(self) -> None:
         """Close the connection pool."""
-        if self.pool is not None:
-            self.pool.close()
+        self.database.pool.close()

@@ -9,7 +9,7 @@ from typing import Iterator, Tuple
 
 import pytest
 
-from lbsvc.users.store import hash_key
+from lbsvc.users.index import hash_key
 from tests.integration.harness import assert_no_logged_errors, wait_until
 from tests.integration.lbharness import Backend, Gateway, stored_key_hashes, write_servers
 

@@ -10,7 +10,8 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from lbsvc.backends import servers as config
-from lbsvc.backends.balancer import Backend, IBalancer, LeastConnections, RoundRobin
+from lbsvc.backends.backend import Backend
+from lbsvc.backends.balancer import IBalancer, LeastConnections, RoundRobin
 from lbsvc.backends.healthcheck import HealthChecker
 from lbsvc.backends.pool import BackendPool
 

@@ -11,7 +11,7 @@ from zope.interface import implementer
 
 from lbsvc.limits.livegateways import DEADLINE, FORGET, INTERVAL, TTL, BeatWatch, DatabaseHeartbeat, IHeartbeat, LiveGateways
 from lbsvc.limits.memorylimits import PerProcessLimits
-from lbsvc.users.database import SQLiteDatabase
+from lbsvc.users.sqlite import SQLiteDatabase
 
 
 def test_a_counter_counts_while_it_moves_by_this_clock() -> None:

@@ -10,7 +10,8 @@ from twisted.python import usage
 
 from gradesvc import tap as gradesvc_tap
 from lbsvc import tap as lbsvc_tap
-from lbsvc.users.database import SQLiteDatabase, StorageUnavailable
+from lbsvc.users.database import StorageUnavailable
+from lbsvc.users.sqlite import SQLiteDatabase
 
 CREDENTIALS = {"GRADESVC_ADMIN_USER": "admin", "GRADESVC_ADMIN_PASSWORD": "pw"}
 

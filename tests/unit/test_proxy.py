@@ -1,10 +1,9 @@
 """The gateway on the wire, in memory: a real channel in front, scripted backends behind.
 
-The client side is a :class:`GuardedChannel` on a ``StringTransport``; every
-upstream connection is an :class:`UpstreamConnection` on its own
-``StringTransport``, made through a recording endpoint, so a test sees
-exactly which addresses were dialled, what was sent, and plays the backend's
-answer byte by byte.
+The gateway is built by the daemon's own builder (:func:`lbsvc.testing.memory_gateway`).
+The client side is a :class:`GuardedChannel` on a ``StringTransport``; behind
+it, :class:`lbsvc.testing.ScriptedBackends` records which addresses were
+dialled and what was sent, and plays the backend's answer byte by byte.
 """
 
 from __future__ import annotations
@@ -15,79 +14,49 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from lbsvc.backends import servers as config
-from lbsvc.backends.pool import BackendPool
-from lbsvc.gateway import gateway_router
-from lbsvc.limits.buckets import Buckets, MemoryBucketStore
-from lbsvc.proxying.connections import UpstreamConnections
-from lbsvc.proxying.proxy import Proxy
 from lbsvc.proxying.retries import RetryBudget
-from lbsvc.proxying.upstream import UpstreamConnection
-from lbsvc.users.api import UserAPI
-from lbsvc.users.store import User, UserStore, hash_key
+from lbsvc.testing import ScriptedBackends, memory_gateway
+from lbsvc.users.index import User, hash_key
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry, sample_value
 from svckit.requestbody import HIGH_WATER
-from svckit.site import GuardedChannel, make_site
+from svckit.site import GuardedChannel
+from svckit.testing import response
 from tests.conftest import LoggedErrors
 
 A, B = (b"10.0.0.1", 8001), (b"10.0.0.2", 8002)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Backend: yes\r\n\r\nhi"
 
 
-@implementer(IStreamClientEndpoint)
-class Dial:
-    """Connects to a scripted backend, recording the address."""
-
-    def __init__(self, world: World, key: Tuple[bytes, int]) -> None:
-        self.world = world
-        self.key = key
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        self.world.dialled.append(self.key)
-        mode = self.world.modes.get(self.key, "ok")
-        if mode == "refuse":
-            return defer.fail(error.ConnectionRefusedError())
-        if mode == "hang":
-            return defer.Deferred()
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        self.world.upstreams.append((self.key, protocol, transport))
-        return defer.succeed(protocol)
-
-
 class World:
-    """A gateway with two backends; ``modes`` scripts how each one connects."""
+    """A gateway built as the daemon builds it, with two scripted backends; ``modes`` scripts how each connects."""
 
     def __init__(self, modes: Optional[Dict[Tuple[bytes, int], str]] = None, capacity: int = 100,
                  tries: int = 2) -> None:
-        self.modes = modes or {}
-        self.dialled: List[Tuple[bytes, int]] = []
-        self.upstreams: List[Tuple[Tuple[bytes, int], UpstreamConnection, StringTransport]] = []
+        self.backends = ScriptedBackends(modes)
+        self.modes = self.backends.modes
+        self.dialled = self.backends.dialled
+        self.upstreams = self.backends.connections
         self.clock = Clock()
         servers = config.parse({
             "servers": [{"name": "a", "url": "http://10.0.0.1:8001"}, {"name": "b", "url": "http://10.0.0.2:8002"}],
             "timeouts": {"response": 5, "body": 2},
             "retries": {"tries": tries},
         })
-        users = UserStore(None, self.clock)
-        users._remember(User("alice", hash_key("k-1"), capacity, 1.0))
-        buckets = MemoryBucketStore(Buckets(self.clock))
-        self.pool = BackendPool(servers, self.clock)
-        self.upstream = UpstreamConnections(self.clock, 1.0, 4, endpoint_for=lambda b: Dial(self, (b.host, b.port)))
-        registry = new_registry()
-        proxy = Proxy(buckets, self.pool, self.upstream, self.clock, registry)
-        router = gateway_router(users, UserAPI(users, buckets), proxy, 1 << 20, registry)
-        self.site = make_site(router, AccessLog("off", self.clock))
+        gateway = memory_gateway(servers, self.backends, self.clock, max_body=1 << 20)
+        gateway.users.index.remember(User("alice", hash_key("k-1"), capacity, 1.0))
+        self.pool = gateway.backends
+        self.upstream = gateway.upstream
+        self.site = gateway.site()
+        self.sent = self.backends.sent
+        self.answer = self.backends.answer
 
     def client(self) -> Tuple[GuardedChannel, StringTransport]:
         channel: GuardedChannel = self.site.buildProtocol(None)
@@ -100,31 +69,9 @@ class World:
         channel.dataReceived(raw)
         return channel, transport
 
-    def sent(self, index: int = -1) -> bytes:
-        """What upstream connection ``index`` was sent."""
-        return self.upstreams[index][2].value()
-
-    def answer(self, raw: bytes, index: Optional[int] = None) -> None:
-        """Data from backend connection ``index`` (by default the last busy one)."""
-        if index is None:
-            index = max(i for i, (_, c, _) in enumerate(self.upstreams) if c.busy)
-        self.upstreams[index][1].dataReceived(raw)
-
 
 def get(target: bytes = b"/", extra: bytes = b"") -> bytes:
     return b"GET " + target + b" HTTP/1.1\r\nHost: gw.example\r\nAuthorization: k-1\r\n" + extra + b"\r\n"
-
-
-def response(transport: StringTransport) -> Tuple[int, bytes, bytes]:
-    """Status, head and body; a gateway's own text answer is checked to end with
-    the request id of its ``X-Request-Id`` header, and returned without it."""
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    message, marker, rest = body.partition(b"\nrequest id: ")
-    if marker:
-        ids = [line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
-        assert [rest] == [ids[0] + b"\n"], (head, body)
-        body = message
-    return int(head.split(b" ", 2)[1]), head, body
 
 
 def response_or_none(transport: StringTransport) -> Optional[Tuple[int, bytes, bytes]]:

@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-from typing import List
-
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from lbsvc.users.changelog import GAP_PATIENCE, ChangeCursor
-from lbsvc.users.store import User, UserStore, hash_key
-
-
-def store() -> UserStore:
-    users = UserStore(None, Clock())
-    users._remember(User("alice", hash_key("k-1"), 5, 1.0))
-    return users
+from lbsvc.testing import memory_database
+from lbsvc.users.index import KeyIndex, User, hash_key
+from lbsvc.users.store import UserStore
+from tests.unit.fired import fired
 
 
 def test_reload_updates_in_place_adds_and_deletes() -> None:
-    users = store()
+    users = KeyIndex()
+    users.remember(User("alice", hash_key("k-1"), 5, 1.0))
     alice = users.authenticate("k-1")
-    deleted: List[str] = []
-    users.on_deleted = deleted.append
     # alice rotated (k-2 new, k-1 in its grace period) and changed limits; bob was created.
-    users._reload({"alice", "bob"},
+    assert users.reload({"alice", "bob"},
                   [("alice", hash_key("k-2"), 50, 2.5), ("bob", hash_key("b-1"), 5, 1.0)],
                   [(hash_key("k-2"), "alice", None), (hash_key("k-1"), "alice", 10**12),
-                   (hash_key("b-1"), "bob", None)])
+                   (hash_key("b-1"), "bob", None)]) == []
     assert users.authenticate("k-2") is alice and alice is not None and alice.capacity == 50
     assert users.authenticate("k-1") is alice  # still within its grace
     assert users.authenticate("b-1") is not None and len(users) == 2
     # alice's old key expired elsewhere: the reload drops the keys the database no longer has.
-    users._reload({"alice"}, [("alice", hash_key("k-2"), 50, 2.5)], [(hash_key("k-2"), "alice", None)])
+    assert users.reload({"alice"}, [("alice", hash_key("k-2"), 50, 2.5)], [(hash_key("k-2"), "alice", None)]) == []
     assert users.authenticate("k-1") is None and users.authenticate("k-2") is alice
-    users._reload({"bob"}, [], [])
-    assert users.authenticate("b-1") is None and deleted == ["bob"] and len(users) == 1
+    assert users.reload({"bob"}, [], []) == ["bob"]
+    assert users.authenticate("b-1") is None and len(users) == 1
 
 
 def test_a_hole_in_the_sequence_is_waited_for_then_skipped() -> None:
@@ -51,3 +46,27 @@ def test_a_hole_in_the_sequence_is_waited_for_then_skipped() -> None:
     changes.wait_for_holes()  # 14 never came: taken as rolled back
     assert changes.position == 15 and changes.ahead == set()
 
+
+
+def test_two_gateways_on_one_database_see_each_others_changes() -> None:
+    """The real statements, on one in-memory database shared by two stores."""
+    clock = Clock()
+    database = memory_database()
+    here, there = UserStore(database, clock), UserStore(database, clock)
+    fired(defer.ensureDeferred(here.open()))
+    fired(defer.ensureDeferred(there.open()))
+    deleted: List[str] = []
+    there.on_deleted = deleted.append
+    alice, key = fired(defer.ensureDeferred(here.create("alice")))
+    assert there.authenticate(key) is None
+    assert fired(defer.ensureDeferred(there.sync())) == 1
+    seen = there.authenticate(key)
+    assert seen is not None and seen.name == "alice" and (there.applied, here.applied) == (1, 0)  # here did not sync
+    fired(defer.ensureDeferred(here.change(alice, 9, 3.0)))
+    new_key = fired(defer.ensureDeferred(here.rotate(alice, grace=0)))
+    fired(defer.ensureDeferred(there.sync()))
+    assert there.authenticate(key) is None and there.authenticate(new_key) is seen and seen.capacity == 9
+    fired(defer.ensureDeferred(here.delete(alice)))
+    fired(defer.ensureDeferred(there.sync()))
+    assert there.authenticate(new_key) is None and deleted == ["alice"] and len(there) == 0
+    assert there.applied == 4

@@ -27,6 +27,7 @@ from svckit.metrics import new_registry, sample_value
 from svckit.requestid import new_request_id, safe_request_id
 from svckit.responses import STREAMED, HTTPError, JSONResponse, Response
 from svckit.site import GuardedChannel, make_site
+from svckit.testing import response
 from svckit.web import Route, Router, read_json
 from tests.conftest import LoggedErrors
 
@@ -96,13 +97,6 @@ class App:
 
     def count(self, route: str, code: int) -> float:
         return sample_value(self.registry, "t_http_requests_total", {"route": route, "code": str(code)})
-
-
-def response(transport: StringTransport) -> Tuple[int, bytes, bytes]:
-    """Status, head and body of what was written."""
-    data = transport.value()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), head, body
 
 
 @pytest.fixture
