@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import List
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from lbsvc.users.changelog import GAP_PATIENCE, ChangeCursor
 from lbsvc.testing import memory_database
+from lbsvc.users.changelog import GAP_PATIENCE, ChangeCursor
 from lbsvc.users.index import KeyIndex, User, hash_key
 from lbsvc.users.store import UserStore
 from tests.unit.fired import fired
