@@ -8,7 +8,7 @@ idle timeout) are that module's constants.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import attrs
 
@@ -92,3 +92,14 @@ class ReplicaConfig:
     """False when ``data_dir`` is the default (then the previous release's default is looked at too)."""
     checkpoint_interval: float
 
+
+
+def default_config(replica_id: str, admin_user: str, admin_password: str, data_dir: str,
+                   **changes: Any) -> ReplicaConfig:
+    """Every option at its default, with the four that have none given, and ``changes`` by attribute
+    (tests, benchmarks)."""
+    values: Dict[str, Any] = {o.attribute: o.parse(o.default) for o in OPTIONS if o.default is not None}
+    values.update(replica_id=replica_id, admin_user=admin_user, admin_password=admin_password, data_dir=data_dir,
+                  data_dir_given=True)
+    values.update(changes)
+    return ReplicaConfig(**values)

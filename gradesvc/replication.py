@@ -181,8 +181,13 @@ class StreamConsumer:
         self._marker = uuid.uuid4().hex
         published = self._publish_marker()
         published.addErrback(self._marker_failed, connection)
+        self.consume(connection, channel, queue)
+
+    def consume(self, connection: TwistedProtocolConnection, channel: Any, queue: Any) -> defer.Deferred[None]:
+        """Apply what ``queue`` delivers on ``channel`` until it stops: a gap in the stream is recovered from,
+        any other fault is logged and the replica resubscribes after a back-off."""
         consuming = defer.ensureDeferred(self._consume(connection, channel, queue))
-        consuming.addErrback(self._consumer_stopped, connection)
+        return consuming.addErrback(self._consumer_stopped, connection)
 
     async def _refuse_state(self, connection: TwistedProtocolConnection, anchor: Anchor, problem: str) -> None:
         """The state in memory is not of this stream's life: drop it and rebuild."""

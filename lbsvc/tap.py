@@ -1,4 +1,4 @@
-"""``twistd lbsvc``: the options, and the wiring of the gateway's services."""
+"""``twistd lbsvc``: the options; the gateway is built by :mod:`lbsvc.build` and listens by :mod:`lbsvc.ports`."""
 
 from __future__ import annotations
 

@@ -16,22 +16,12 @@ from gradesvc.progress import StreamProgress
 from gradesvc.replication import StreamConsumer
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
+from gradesvc.testing import MemoryBroker
 from svckit.metrics import new_registry, sample_value
 from tests.conftest import LoggedErrors
 from tests.unit.fired import fired
 
 NOW = 1_800_000_000.0
-
-
-class FakeBroker:
-    stream = "grades"
-
-    def __init__(self) -> None:
-        self.on_connect: List[Any] = []
-        self.reconnects: List[Any] = []
-
-    def reconnect_later(self, connection: Any, delay: Optional[float] = None) -> None:
-        self.reconnects.append((connection, delay))
 
 
 class FakeChannel:
@@ -53,7 +43,7 @@ class Harness:
         self.store = GradeStore()
         self.status = ReplicaStatus(phase=Phase.READY if ready else Phase.CATCHING_UP, connected=True)
         self.registry = new_registry()
-        self.broker = FakeBroker()
+        self.broker = MemoryBroker()
         self.progress = StreamProgress(self.status, self.clock)
         self.consumer = StreamConsumer(
             self.store, "me", self.broker, self.status, self.progress, self.registry,  # type: ignore[arg-type]
@@ -72,8 +62,7 @@ class Harness:
         self.tag = 0
 
     def start(self) -> defer.Deferred[None]:
-        d = defer.ensureDeferred(self.consumer._consume("conn", self.channel, self.queue))  # type: ignore[arg-type]
-        return d.addErrback(self.consumer._consumer_stopped, "conn")
+        return self.consumer.consume("conn", self.channel, self.queue)  # type: ignore[arg-type]
 
     def deliver(self, offset: int, user: str, patch: dict, replica: str = "other",
                 millis_ago: int = 3, headers: Optional[dict] = None, write_id: str = "") -> WriteMessage:

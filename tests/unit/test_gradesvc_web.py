@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import pytest
@@ -14,72 +15,33 @@ from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from gradesvc.auth import admin_portal, basic_auth_guard
 from gradesvc.backup import Backup
-from gradesvc.broker import BrokerUnavailable
-from gradesvc.gauges import replica_gauges
-from gradesvc.identity import Anchor, StreamId
+from gradesvc.identity import Anchor
 from gradesvc.messages import Write, WriteMessage, write_properties
-from gradesvc.progress import StreamProgress
 from gradesvc.readapi import ReadAPI, read_router
-from gradesvc.replication import StreamConsumer
-from gradesvc.status import Phase, ReplicaStatus
-from gradesvc.storage import GradeStore
-from gradesvc.writeapi import WriteAPI, write_router
+from gradesvc.status import Phase
+from gradesvc.testing import MemoryBroker, memory_replica
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
 from svckit.site import make_site
 from tests.unit.fired import fired
 
-
-class MemoryBroker:
-    """Stands in for the broker and the stream in memory.
-
-    A publish is confirmed and, unless ``stalled``, delivered at once to the
-    replica's real stream consumer at the next offset; ``down`` refuses it.
-    """
-
-    stream = "memory"
-
-    def __init__(self) -> None:
-        self.published: List[WriteMessage] = []
-        self.on_connect: List[Any] = []
-        self.consumer: Optional[StreamConsumer] = None
-        self.offset = -1
-        self.down = False
-        self.stalled = False
-
-    async def publish(self, body: bytes, properties: Any) -> None:
-        if self.down:
-            raise BrokerUnavailable("not connected to the broker")
-        self.published.append(WriteMessage.decode(body))
-        self.offset += 1
-        if not self.stalled and self.consumer is not None:
-            self.consumer.handle(self.offset, properties, body)
-            self.consumer.progress.advanced()
-
-
-STREAM = StreamId("/", "grades")
+STREAM = MemoryBroker.stream_id
 
 
 class Replica:
-    def __init__(self, ready: bool = True) -> None:
-        self.store = GradeStore()
-        self.status = ReplicaStatus(phase=Phase.READY if ready else Phase.STARTING, connected=True)
+    """A replica built by the daemon's own builder, in memory; its two routers behind StubTreq."""
+
+    def __init__(self, path: Path, ready: bool = True) -> None:
         self.broker = MemoryBroker()
-        self.registry = new_registry()
         self.clock = Clock()
-        replica_gauges(self.registry, self.store, self.status)
-        wall = lambda: 1000.0  # noqa: E731
-        self.progress = StreamProgress(self.status, self.clock)
-        self.broker.consumer = StreamConsumer(self.store, "r1", self.broker, self.status,  # type: ignore[arg-type]
-                                              self.progress, self.registry, wall=wall, clock=self.clock)
-        writes = WriteAPI("r1", self.broker, self.status, self.progress, wall, write_timeout=5)
-        guard = basic_auth_guard(admin_portal("admin", "s3cret"))
-        backup = Backup(self.store, self.status, STREAM, self.broker.consumer.anchor, self.registry, "r1", wall)
-        reads = ReadAPI(self.store, self.status, self.progress, "r1", read_wait=2)
-        self.read = StubTreq(read_router(reads, backup, self.registry))
-        self.write = StubTreq(write_router(writes, guard, self.registry))
+        built = memory_replica(path, self.broker, self.clock, write_timeout=5.0, read_wait=2.0)
+        self.store, self.status, self.registry, self.progress = built.store, built.status, built.registry, built.progress
+        self.status.phase = Phase.READY if ready else Phase.STARTING
+        self.status.connected = True
+        self.consumer = built.consumer
+        self.read = StubTreq(built.reads)
+        self.write = StubTreq(built.writes)
 
     def set(self, body: Any, auth: Optional[Tuple[str, str]] = ("admin", "s3cret"), **kw: Any) -> Any:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -109,8 +71,8 @@ def call(replica_treq: StubTreq, d: defer.Deferred[Any]) -> tuple:
 
 
 @pytest.fixture
-def replica() -> Replica:
-    return Replica()
+def replica(tmp_path: Path) -> Replica:
+    return Replica(tmp_path)
 
 
 def test_set_then_get_and_partial_merge(replica: Replica) -> None:
@@ -229,8 +191,8 @@ def test_get_errors(replica: Replica) -> None:
         assert r.code == code and "Error" in json.loads(data)
 
 
-def test_not_ready_replica_refuses_reads_writes_and_backups() -> None:
-    replica = Replica(ready=False)
+def test_not_ready_replica_refuses_reads_writes_and_backups(tmp_path: Path) -> None:
+    replica = Replica(tmp_path, ready=False)
     replica.store.apply_patch("1", {"spp": 1}, 1)
     for treq, d in (
         (replica.read, replica.read.get("http://r/get", params={"user_id": "1"})),
@@ -257,14 +219,14 @@ def test_banner_health_ready_metrics(replica: Replica) -> None:
     assert replica.metric("gradesvc_users") == 1
 
 
-def test_backup_client_gone_midway_stops_the_producer() -> None:
-    replica = Replica()
+def test_backup_client_gone_midway_stops_the_producer(tmp_path: Path) -> None:
+    replica = Replica(tmp_path)
     for i in range(5000):
         replica.store.apply_patch(str(i), {"spp": i}, 1)
     clock = Clock()
     coop = Cooperator(scheduler=lambda work: clock.callLater(0, work))
-    replica.broker.consumer.loaded(Anchor(1, "ef" * 32))
-    backup = Backup(replica.store, replica.status, STREAM, replica.broker.consumer.anchor, new_registry(), "r1",
+    replica.consumer.loaded(Anchor(1, "ef" * 32))
+    backup = Backup(replica.store, replica.status, STREAM, replica.consumer.anchor, new_registry(), "r1",
                     lambda: 1000.0, coop)
     router = read_router(ReadAPI(replica.store, replica.status, replica.progress, "r1"), backup, new_registry())
     channel = make_site(router, AccessLog("off", clock)).buildProtocol(None)
@@ -311,7 +273,7 @@ def test_min_offset_waits_for_the_offset_then_answers(replica: Replica) -> None:
     replica.read.flush()
     assert not answered(d)
     other = WriteMessage("r2", "x", 0, Write("1", {"spp": 2}))
-    replica.broker.consumer.handle(1, write_properties(other), other.encode())  # type: ignore[union-attr]
+    replica.consumer.handle(1, write_properties(other), other.encode())  # type: ignore[union-attr]
     replica.progress.advanced()
     replica.read.flush()
     r, data = call(replica.read, d)

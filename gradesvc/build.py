@@ -1,0 +1,111 @@
+"""One replica's parts, wired from its configuration: the one wiring there is.
+
+:func:`build_replica` makes every part of a replica and the services that
+run them: the broker connection, the consumer, bootstrap and checkpoints,
+the two web ports.  ``twistd gradesvc`` (:mod:`gradesvc.tap`) locks the data
+directory and builds with it; the unit tests build their in-memory replicas
+with it too, giving a clock, a wall clock and a broker in memory
+(:mod:`gradesvc.testing`), and use its routers without its ports.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+import attrs
+from prometheus_client import CollectorRegistry
+from twisted.application import service
+from twisted.internet import task
+
+from gradesvc.auth import admin_portal, basic_auth_guard
+from gradesvc.backup import Backup
+from gradesvc.bootstrap import Bootstrap, BootstrapService
+from gradesvc.broker import BrokerService
+from gradesvc.checkpoint import Checkpoints, checkpoint_and_watch
+from gradesvc.config import ReplicaConfig
+from gradesvc.datadir import DataDir
+from gradesvc.gauges import checkpoint_gauges, replica_gauges
+from gradesvc.overview import Overview, PeerWatch
+from gradesvc.progress import StreamProgress
+from gradesvc.readapi import ReadAPI, read_router
+from gradesvc.replication import StreamConsumer
+from gradesvc.retention import RetentionWatch
+from gradesvc.stall import StallWatch
+from gradesvc.status import ReplicaStatus
+from gradesvc.storage import GradeStore
+from gradesvc.verification import StreamVerifier
+from gradesvc.writeapi import WriteAPI, write_router
+from svckit.accesslog import AccessLog
+from svckit.metrics import new_registry
+from svckit.site import listen
+from svckit.supervisor import Supervisor
+from svckit.web import Router
+
+
+@attrs.define
+class Replica:
+    """Every part of one replica."""
+
+    config: ReplicaConfig
+    registry: CollectorRegistry
+    status: ReplicaStatus
+    store: GradeStore
+    broker: BrokerService
+    progress: StreamProgress
+    consumer: StreamConsumer
+    checkpoints: Checkpoints
+    reads: Router
+    """The read port's routes (``/get``, ``/backup``, ``/status``, ...)."""
+    writes: Router
+    """The write port's routes (``/set`` behind Basic auth)."""
+    service: service.MultiService
+    """What runs it all, ports included (``makeService``'s answer)."""
+
+
+def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker: Optional[BrokerService] = None,
+                  wall: Callable[[], float] = time.time) -> Replica:
+    """Wire one replica in ``data_dir``; ``broker`` stands in for the broker connection (by default a real one)."""
+    stream = data_dir.stream
+    status = ReplicaStatus(stream={"vhost": stream.vhost, "name": stream.name})
+    store = GradeStore()
+    registry = new_registry()
+    replica_gauges(registry, store, status)
+
+    top = service.MultiService()
+    data_dir.setServiceParent(top)
+    access_log = AccessLog(config.access_log, reactor, config.access_log_format)
+    access_log.setServiceParent(top)
+    if broker is None:
+        broker = BrokerService(reactor, config.amqp_url, config.stream, status)
+        broker.setServiceParent(top)
+    progress = StreamProgress(status, reactor)
+    consumer = StreamConsumer(store, config.replica_id, broker, status, progress, registry,
+                              wall=wall, clock=reactor)
+    verifier = StreamVerifier(broker, config.replica_id, reactor)
+    consumer.verifier = verifier
+
+    backup = Backup(store, status, stream, consumer.anchor, registry, config.replica_id, wall)
+    overview = Overview(config.replica_id, status, registry, [PeerWatch(p, reactor) for p in config.peers], reactor)
+    overview.history.setServiceParent(top)
+    reads = read_router(ReadAPI(store, status, progress, config.replica_id, config.read_wait), backup, registry,
+                        {b"/status": ("status", overview.page), b"/status.json": ("status_json", overview.json)})
+    listen(reactor, config.get_endpoint, reads, access_log).setServiceParent(top)
+    guard = basic_auth_guard(admin_portal(config.admin_user, config.admin_password))
+    writes = write_router(WriteAPI(config.replica_id, broker, status, progress, wall, config.write_timeout),
+                          guard, registry)
+    listen(reactor, config.set_endpoint, writes, access_log).setServiceParent(top)
+
+    bootstrap = Bootstrap(store, status, config.peers, stream, verifier.check, clock=reactor,
+                          idle_timeout=config.peer_idle_timeout)
+    consumer.rebootstrap = bootstrap.load
+    checkpoints = Checkpoints(store, status, data_dir, consumer.anchor, verifier.check, clock=reactor, wall=wall)
+    consumer.state_refused = checkpoints.refuse_current
+    BootstrapService(bootstrap, consumer.snapshot_loaded, checkpoints.load).setServiceParent(top)
+    watch = RetentionWatch()
+    checkpoint_gauges(registry, checkpoints, watch)
+    periodic = task.LoopingCall(checkpoint_and_watch(checkpoints, consumer.stream_start, watch))
+    Supervisor.looping("checkpoints", periodic, config.checkpoint_interval, reactor).setServiceParent(top)
+    stalls = task.LoopingCall(StallWatch(status, reactor, wall).check)
+    Supervisor.looping("stall watch", stalls, 1.0, reactor).setServiceParent(top)
+    return Replica(config, registry, status, store, broker, progress, consumer, checkpoints, reads, writes, top)
