@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_replication import client, percentile, publish, request
 from common import GradeReplica, delete_stream, free_port, machine, record, runtime, unique_stream
 
-from tests.integration.harness import basic, metric
+from harness.net import basic, metric
 
 USERS = int(os.environ.get("BENCH_USERS", "1000000"))
 ROOT = Path(__file__).resolve().parent.parent

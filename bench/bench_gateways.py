@@ -41,7 +41,7 @@ from common import (
     wait_until,
 )
 
-from tests.integration.harness import metric
+from harness.net import metric
 
 
 def redis_server(workdir: Path) -> Tuple[subprocess.Popen, str]:

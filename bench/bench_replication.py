@@ -32,7 +32,7 @@ import pika
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GradeReplica, delete_stream, machine, record, runtime, unique_stream
 
-from tests.integration.harness import BROKER_URL
+from harness.broker import BROKER_URL
 
 USERS = int(os.environ.get("BENCH_USERS", "1000000"))
 LAG_SECONDS = int(os.environ.get("BENCH_LAG_SECONDS", "10"))

@@ -13,17 +13,12 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the harness package, shared with the integration tests
 
-from tests.integration.harness import (  # noqa: E402  (shared with the tests)
-    Daemon,
-    GradeReplica,
-    delete_stream,
-    free_port,
-    http,
-    unique_stream,
-    wait_until,
-)
+from harness.broker import delete_stream, unique_stream  # noqa: E402
+from harness.daemon import Daemon  # noqa: E402
+from harness.net import free_port, http, wait_until  # noqa: E402
+from harness.replica import GradeReplica  # noqa: E402
 
 __all__ = ["Daemon", "GradeReplica", "delete_stream", "free_port", "http", "unique_stream",
            "wait_until", "wrk", "runtime", "stop_all", "machine", "record", "twistd_tac", "lbsvc_with_user", "pin_server"]

@@ -8,14 +8,10 @@ from typing import Callable, Iterator, List
 
 import pytest
 
-from tests.integration.harness import (
-    BROKER_URL,
-    GradeReplica,
-    assert_no_logged_errors,
-    delete_stream,
-    unique_stream,
-)
-from tests.integration.lbharness import create_database, drop_database
+from harness.broker import BROKER_URL, delete_stream, unique_stream
+from harness.daemon import assert_no_logged_errors
+from harness.databases import create_database, drop_database
+from harness.replica import GradeReplica
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ import socket
 import threading
 from typing import List, Tuple
 
-from tests.integration.harness import free_port
+from harness.net import free_port
 
 
 class Relay:

@@ -17,8 +17,10 @@ from typing import Iterator, List
 
 import pytest
 
-from tests.integration.harness import assert_no_logged_errors, free_port, metric, receive_until, wait_until
-from tests.integration.lbharness import Backend, Gateway, servers_file
+from harness.backends import Backend, servers_file
+from harness.daemon import assert_no_logged_errors
+from harness.gateway import Gateway
+from harness.net import free_port, metric, receive_until, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,9 @@ from typing import Callable, Dict, List
 import pika
 import pytest
 
-from tests.integration.harness import BROKER_URL, GradeReplica, basic, http, set_with_offset, tiny_stream, wait_until
+from harness.broker import BROKER_URL, tiny_stream
+from harness.net import basic, http, wait_until
+from harness.replica import GradeReplica, set_with_offset
 from tests.integration.test_replication import expect_and_converge
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.integration.harness import GradeReplica, basic, free_port, http, wait_until
+from harness.net import basic, free_port, http, wait_until
+from harness.replica import GradeReplica
 from tests.integration.test_replication import expect_and_converge
 
 pytestmark = pytest.mark.integration

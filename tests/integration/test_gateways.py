@@ -18,18 +18,14 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.backends import Backend, servers_file, write_servers
+from harness.daemon import assert_no_logged_errors
+from harness.databases import create_database, drop_database
+from harness.gateway import Gateway
+from harness.net import http, metric, wait_until
+from harness.redis import RedisServer
 from lbsvc.limits.livegateways import INTERVAL, TTL
 from lbsvc.limits.redisbuckets import CONFIRM_AFTER
-from tests.integration.harness import assert_no_logged_errors, http, metric, wait_until
-from tests.integration.lbharness import (
-    Backend,
-    Gateway,
-    RedisServer,
-    create_database,
-    drop_database,
-    servers_file,
-    write_servers,
-)
 from tests.integration.relay import Relay
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,9 @@ from typing import Callable
 import pytest
 
 from gradesvc.messages import WriteMessage
-from tests.integration.harness import GradeReplica, basic, free_port, http, read_stream, wait_until
+from harness.broker import read_stream
+from harness.net import basic, free_port, http, wait_until
+from harness.replica import GradeReplica
 
 pytestmark = pytest.mark.integration
 

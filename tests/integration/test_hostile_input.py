@@ -14,18 +14,12 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from tests.integration.harness import (
-    TWISTD,
-    GradeReplica,
-    assert_no_logged_errors,
-    basic,
-    free_port,
-    http,
-    metric,
-    read_stream,
-    wait_until,
-)
-from tests.integration.lbharness import Backend, Gateway, write_servers
+from harness.backends import Backend, write_servers
+from harness.broker import read_stream
+from harness.daemon import TWISTD, assert_no_logged_errors
+from harness.gateway import Gateway
+from harness.net import basic, free_port, http, metric, wait_until
+from harness.replica import GradeReplica
 
 pytestmark = pytest.mark.integration
 

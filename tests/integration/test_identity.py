@@ -17,14 +17,9 @@ from typing import Callable, Dict, Iterator, List
 
 import pytest
 
-from tests.integration.harness import (
-    BROKER_URL,
-    GradeReplica,
-    delete_stream,
-    set_with_offset,
-    unique_stream,
-    wait_until,
-)
+from harness.broker import BROKER_URL, delete_stream, unique_stream
+from harness.net import wait_until
+from harness.replica import GradeReplica, set_with_offset
 from tests.integration.test_replication import expect_and_converge
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,8 @@ from typing import Dict, Iterator
 
 import pytest
 
-from tests.integration.harness import delete_stream, free_port, unique_stream, wait_until
+from harness.broker import delete_stream, unique_stream
+from harness.net import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

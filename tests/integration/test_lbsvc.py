@@ -11,8 +11,10 @@ from typing import Iterator, List
 
 import pytest
 
-from tests.integration.harness import assert_no_logged_errors, wait_until
-from tests.integration.lbharness import Backend, Gateway, write_servers
+from harness.backends import Backend, write_servers
+from harness.daemon import assert_no_logged_errors
+from harness.gateway import Gateway
+from harness.net import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,9 @@ import pika
 import pytest
 
 from gradesvc.storage import FIELDS
-from tests.integration.harness import BROKER_URL, GradeReplica, free_port, http, wait_until
+from harness.broker import BROKER_URL
+from harness.net import free_port, http, wait_until
+from harness.replica import GradeReplica
 from tests.integration.relay import Relay
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,12 @@ from typing import Iterator, List
 
 import pytest
 
+from harness.backends import Backend, write_servers
+from harness.daemon import assert_no_logged_errors
+from harness.gateway import Gateway
+from harness.net import http, metric, wait_until
+from harness.replica import GradeReplica
 from tests.integration.browser import SCREENSHOTS, Browser
-from tests.integration.harness import GradeReplica, assert_no_logged_errors, http, metric, wait_until
-from tests.integration.lbharness import Backend, Gateway, write_servers
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,9 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pika
 import pytest
 
-from tests.integration.harness import BROKER_URL, GradeReplica, http, set_with_offset, tiny_stream, wait_until
+from harness.broker import BROKER_URL, tiny_stream
+from harness.net import http, wait_until
+from harness.replica import GradeReplica, set_with_offset
 from tests.integration.relay import Relay
 from tests.integration.test_replication import assert_converged, expect_and_converge
 

@@ -15,9 +15,11 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import yaml
 
+from harness.backends import Backend
+from harness.daemon import assert_no_logged_errors
+from harness.gateway import Gateway
+from harness.net import http, metric, wait_until
 from tests.integration.certs import CertificateAuthority
-from tests.integration.harness import assert_no_logged_errors, http, metric, wait_until
-from tests.integration.lbharness import Backend, Gateway
 
 pytestmark = pytest.mark.integration
 

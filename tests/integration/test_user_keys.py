@@ -9,9 +9,12 @@ from typing import Iterator, Tuple
 
 import pytest
 
+from harness.backends import Backend, write_servers
+from harness.daemon import assert_no_logged_errors
+from harness.databases import stored_key_hashes
+from harness.gateway import Gateway
+from harness.net import wait_until
 from lbsvc.users.index import hash_key
-from tests.integration.harness import assert_no_logged_errors, wait_until
-from tests.integration.lbharness import Backend, Gateway, stored_key_hashes, write_servers
 
 pytestmark = pytest.mark.integration
 
