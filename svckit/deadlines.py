@@ -1,11 +1,14 @@
-"""Many deadlines, one timer: a dictionary of due times swept by one ``LoopingCall``."""
+"""Deadlines: many swept by one timer (:class:`Deadlines`), or one call given up on (:func:`within`)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, TypeVar
 
-from twisted.internet import task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
 
 
 class Deadlines:
@@ -43,3 +46,46 @@ class Deadlines:
             watched.expired()
         if not due and self._loop.running:
             self._loop.stop()
+
+
+def within(call: defer.Deferred[T], seconds: float, clock: IReactorTime, what: str,
+           after_a_turn: bool = False) -> defer.Deferred[T]:
+    """``call``'s result, or ``defer.TimeoutError`` once it has had ``seconds``; ``call`` itself goes on.
+
+    The call is not cancelled (a database thread or a Redis command cannot
+    be taken back); whoever holds ``call`` may still look at its late result.
+
+    With ``after_a_turn`` the deadline measures the other side, not this
+    reactor's backlog: the clock starts after the reactor's next look at the
+    sockets (when a command has been written, not when it was queued), and
+    when it runs out the answer is looked for once more before the call is
+    given up (a busy reactor runs its timers before it reads an answer that
+    did arrive).
+    """
+    out: defer.Deferred[T] = defer.Deferred()
+    timers: List[IDelayedCall] = []
+
+    def result(value: Any) -> None:
+        for pending in timers:
+            if pending.active():
+                pending.cancel()
+        if out.called:
+            return
+        if isinstance(value, Failure):
+            out.errback(value)
+        else:
+            out.callback(value)
+
+    def too_slow() -> None:
+        if not out.called:
+            out.errback(defer.TimeoutError(f"{what} did not answer within {seconds}s"))
+
+    if after_a_turn:
+        def start() -> None:
+            timers.append(clock.callLater(seconds, lambda: timers.append(clock.callLater(0, too_slow))))
+
+        timers.append(clock.callLater(0, start))
+    else:
+        timers.append(clock.callLater(seconds, too_slow))
+    call.addBoth(result)
+    return out

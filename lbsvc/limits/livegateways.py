@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from lbsvc.users.database import IUserDatabase
+from svckit.deadlines import within
 
 log = Logger()
 
@@ -162,19 +163,12 @@ class DatabaseHeartbeat:
 
         self._busy = True
         running: defer.Deferred[List[Tuple[str, int]]] = self.database.pool.runInteraction(work)
-        d: defer.Deferred[List[Tuple[str, int]]] = defer.Deferred()
 
-        def finished(result: Any) -> None:
+        def finished(result: Any) -> Any:
             self._busy = False
-            if d.called:  # given up on: the deadline passed
-                return
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+            return result
 
-        running.addBoth(finished)
-        d.addTimeout(DEADLINE, self.clock)
+        d = within(running.addBoth(finished), DEADLINE, self.clock, "the user database")
 
         def counted(rows: List[Tuple[str, int]]) -> int:
             live, self._silent = self.watch.observe(rows, self.clock.seconds(), member)

@@ -1,13 +1,10 @@
 """Token buckets in Redis, one budget per user for every gateway (``--buckets redis://...``).
 
-Tokens are taken by one server-side Lua script (:data:`SCRIPT`): for each
-bucket it is given, in order, it credits the bucket for the time since its
-last visit by the Redis server's own clock (``TIME``, so the gateways' clocks
-do not matter), takes the token if there is one, and stores the level (a full
-bucket is deleted, an emptier one expires when it would be full again).
-Redis runs scripts one at a time, so however many gateways ask at once, no
-window of ``t`` seconds admits more than ``C + R·t``.  The profile runs the
-same script with a cost of 0: it reads without spending.
+Tokens are taken by one server-side Lua script
+(:mod:`lbsvc.limits.bucketscript`), which Redis runs one at a time, so however
+many gateways ask at once, no window of ``t`` seconds admits more than
+``C + R·t``.  The profile runs the same script with a cost of 0: it reads
+without spending.
 
 **One round trip per batch.**  Every decision asked for within one reactor
 turn is queued and sent at the end of it (``callLater(0)``) as one script
@@ -40,7 +37,6 @@ directly, and while there is none the fallback decides at once.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, List, Optional, Tuple
 
 import txredisapi
@@ -52,7 +48,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lbsvc.limits.buckets import Bucket, Buckets, IBucketStore, Verdict
+from lbsvc.limits.bucketscript import KEY_PREFIX, run_script
 from lbsvc.limits.fallbackshare import ShareFallback
+from svckit.deadlines import within
 from svckit.responses import HTTPError
 
 log = Logger()
@@ -61,7 +59,6 @@ _Queued = Tuple[str, int, float, int, "Optional[defer.Deferred[Verdict]]"]
 """A decision waiting for the next batch: name, capacity, rate, cost (negative: a charge
 of that many tokens spent during an outage), and its answer (None for a charge)."""
 
-KEY_PREFIX = "lbsvc:bucket:"
 MAX_BATCH = 256
 """Decisions sent in one script call at most (a longer queue is sent in several)."""
 RETRY_AFTER = 1.0
@@ -70,49 +67,6 @@ CONFIRM_AFTER = 0.5
 """Seconds without any answer from Redis after which an outage is taken to be every gateway's: only
 then does the ``local`` fallback hand out the shares of the last levels (:meth:`ShareFallback.confirm`)."""
 FALLBACKS = ("local", "deny")
-
-SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local out = {}
-for i, key in ipairs(KEYS) do
-  local capacity = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
-  local cost = tonumber(ARGV[3 * i])
-  local state = redis.call('HMGET', key, 'level', 'at')
-  local level = tonumber(state[1])
-  local at = tonumber(state[2])
-  if level == nil or at == nil then
-    level = capacity
-    at = now
-  end
-  if now > at then
-    level = level + (now - at) * rate
-  end
-  if level > capacity then
-    level = capacity
-  end
-  local taken = 0
-  if cost > 0 and level >= cost then
-    level = level - cost
-    taken = 1
-  elseif cost < 0 then
-    level = math.max(level + cost, -capacity)
-    taken = 1
-  end
-  if level >= capacity then
-    redis.call('DEL', key)
-  else
-    redis.call('HSET', key, 'level', string.format('%.17g', level), 'at', string.format('%.17g', now))
-    redis.call('PEXPIRE', key, math.ceil((capacity - level) / rate * 1000) + 1000)
-  end
-  out[2 * i - 1] = taken
-  out[2 * i] = string.format('%.17g', level)
-end
-return out
-"""
-SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
-
 
 class BucketStoreUnavailable(HTTPError):
     """Redis cannot be asked and the fallback is ``deny``."""
@@ -265,7 +219,7 @@ class RedisBucketStore:
             self.share.restore((name, (-cost, capacity, rate)) for name, capacity, rate, cost, _ in charges)
             admitted_here.extend(self._decide_without_redis(batch))
 
-        call = self._script(redis, keys, args).addCallback(late)
+        call = run_script(redis, keys, args).addCallback(late)
         self._bounded(call).addCallbacks(answered, failed)
 
     def _recovered(self) -> None:
@@ -290,53 +244,9 @@ class RedisBucketStore:
                 d.callback(verdict)
         return admitted
 
-    def _script(self, redis: Any, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = redis.evalsha(SCRIPT_SHA, keys, args)
-
-        def unknown(reason: Failure) -> Any:
-            if reason.check(txredisapi.ScriptDoesNotExist) or (
-                    reason.check(txredisapi.ResponseError) and "NOSCRIPT" in str(reason.value)):
-                return redis.eval(SCRIPT, keys, args)  # loads it for next time
-            return reason
-
-        return d.addErrback(unknown)
-
     def _bounded(self, call: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        """``call``, or a timeout once Redis has had :attr:`timeout` seconds (the call itself is left to finish).
-
-        The timeout measures Redis, not this reactor's backlog: the clock
-        starts after the reactor's next look at the sockets (when the command
-        has been written, not when it was queued), and when it runs out the
-        answer is looked for once more before the call is given up (a busy
-        reactor runs its timers before it reads an answer that did arrive).
-        """
-        out: defer.Deferred[Any] = defer.Deferred()
-        timer: List[IDelayedCall] = []
-
-        def result(value: Any) -> None:
-            for pending in timer:
-                if pending.active():
-                    pending.cancel()
-            if out.called:
-                return
-            if isinstance(value, Failure):
-                out.errback(value)
-            else:
-                out.callback(value)
-
-        def too_slow() -> None:
-            if not out.called:
-                out.errback(defer.TimeoutError(f"Redis did not answer within {self.timeout}s"))
-
-        def look_again() -> None:
-            timer.append(self.clock.callLater(0, too_slow))
-
-        def start() -> None:
-            timer.append(self.clock.callLater(self.timeout, look_again))
-
-        timer.append(self.clock.callLater(0, start))
-        call.addBoth(result)
-        return out
+        """``call``, or a timeout once Redis itself has had :attr:`timeout` seconds (see :func:`within`)."""
+        return within(call, self.timeout, self.clock, "Redis", after_a_turn=True)
 
     def _failed(self, reason: Failure) -> None:
         self._errors.inc()

@@ -15,15 +15,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from lbsvc.limits.buckets import Buckets
-from lbsvc.limits.redisbuckets import (
-    CONFIRM_AFTER,
-    KEY_PREFIX,
-    MAX_BATCH,
-    SCRIPT,
-    SCRIPT_SHA,
-    BucketStoreUnavailable,
-    RedisBucketStore,
-)
+from lbsvc.limits.bucketscript import KEY_PREFIX, SCRIPT, SCRIPT_SHA
+from lbsvc.limits.redisbuckets import CONFIRM_AFTER, MAX_BATCH, BucketStoreUnavailable, RedisBucketStore
 from lbsvc.limits.redislink import parse_redis_url
 from svckit.metrics import new_registry, sample_value
 from tests.unit.fired import fired
