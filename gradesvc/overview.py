@@ -102,12 +102,10 @@ class PeerWatch:
             self._waiting.append(d)
             return d
         self._waiting = [d]
-        defer.ensureDeferred(self._fetch()).addBoth(self._fetched)
+        defer.ensureDeferred(self._fetch()).addCallback(self._fetched)
         return d
 
-    def _fetched(self, row: Any) -> None:
-        if not isinstance(row, dict):  # a failure: never expected, but never left hanging
-            row = self._unreachable(str(getattr(row, "value", row)))
+    def _fetched(self, row: Dict[str, Any]) -> None:
         self._row, self._at = row, self.clock.seconds()
         waiting, self._waiting = self._waiting or [], None
         for d in waiting:
@@ -129,16 +127,17 @@ class PeerWatch:
             if not isinstance(ready, dict) or code != 200:
                 raise ValueError("not a gradesvc read port")
             numbers = sums(text_string_to_metric_families(metrics_body.decode("utf-8")), WANTED)
-        except Exception as e:  # refused, timed out, not JSON, not Prometheus text: shown, not raised
+            now = self.clock.seconds()
+            writes = reads = None
+            if self._totals is not None and now > self._totals[0]:
+                then, before = self._totals
+                writes = _rate(before, numbers, "applied_total", now - then)
+                reads = _rate(before, numbers, "reads_total", now - then)
+            row = replica_row(self.url, self.url, ready, numbers, writes, reads)
+        except Exception as e:  # refused, timed out, not JSON, not Prometheus text, not /ready's shape: shown
             return self._unreachable(f"{type(e).__name__}: {e}".strip().rstrip(":"))
-        now = self.clock.seconds()
-        writes = reads = None
-        if self._totals is not None and now > self._totals[0]:
-            then, before = self._totals
-            writes = _rate(before, numbers, "applied_total", now - then)
-            reads = _rate(before, numbers, "reads_total", now - then)
         self._totals = (now, numbers)
-        return replica_row(self.url, self.url, ready, numbers, writes, reads)
+        return row
 
 
 def _rate(before: Mapping[str, float], after: Mapping[str, float], key: str, seconds: float) -> Optional[float]:

@@ -35,6 +35,8 @@ from svckit.statuspage import Cell, Chart, PageParts, Table, json_response, numb
 
 WINDOW = 10.0
 """Seconds the table's rates, error rates and percentiles are taken over."""
+Window = Tuple[Mapping[str, float], Mapping[str, float], float]
+"""Two samples of the history and the seconds between them (:meth:`History.window`)."""
 CLASSES = ("2xx", "3xx", "4xx", "5xx")
 BOUNDS = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
 """The ``le`` labels of the latency histogram, as the exposition writes them."""
@@ -117,17 +119,9 @@ class Overview:
             return numbers(self.registry.collect())
         return self.families().addCallback(numbers)
 
-    def _window(self) -> Tuple[Mapping[str, float], Mapping[str, float], float]:
-        points = self.history.points
-        if len(points) < 2:
-            return {}, {}, 0.0
-        t1, after = points[-1]
-        t0, before = next((p for p in reversed(points) if t1 - p[0] >= WINDOW), points[0])
-        return before, after, t1 - t0
-
-    def backends(self) -> List[Dict[str, Any]]:
-        """Each backend's entry."""
-        before, after, seconds = self._window()
+    def backends(self, window: Optional[Window] = None) -> List[Dict[str, Any]]:
+        """Each backend's entry (over ``window``, by default the last :data:`WINDOW` seconds of history)."""
+        before, after, seconds = window or self.history.window(WINDOW)
         now = self.clock.seconds()
         rows = []
         for backend in self.pool.backends:
@@ -165,13 +159,14 @@ class Overview:
 
     def report(self) -> Dict[str, Any]:
         """The body of ``/status.json``."""
-        _, after, _ = self._window()
+        window = self.history.window(WINDOW)
+        after = window[1]
         synced = self.users.synced_at
         return {
             "service": "lbsvc",
             "ready": self.readiness.ready,
             "problems": self.readiness.problems(),
-            "backends": self.backends(),
+            "backends": self.backends(window),
             "panic": self.pool.panicking,
             "limits": {**self.limits(), "redis_up": self.redis_up(),
                        "decisions": {k.split(":", 1)[1]: v for k, v in after.items() if k.startswith("decisions:")}},

@@ -79,16 +79,23 @@ class History(service.Service):
             out.append(None if a is None or b is None or b < a or t1 <= t0 else (b - a) / (t1 - t0))
         return out
 
+    def window(self, seconds: float) -> Tuple[Mapping[str, float], Mapping[str, float], float]:
+        """The sample at least ``seconds`` before the last (or the first), the last, and the time between them
+        (``{}, {}, 0.0`` before two samples)."""
+        points = self.points
+        if len(points) < 2:
+            return {}, {}, 0.0
+        t1, last = points[-1]
+        t0, first = next((p for p in reversed(points) if t1 - p[0] >= seconds), points[0])
+        return first, last, t1 - t0
+
     def rate_over(self, name: str, seconds: float) -> Optional[float]:
         """The counter's mean per-second increase over about the last ``seconds`` (None: not known yet)."""
-        if len(self.points) < 2:
-            return None
-        t1, last = self.points[-1]
-        t0, first = next((p for p in reversed(self.points) if t1 - p[0] >= seconds), self.points[0])
+        first, last, elapsed = self.window(seconds)
         a, b = first.get(name), last.get(name)
-        if a is None or b is None or b < a or t1 <= t0:
+        if a is None or b is None or b < a or elapsed <= 0:
             return None
-        return (b - a) / (t1 - t0)
+        return (b - a) / elapsed
 
     def chart(self, series: Dict[str, Tuple[str, bool]]) -> Dict[str, Any]:
         """Chart data: ``{"interval", "series": {label: [values]}}``; ``series`` maps a label to

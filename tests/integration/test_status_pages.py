@@ -16,7 +16,7 @@ from typing import Iterator, List
 
 import pytest
 
-from harness.backends import Backend, write_servers
+from harness.backends import Backend, servers_file
 from harness.daemon import assert_no_logged_errors
 from harness.gateway import Gateway
 from harness.net import http, metric, wait_until
@@ -108,7 +108,8 @@ def test_gradesvc_status_shows_every_replica_and_a_peer_going_away(tmp_path: Pat
 
 def test_lbsvc_status_shows_backends_limits_and_a_backend_going_down(tmp_path: Path, browser: Browser) -> None:
     one, two = Backend("one"), Backend("two")
-    write_servers(tmp_path / "servers.yaml", [one, two])
+    # The shipped health-check settings (every 2 s, out after 2 failures), not the tests' quick ones.
+    servers_file(tmp_path / "servers.yaml", {b.name: b.url for b in (one, two)}, {"path": "/health"})
     gateway = Gateway(tmp_path, "users.sqlite3").start().wait_ready()  # relative: the screenshot shows no path
     admin = f"http://127.0.0.1:{gateway.admin_port}"
     try:
@@ -150,8 +151,12 @@ def test_lbsvc_status_shows_backends_limits_and_a_backend_going_down(tmp_path: P
         assert "2 of 2 backends in rotation" in text and key not in text and "viewer" not in text
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         browser.call("screenshot", path=str(SCREENSHOTS / "lbsvc-status.png"))
-        # A backend stops: the open page shows it out of rotation within 3 s.
+        # A backend stops while users' requests flow: the first one that cannot reach it takes it out of
+        # rotation (passive; the active checks alone would take two 2 s intervals), and the open page
+        # shows it within 3 s.
         two.stop()
+        for _ in range(4):
+            assert gateway.call("GET", "/x", key=key)[0] == 200  # retried on the other backend
         assert browser.call("wait_text", text="1 of 2 backends in rotation", timeout=SHOWN_WITHIN)["seconds"] \
             is not None
         rows = browser.call("cells", table="Backends")["rows"]

@@ -147,3 +147,15 @@ def test_a_peer_that_is_not_a_replica_is_shown_unreachable() -> None:
 
     row: Dict[str, Any] = fired(PeerWatch("http://teapot", task.Clock(), StubTreq(Teapot())).row())
     assert row["reachable"] is False and row["ready"] is False and "JSONDecodeError" in row["error"]
+
+
+def test_a_peer_whose_ready_has_another_shape_is_shown_unreachable() -> None:
+    class Odd(FakePeer):
+        def render_GET(self, request: server.Request) -> bytes:
+            if request.path == b"/ready":
+                return json.dumps({"ready": True, "snapshot": ["not", "an", "object"]}).encode()
+            return super().render_GET(request)
+
+    watch = PeerWatch("http://odd", task.Clock(), StubTreq(Odd()))
+    row: Dict[str, Any] = fired(watch.row())
+    assert row["reachable"] is False and "AttributeError" in row["error"]
