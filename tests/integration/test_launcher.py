@@ -36,7 +36,12 @@ def stack(tmp_path: Path) -> Iterator[Dict[str, str]]:
                    180, "the launcher to start everything")
         yield {**ports, "out": str(tmp_path / "launcher.out"), "dir": str(tmp_path)}
         process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 0  # a clean stop, not "a process exited"
+        try:
+            code = process.wait(30)  # the launcher's own grace is 15 s by the clock, then it kills
+        except subprocess.TimeoutExpired:
+            logs = {p.name: p.read_text(errors="replace")[-1500:] for p in Path(tmp_path).glob("*.log")}
+            pytest.fail(f"scripts/run still running 30 s after SIGINT:\n{text()}\n{logs}")
+        assert code == 0, text()  # a clean stop, not "a process exited"
         assert "stopped" in text() and "a process exited" not in text() and "did not stop" not in text()
         pids = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
         assert pids == [], "daemons left running"
