@@ -2,7 +2,8 @@
 
 * :class:`MemoryBroker`: the broker connection and the stream in memory; a
   publish is confirmed and (unless stalled) delivered at once to the
-  replica's real consumer at the next offset; reconnects are recorded;
+  replica's real consumer at the next offset; sync markers and reconnects
+  are recorded;
 * :func:`memory_replica`: a replica built by the daemon's own
   :func:`~gradesvc.build.build_replica` on a :class:`MemoryBroker`, a
   ``Clock`` and a fixed wall clock; its routers are served in memory (treq's
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, List, Optional, Tuple, cast
 
@@ -21,7 +23,7 @@ from gradesvc.build import Replica, build_replica
 from gradesvc.config import default_config
 from gradesvc.datadir import DataDir
 from gradesvc.identity import StreamId
-from gradesvc.messages import WriteMessage
+from gradesvc.messages import MARKER_TYPE, WriteMessage
 from gradesvc.replication import StreamConsumer
 
 WALL = 1000.0
@@ -37,6 +39,8 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.published: List[WriteMessage] = []
         """Every write published, decoded."""
+        self.markers: List[str] = []
+        """The nonce of every sync marker published (recorded, not delivered: a test delivers it)."""
         self.on_connect: List[Any] = []
         self.reconnects: List[Tuple[Any, Optional[float]]] = []
         """``reconnect_later`` calls: the connection and the delay asked for."""
@@ -50,9 +54,12 @@ class MemoryBroker:
         """Confirm publishes without delivering them."""
 
     async def publish(self, body: bytes, properties: Any) -> None:
-        """Confirm ``body`` at the next offset, and deliver it unless stalled."""
+        """Confirm a write at the next offset and deliver it unless stalled; record a sync marker."""
         if self.down:
             raise BrokerUnavailable("not connected to the broker")
+        if properties.type == MARKER_TYPE:
+            self.markers.append(json.loads(body)["marker"])
+            return
         self.published.append(WriteMessage.decode(body))
         self.offset += 1
         if not self.stalled and self.consumer is not None:

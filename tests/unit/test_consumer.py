@@ -29,6 +29,16 @@ class FakeChannel:
 
     def __init__(self) -> None:
         self.acks: List[tuple] = []
+        self.queue = ClosableDeferredQueue()
+        self.consumed: List[dict] = []
+        """The arguments of each ``basic_consume``."""
+
+    async def basic_qos(self, prefetch_count: int) -> None:
+        pass
+
+    async def basic_consume(self, queue: str, auto_ack: bool, arguments: dict) -> tuple:
+        self.consumed.append(arguments)
+        return self.queue, "ctag"
 
     def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
         self.acks.append((delivery_tag, multiple))
@@ -200,16 +210,30 @@ def test_lag_is_observed_for_other_replicas_writes_once_ready() -> None:
     assert h.status.lag_seconds == pytest.approx(0.003, abs=1e-4)
 
 
+class FakeConnection:
+    """A broker connection whose one channel is the harness's."""
+
+    def __init__(self, channel: FakeChannel) -> None:
+        self._channel = channel
+
+    async def channel(self) -> FakeChannel:
+        return self._channel
+
+
 def test_own_marker_makes_the_replica_ready() -> None:
     h = Harness(ready=False)
-    h.consumer._marker = "nonce"
-    h.start()
+    h.queue = h.channel.queue
+    h.consumer.snapshot_loaded.callback(None)
+    subscribed = defer.ensureDeferred(h.consumer.subscribe(FakeConnection(h.channel)))  # type: ignore[arg-type]
+    assert subscribed.called and h.channel.consumed == [{"x-stream-offset": 0}]
+    [nonce] = h.broker.markers
     props = pika.BasicProperties(type=MARKER_TYPE, headers={"x-stream-offset": 0})
     h.queue.put(ReceivedMessage(None, Basic.Deliver(delivery_tag=1), props, b'{"marker": "other"}'))
     assert h.status.phase is Phase.CATCHING_UP
     h.clock.advance(0)
     props = pika.BasicProperties(type=MARKER_TYPE, headers={"x-stream-offset": 1})
-    h.queue.put(ReceivedMessage(None, Basic.Deliver(delivery_tag=2), props, b'{"marker": "nonce"}'))
+    body = b'{"marker": "%s"}' % nonce.encode()
+    h.queue.put(ReceivedMessage(None, Basic.Deliver(delivery_tag=2), props, body))
     assert h.status.phase is Phase.READY and h.status.applied_offset == 1
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import string
+from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import pytest
@@ -324,7 +325,7 @@ def test_a_router_admits_requests_that_bypassed_the_channel(app: App) -> None:
     assert app.calls == []
 
 
-def test_access_log_buffers_and_flushes_once_a_second(tmp_path: Any) -> None:
+def test_access_log_buffers_and_flushes_once_a_second(tmp_path: Path) -> None:
     app = App()
     path = tmp_path / "access.log"
     app.site.access_log = log = AccessLog(str(path), app.clock)
@@ -366,7 +367,7 @@ def test_made_request_ids_are_unique_and_safe() -> None:
     assert len(made) == 1000 and all(safe_request_id([m]) == m for m in made)
 
 
-def test_json_access_log_is_one_valid_object_a_line_whatever_the_request(tmp_path: Any) -> None:
+def test_json_access_log_is_one_valid_object_a_line_whatever_the_request(tmp_path: Path) -> None:
     app = App()
     path = tmp_path / "access.json"
     app.site.access_log = log = AccessLog(str(path), app.clock, "json")
@@ -393,17 +394,20 @@ def test_json_access_log_is_one_valid_object_a_line_whatever_the_request(tmp_pat
     log.stopService()
 
 
-def test_log_fields_join_the_json_line_and_the_user_the_combined_one() -> None:
+def test_log_fields_join_the_json_line_and_the_user_the_combined_one(tmp_path: Path) -> None:
     clock = Clock()
     lines = []
     for format in ("json", "combined"):
-        log = AccessLog("-", clock, format)
+        path = tmp_path / f"access.{format}"
+        log = AccessLog(str(path), clock, format)
+        log.startService()
         request = DummyRequest([b"x"])
         request.uri = request.path = b"/x"
         request.code, request.sentLength = 200, 0
         request.log_fields = {"user": "al ice\"", "backend": "a", "upstream_ms": 1.5, "n": None}
         log.record(request)
-        lines.append(log._lines[0])
+        log.stopService()
+        lines.append(path.read_text().rstrip("\n"))
     fields = json.loads(lines[0])
     assert (fields["user"], fields["backend"], fields["upstream_ms"], fields["n"]) == ("al ice\"", "a", 1.5, None)
     assert ' - al ice\\x22 [' in lines[1]
