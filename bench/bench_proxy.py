@@ -32,7 +32,11 @@ docs/operating.md recommends the same setting for running lbsvc on PyPy.
 
 ``BENCH_PREVIOUS_TWISTD=/path/to/other/checkout/.venv/bin/twistd`` adds that
 release's lbsvc as one more contender (the issue's "CPU per request compared
-with today's" was measured so).
+with today's" was measured so).  To compare two releases closely,
+``BENCH_LBSVC_ONLY=1`` measures the lbsvc contenders alone and
+``BENCH_COPIES=N`` starts N processes of each (each its own row, then a row
+per build over all its processes' rounds): on a shared VM two processes of
+one build can run 8-12% apart, more than the difference being looked for.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if sys.implementation.name == "
 CONNECTIONS = 32
 PREVIOUS = os.environ.get("BENCH_PREVIOUS_TWISTD", "")
 """The ``twistd`` of another lbsvc release (its own venv) to measure alongside, for CPU per request."""
+LBSVC_ONLY = os.environ.get("BENCH_LBSVC_ONLY", "") not in ("", "0")
+COPIES = int(os.environ.get("BENCH_COPIES", "1"))
+"""Processes started of each lbsvc contender."""
 if sys.implementation.name == "pypy":
     os.environ.setdefault("PYPY_GC_NURSERY", "16M")  # inherited by every server started here
 HERE = Path(__file__).resolve().parent
@@ -136,6 +143,8 @@ class Contender:
     url: str
     pid: Optional[int]
     header: Optional[str] = None
+    build: str = ""
+    """The lbsvc contender this is a process of (with ``BENCH_COPIES``)."""
     warmup: int = WARMUP
     rates: List[float] = attrs.Factory(list)
     requests: int = 0
@@ -171,15 +180,18 @@ def main() -> None:
         wait_until(lambda: http("GET", f"http://127.0.0.1:{ceiling_port}/")[0] == 200, 30, "the nginx proxy")
         contenders.append(Contender("backend direct (nginx)", f"http://127.0.0.1:{backend_port}/", None, warmup=1))
         contenders.append(Contender("nginx proxy_pass, keepalive", f"http://127.0.0.1:{ceiling_port}/", None, warmup=1))
-        if CPYTHON.exists():
+        if LBSVC_ONLY:
+            contenders.clear()
+        if CPYTHON.exists() and not LBSVC_ONLY:
             aio = subprocess.Popen([*SERVER_CORE, str(CPYTHON), str(HERE / "aiohttp_proxy.py")],
                                    env={**os.environ, "BENCH_PORT": str(aio_port),
                                         "BENCH_BACKEND_PORT": str(backend_port)})
             processes.append(aio)
             wait_until(lambda: http("GET", f"http://127.0.0.1:{aio_port}/")[0] == 200, 30, "the aiohttp proxy")
             contenders.append(Contender("aiohttp proxy (CPython)", f"http://127.0.0.1:{aio_port}/", aio.pid, warmup=3))
-        for name, tac, port in (("stock ReverseProxyResource", "stock_proxy.tac", stock_port),
-                                ("Agent + pool proxy", "agent_proxy.tac", agent_port)):
+        baselines = (("stock ReverseProxyResource", "stock_proxy.tac", stock_port),
+                     ("Agent + pool proxy", "agent_proxy.tac", agent_port))
+        for name, tac, port in baselines if not LBSVC_ONLY else ():
             daemon = twistd_tac(HERE / tac, workdir, tac.split(".")[0],
                                 {"BENCH_PORT": str(port), "BENCH_BACKEND_PORT": str(backend_port)}).start()
             daemons.append(daemon)
@@ -191,14 +203,17 @@ def main() -> None:
                   ("lbsvc (access log off)", {"LBSVC_ACCESS_LOG": "off"}, None)]
         if PREVIOUS:
             lbsvcs.append(("lbsvc, previous release (access log on)", {}, PREVIOUS))
-        for number, (name, env, twistd) in enumerate(lbsvcs):
-            sub = workdir / f"lbsvc-{number}"
-            sub.mkdir()
-            lb, port, key = lbsvc_with_user(sub, backend_port, 10**9, 10**6, env, twistd)
-            daemons.append(lb)
-            pin_server(lb)
-            assert lb.process is not None
-            contenders.append(Contender(name, f"http://127.0.0.1:{port}/", lb.process.pid, f"Authorization: {key}"))
+        for number, (build, env, twistd) in enumerate(lbsvcs):
+            for copy in range(COPIES):
+                name = build if COPIES == 1 else f"{build} #{copy + 1}"
+                sub = workdir / f"lbsvc-{number}-{copy}"
+                sub.mkdir()
+                lb, port, key = lbsvc_with_user(sub, backend_port, 10**9, 10**6, env, twistd)
+                daemons.append(lb)
+                pin_server(lb)
+                assert lb.process is not None
+                contenders.append(Contender(name, f"http://127.0.0.1:{port}/", lb.process.pid,
+                                            f"Authorization: {key}", build=build))
         for contender in contenders:  # every server warm before any is timed
             wrk_run(contender.url, contender.warmup, contender.header)
         for turn in range(ROUNDS):  # in turns, so a slower minute of the machine hits all alike
@@ -206,7 +221,20 @@ def main() -> None:
                 contender.round()
     finally:
         stop_all(daemons, processes)
-    report({c.name: c.result() for c in contenders})
+    results = {c.name: c.result() for c in contenders}
+    if COPIES > 1:
+        results.update(builds(contenders))
+    report(results)
+
+
+def builds(contenders: List[Contender]) -> Dict[str, Tuple[float, Optional[float]]]:
+    """Per lbsvc build, over every round of every process of it: median req/s and CPU per 10k requests."""
+    results: Dict[str, Tuple[float, Optional[float]]] = {}
+    for build in dict.fromkeys(c.build for c in contenders if c.build):
+        mine = [c for c in contenders if c.build == build]
+        cpu = sum(c.cpu for c in mine) / sum(c.requests for c in mine) * 10_000
+        results[build] = (statistics.median(r for c in mine for r in c.rates), cpu)
+    return results
 
 
 def report(results: Dict[str, Tuple[float, Optional[float]]]) -> None:
