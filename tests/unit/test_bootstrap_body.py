@@ -9,8 +9,9 @@ from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gradesvc.bootstrap import BootstrapService, ForeignSnapshot, PeerStalled, _SnapshotBody
+from gradesvc.bootstrap import BootstrapService
 from gradesvc.identity import Anchor
+from gradesvc.snapshotbody import ForeignSnapshot, PeerStalled, SnapshotBody
 from gradesvc.status import ReplicaStatus
 from gradesvc.storage import GradeStore
 from tests.unit.fired import fired
@@ -31,7 +32,7 @@ class FakeTransport:
 
 def make(feed=lambda data: None) -> tuple:  # type: ignore[no-untyped-def]
     clock, done, transport = task.Clock(), defer.Deferred(), FakeTransport()
-    body = _SnapshotBody(feed, done, clock, idle_timeout=5)
+    body = SnapshotBody(feed, done, clock, idle_timeout=5)
     body.makeConnection(transport)
     return clock, done, transport, body
 
