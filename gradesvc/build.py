@@ -104,7 +104,7 @@ def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker
     BootstrapService(bootstrap, consumer.snapshot_loaded, checkpoints.load).setServiceParent(top)
     watch = RetentionWatch()
     checkpoint_gauges(registry, checkpoints, watch)
-    periodic = task.LoopingCall(checkpoint_and_watch(checkpoints, consumer.stream_start, watch))
+    periodic = task.LoopingCall(checkpoint_and_watch(checkpoints, consumer.start.now, watch))
     Supervisor.looping("checkpoints", periodic, config.checkpoint_interval, reactor).setServiceParent(top)
     stalls = task.LoopingCall(StallWatch(status, reactor, wall).check)
     Supervisor.looping("stall watch", stalls, 1.0, reactor).setServiceParent(top)

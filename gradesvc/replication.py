@@ -11,15 +11,11 @@ publishes a small *sync marker* with a random nonce, whose offset is at or
 after the stream's tail when consuming began, and is ready exactly when its
 own marker comes back.
 
-**Gaps.** Every delivery's offset is compared with the last applied one.  A
-jump is not always a loss: the broker writes chunks that occupy offsets but
-are never delivered over AMQP (tracking and writer snapshots, typically at
-the start of a segment).  So on a jump the consumer asks the broker where the
-stream now begins (a short-lived consumer at ``first``): if the stream still
-holds the first offset that was skipped, the skipped offsets carried no
-message and nothing is lost; if retention has dropped it, messages are gone.
-Then the replica leaves ready and re-bootstraps from a peer whose snapshot
-reaches past the gap; with none, it stays in phase ``retention_gap``.
+**Gaps.** Every delivery's offset is compared with the last applied one; a
+jump is judged by where the stream now begins (:mod:`gradesvc.streamstart`).
+Where messages were lost, the replica leaves ready and re-bootstraps from a
+peer whose snapshot reaches past the gap; with none, it stays in phase
+``retention_gap``.
 
 **Identity.** Before every subscribe, the state in memory (loaded or built
 here) is checked against the stream by its anchor (:mod:`gradesvc.verification`):
@@ -52,7 +48,8 @@ from gradesvc.messages import MARKER_TYPE, WriteMessage, marker_message
 from gradesvc.progress import StreamProgress
 from gradesvc.status import Phase, ReplicaStatus
 from gradesvc.storage import GradeStore
-from gradesvc.verification import StreamVerifier, first_delivery
+from gradesvc.streamstart import StreamGap, StreamStart
+from gradesvc.verification import StreamVerifier
 from svckit.supervisor import backoff
 
 log = Logger()
@@ -65,15 +62,6 @@ LAG_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.0
 Rebootstrap = Callable[[int], Awaitable[Optional[Anchor]]]
 """``rebootstrap(needed)``: load a peer snapshot reflecting offset ``needed`` or
 later; the snapshot's anchor, or None when no peer has one."""
-
-
-class StreamGap(Exception):
-    """Offsets from ``wanted`` to ``first_available - 1`` held messages the stream has dropped."""
-
-    def __init__(self, wanted: int, first_available: int) -> None:
-        super().__init__(wanted, first_available)
-        self.wanted = wanted
-        self.first_available = first_available
 
 
 class StreamConsumer:
@@ -103,6 +91,8 @@ class StreamConsumer:
         """Checks the state against the stream before each subscribe (None: unchecked)."""
         self.state_refused: Optional[Callable[[], Optional[Path]]] = None
         """Called when the state was refused: moves its checkpoint aside, says where to."""
+        self.start = StreamStart(broker, registry, clock)
+        """Where the stream begins; judges jumps in the delivered offsets."""
         self.snapshot_loaded: defer.Deferred[Optional[Anchor]] = defer.Deferred()
         self.snapshot_loaded.addCallback(self.loaded)
         self._loaded: Optional[Anchor] = None
@@ -121,11 +111,6 @@ class StreamConsumer:
             ["reason"], registry=registry,
         )
         self._skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
-        self._jumps = Counter(
-            "gradesvc_stream_offset_jumps", "Offset jumps checked, by verdict"
-            " (empty: the skipped offsets held no message; gap: messages were lost).",
-            ["verdict"], registry=registry,
-        )
         self._rebootstraps = Counter(
             "gradesvc_rebootstraps", "Re-bootstraps from a peer after a gap in the stream.",
             registry=registry,
@@ -268,7 +253,7 @@ class StreamConsumer:
                 expected = status.applied_offset + 1
                 if offset > expected:
                     try:
-                        await self._check_jump(connection, expected, offset)
+                        await self.start.check_jump(connection, expected, offset)
                     except StreamGap:
                         if channel.is_open:
                             channel.close()
@@ -280,33 +265,6 @@ class StreamConsumer:
             if channel.is_open:
                 channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
             await task.deferLater(self.clock, 0, lambda: None)
-
-    async def _check_jump(self, connection: TwistedProtocolConnection, expected: int, delivered: int) -> None:
-        """Offsets ``expected`` .. ``delivered - 1`` were skipped: lost messages, or none?"""
-        first = await self.first_offset(connection)
-        if first is not None and first <= expected:
-            self._jumps.labels("empty").inc()
-            log.debug("Offsets {expected}..{last} hold no message (the stream starts at {first})",
-                      expected=expected, last=delivered - 1, first=first)
-            return
-        self._jumps.labels("gap").inc()
-        raise StreamGap(expected, delivered if first is None else first)
-
-    async def stream_start(self) -> Optional[int]:
-        """The stream's first retained offset, over the current connection (None: unknown)."""
-        connection = self.broker.connection
-        if connection is None:
-            return None
-        try:
-            return await self.first_offset(connection)
-        except (AMQPError, ConnectionClosed) as e:
-            log.info("Could not ask where the stream starts: {error!r}", error=e)
-            return None
-
-    async def first_offset(self, connection: TwistedProtocolConnection) -> Optional[int]:
-        """The offset of the first message the stream still holds (None: unknown)."""
-        delivery = await first_delivery(connection, self.broker.stream, "first", self.clock)
-        return None if delivery is None else delivery[0]
 
     async def _recover(self, connection: TwistedProtocolConnection, gap: StreamGap) -> None:
         """A real gap: re-bootstrap from a peer past it, or stay in ``retention_gap``."""

@@ -66,7 +66,7 @@ class Harness:
             self.probes += 1
             return self.stream_first
 
-        self.consumer.first_offset = first  # type: ignore[method-assign]
+        self.consumer.start.first_offset = first  # type: ignore[method-assign]
         self.channel = FakeChannel()
         self.queue = ClosableDeferredQueue()
         self.tag = 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import platform
 import random
-import tracemalloc
 from typing import List, Tuple
 
 import pytest
@@ -88,6 +87,7 @@ def test_any_order_and_duplication_converges(ws: List[Write], rnd: random.Random
 @pytest.mark.skipif(platform.python_implementation() != "CPython", reason="tracemalloc is CPython's")
 def test_memory_per_user_is_small() -> None:
     """About 120 bytes a user besides its id on CPython: the record is 64 packed bytes."""
+    import tracemalloc  # CPython's only
     store = GradeStore()
     users = [str(1_000_000 + n) for n in range(20_000)]
     tracemalloc.start()
