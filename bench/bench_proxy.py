@@ -36,7 +36,8 @@ with today's" was measured so).  To compare two releases closely,
 ``BENCH_LBSVC_ONLY=1`` measures the lbsvc contenders alone and
 ``BENCH_COPIES=N`` starts N processes of each (each its own row, then a row
 per build over all its processes' rounds): on a shared VM two processes of
-one build can run 8-12% apart, more than the difference being looked for.
+one build can run 8-12% apart (30-40% on PyPy), more than the difference
+being looked for.
 """
 
 from __future__ import annotations
@@ -178,10 +179,11 @@ def main() -> None:
     try:
         wait_until(lambda: http("GET", f"http://127.0.0.1:{backend_port}/")[0] == 200, 30, "the nginx backend")
         wait_until(lambda: http("GET", f"http://127.0.0.1:{ceiling_port}/")[0] == 200, 30, "the nginx proxy")
-        contenders.append(Contender("backend direct (nginx)", f"http://127.0.0.1:{backend_port}/", None, warmup=1))
-        contenders.append(Contender("nginx proxy_pass, keepalive", f"http://127.0.0.1:{ceiling_port}/", None, warmup=1))
-        if LBSVC_ONLY:
-            contenders.clear()
+        if not LBSVC_ONLY:
+            contenders.append(Contender("backend direct (nginx)", f"http://127.0.0.1:{backend_port}/", None,
+                                        warmup=1))
+            contenders.append(Contender("nginx proxy_pass, keepalive", f"http://127.0.0.1:{ceiling_port}/", None,
+                                        warmup=1))
         if CPYTHON.exists() and not LBSVC_ONLY:
             aio = subprocess.Popen([*SERVER_CORE, str(CPYTHON), str(HERE / "aiohttp_proxy.py")],
                                    env={**os.environ, "BENCH_PORT": str(aio_port),
@@ -189,9 +191,9 @@ def main() -> None:
             processes.append(aio)
             wait_until(lambda: http("GET", f"http://127.0.0.1:{aio_port}/")[0] == 200, 30, "the aiohttp proxy")
             contenders.append(Contender("aiohttp proxy (CPython)", f"http://127.0.0.1:{aio_port}/", aio.pid, warmup=3))
-        baselines = (("stock ReverseProxyResource", "stock_proxy.tac", stock_port),
-                     ("Agent + pool proxy", "agent_proxy.tac", agent_port))
-        for name, tac, port in baselines if not LBSVC_ONLY else ():
+        baselines = [("stock ReverseProxyResource", "stock_proxy.tac", stock_port),
+                     ("Agent + pool proxy", "agent_proxy.tac", agent_port)]
+        for name, tac, port in [] if LBSVC_ONLY else baselines:
             daemon = twistd_tac(HERE / tac, workdir, tac.split(".")[0],
                                 {"BENCH_PORT": str(port), "BENCH_BACKEND_PORT": str(backend_port)}).start()
             daemons.append(daemon)
@@ -232,8 +234,9 @@ def builds(contenders: List[Contender]) -> Dict[str, Tuple[float, Optional[float
     results: Dict[str, Tuple[float, Optional[float]]] = {}
     for build in dict.fromkeys(c.build for c in contenders if c.build):
         mine = [c for c in contenders if c.build == build]
-        cpu = sum(c.cpu for c in mine) / sum(c.requests for c in mine) * 10_000
-        results[build] = (statistics.median(r for c in mine for r in c.rates), cpu)
+        together = Contender(build, "", mine[0].pid, rates=[r for c in mine for r in c.rates],
+                             requests=sum(c.requests for c in mine), cpu=sum(c.cpu for c in mine))
+        results[build] = together.result()
     return results
 
 

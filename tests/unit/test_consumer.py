@@ -68,7 +68,7 @@ class Harness:
 
         self.consumer.start.first_offset = first  # type: ignore[method-assign]
         self.channel = FakeChannel()
-        self.queue = ClosableDeferredQueue()
+        self.queue = self.channel.queue
         self.tag = 0
 
     def start(self) -> defer.Deferred[None]:
@@ -222,7 +222,6 @@ class FakeConnection:
 
 def test_own_marker_makes_the_replica_ready() -> None:
     h = Harness(ready=False)
-    h.queue = h.channel.queue
     h.consumer.snapshot_loaded.callback(None)
     subscribed = defer.ensureDeferred(h.consumer.subscribe(FakeConnection(h.channel)))  # type: ignore[arg-type]
     assert subscribed.called and h.channel.consumed == [{"x-stream-offset": 0}]
