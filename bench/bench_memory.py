@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, record, runtime
 
-from gradesvc.storage import GradeStore
+from gradesvc.state.store import GradeStore
 
 USERS = 1_000_000
 

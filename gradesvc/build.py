@@ -18,24 +18,24 @@ from prometheus_client import CollectorRegistry
 from twisted.application import service
 from twisted.internet import task
 
-from gradesvc.auth import admin_portal, basic_auth_guard
-from gradesvc.backup import Backup
-from gradesvc.bootstrap import Bootstrap, BootstrapService
-from gradesvc.broker import BrokerService
-from gradesvc.checkpoint import Checkpoints, checkpoint_and_watch
+from gradesvc.api.auth import admin_portal, basic_auth_guard
+from gradesvc.api.backup import Backup
+from gradesvc.api.read import ReadAPI, read_router
+from gradesvc.api.write import WriteAPI, write_router
 from gradesvc.config import ReplicaConfig
-from gradesvc.datadir import DataDir
-from gradesvc.gauges import checkpoint_gauges, replica_gauges
-from gradesvc.overview import Overview, PeerWatch
-from gradesvc.progress import StreamProgress
-from gradesvc.readapi import ReadAPI, read_router
-from gradesvc.replication import StreamConsumer
-from gradesvc.retention import RetentionWatch
-from gradesvc.stall import StallWatch
-from gradesvc.status import ReplicaStatus
-from gradesvc.storage import GradeStore
-from gradesvc.verification import StreamVerifier
-from gradesvc.writeapi import WriteAPI, write_router
+from gradesvc.state.bootstrap import Bootstrap, BootstrapService
+from gradesvc.state.checkpoint import Checkpoints, checkpoint_and_watch
+from gradesvc.state.datadir import DataDir
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.state.retention import RetentionWatch
+from gradesvc.state.store import GradeStore
+from gradesvc.status.gauges import checkpoint_gauges, replica_gauges
+from gradesvc.status.overview import Overview, PeerWatch
+from gradesvc.status.stall import StallWatch
+from gradesvc.stream.broker import BrokerService
+from gradesvc.stream.consumer import StreamConsumer
+from gradesvc.stream.progress import StreamProgress
+from gradesvc.stream.verification import StreamVerifier
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
 from svckit.site import listen
@@ -85,7 +85,7 @@ def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker
     verifier = StreamVerifier(broker, config.replica_id, reactor)
     consumer.verifier = verifier
 
-    backup = Backup(store, status, stream, consumer.anchor, registry, config.replica_id, wall)
+    backup = Backup(store, status, stream, consumer.applier.anchor, registry, config.replica_id, wall)
     overview = Overview(config.replica_id, status, registry, [PeerWatch(p, reactor) for p in config.peers], reactor)
     overview.history.setServiceParent(top)
     reads = read_router(ReadAPI(store, status, progress, config.replica_id, config.read_wait), backup, registry,
@@ -99,7 +99,7 @@ def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker
     bootstrap = Bootstrap(store, status, config.peers, stream, verifier.check, clock=reactor,
                           idle_timeout=config.peer_idle_timeout)
     consumer.rebootstrap = bootstrap.load
-    checkpoints = Checkpoints(store, status, data_dir, consumer.anchor, verifier.check, clock=reactor, wall=wall)
+    checkpoints = Checkpoints(store, status, data_dir, consumer.applier.anchor, verifier.check, clock=reactor, wall=wall)
     consumer.state_refused = checkpoints.refuse_current
     BootstrapService(bootstrap, consumer.snapshot_loaded, checkpoints.load).setServiceParent(top)
     watch = RetentionWatch()

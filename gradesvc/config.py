@@ -12,10 +12,10 @@ from typing import Any, Dict, Tuple
 
 import attrs
 
-from gradesvc.bootstrap import IDLE_TIMEOUT
-from gradesvc.broker import node_urls
-from gradesvc.readapi import READ_WAIT
-from gradesvc.writeapi import WRITE_TIMEOUT
+from gradesvc.api.read import READ_WAIT
+from gradesvc.api.write import WRITE_TIMEOUT
+from gradesvc.state.bootstrap import IDLE_TIMEOUT
+from gradesvc.stream.broker import node_urls
 from svckit.options import Option, access_log_destination, access_log_format, endpoint_description, not_empty, positive
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

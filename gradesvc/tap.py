@@ -10,10 +10,10 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gradesvc.broker import stream_id_of
 from gradesvc.build import build_replica
 from gradesvc.config import OPTIONS, ReplicaConfig
-from gradesvc.datadir import DEFAULT_ROOT, DataDir, DataDirInUse, default_data_dir
+from gradesvc.state.datadir import DEFAULT_ROOT, DataDir, DataDirInUse, default_data_dir
+from gradesvc.stream.broker import stream_id_of
 from svckit.options import EnvOptions
 
 log = Logger()

@@ -18,20 +18,20 @@ from typing import Any, List, Optional, Tuple, cast
 
 from twisted.internet.task import Clock
 
-from gradesvc.broker import BrokerService, BrokerUnavailable
 from gradesvc.build import Replica, build_replica
 from gradesvc.config import default_config
-from gradesvc.datadir import DataDir
-from gradesvc.identity import StreamId
-from gradesvc.messages import MARKER_TYPE, WriteMessage
-from gradesvc.replication import StreamConsumer
+from gradesvc.state.datadir import DataDir
+from gradesvc.state.identity import StreamId
+from gradesvc.stream.broker import BrokerService, BrokerUnavailable
+from gradesvc.stream.consumer import StreamConsumer
+from gradesvc.stream.messages import MARKER_TYPE, WriteMessage
 
 WALL = 1000.0
 """The wall clock of a :func:`memory_replica`, in seconds."""
 
 
 class MemoryBroker:
-    """Stands in for :class:`~gradesvc.broker.BrokerService` and its stream, in memory."""
+    """Stands in for :class:`~gradesvc.stream.broker.BrokerService` and its stream, in memory."""
 
     stream = "grades"
     stream_id = StreamId("/", "grades")
@@ -63,8 +63,8 @@ class MemoryBroker:
         self.published.append(WriteMessage.decode(body))
         self.offset += 1
         if not self.stalled and self.consumer is not None:
-            self.consumer.handle(self.offset, properties, body)
-            self.consumer.progress.advanced()
+            self.consumer.applier.handle(self.offset, properties, body)
+            self.consumer.applier.batch_done()
 
     def reconnect_later(self, connection: Any, delay: Optional[float] = None) -> None:
         """Record that the consumer asked for a new connection."""

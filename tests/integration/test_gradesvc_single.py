@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from gradesvc.messages import WriteMessage
+from gradesvc.stream.messages import WriteMessage
 from harness.broker import read_stream
 from harness.net import basic, free_port, http, wait_until
 from harness.replica import GradeReplica

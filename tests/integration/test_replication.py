@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pika
 import pytest
 
-from gradesvc.storage import FIELDS
+from gradesvc.state.store import FIELDS
 from harness.broker import BROKER_URL
 from harness.net import free_port, http, wait_until
 from harness.replica import GradeReplica

@@ -9,11 +9,11 @@ from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from gradesvc.bootstrap import BootstrapService
-from gradesvc.identity import Anchor
-from gradesvc.snapshotbody import ForeignSnapshot, PeerStalled, SnapshotBody
-from gradesvc.status import ReplicaStatus
-from gradesvc.storage import GradeStore
+from gradesvc.state.bootstrap import BootstrapService
+from gradesvc.state.identity import Anchor
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.state.snapshotbody import ForeignSnapshot, PeerStalled, SnapshotBody
+from gradesvc.state.store import GradeStore
 from tests.unit.fired import fired
 
 

@@ -9,12 +9,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from gradesvc.checkpoint import Checkpoints
-from gradesvc.datadir import DataDir
-from gradesvc.identity import Anchor, StreamId
-from gradesvc.retention import RetentionWatch
-from gradesvc.status import Phase, ReplicaStatus
-from gradesvc.storage import GradeStore
+from gradesvc.state.checkpoint import Checkpoints
+from gradesvc.state.datadir import DataDir
+from gradesvc.state.identity import Anchor, StreamId
+from gradesvc.state.phase import Phase, ReplicaStatus
+from gradesvc.state.retention import RetentionWatch
+from gradesvc.state.store import GradeStore
 from tests.conftest import LoggedErrors
 
 STREAM = StreamId("/", "grades")

@@ -10,12 +10,12 @@ from pika.adapters.twisted_connection import ClosableDeferredQueue, ReceivedMess
 from pika.spec import Basic
 from twisted.internet import defer, task
 
-from gradesvc.identity import Anchor
-from gradesvc.messages import MARKER_TYPE, Write, WriteMessage, write_properties
-from gradesvc.progress import StreamProgress
-from gradesvc.replication import StreamConsumer
-from gradesvc.status import Phase, ReplicaStatus
-from gradesvc.storage import GradeStore
+from gradesvc.state.identity import Anchor
+from gradesvc.state.phase import Phase, ReplicaStatus
+from gradesvc.state.store import GradeStore
+from gradesvc.stream.consumer import StreamConsumer
+from gradesvc.stream.messages import MARKER_TYPE, Write, WriteMessage, write_properties
+from gradesvc.stream.progress import StreamProgress
 from gradesvc.testing import MemoryBroker
 from svckit.metrics import new_registry, sample_value
 from tests.conftest import LoggedErrors

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gradesvc.datadir import DataDir, DataDirInUse, default_data_dir
-from gradesvc.identity import StreamId
+from gradesvc.state.datadir import DataDir, DataDirInUse, default_data_dir
+from gradesvc.state.identity import StreamId
 
 STREAM = StreamId("/", "user_grades")
 

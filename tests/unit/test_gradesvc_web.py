@@ -15,11 +15,11 @@ from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from gradesvc.backup import Backup
-from gradesvc.identity import Anchor
-from gradesvc.messages import Write, WriteMessage, write_properties
-from gradesvc.readapi import ReadAPI, read_router
-from gradesvc.status import Phase
+from gradesvc.api.backup import Backup
+from gradesvc.api.read import ReadAPI, read_router
+from gradesvc.state.identity import Anchor
+from gradesvc.state.phase import Phase
+from gradesvc.stream.messages import Write, WriteMessage, write_properties
 from gradesvc.testing import MemoryBroker, memory_replica
 from svckit.accesslog import AccessLog
 from svckit.metrics import new_registry
@@ -225,8 +225,8 @@ def test_backup_client_gone_midway_stops_the_producer(tmp_path: Path) -> None:
         replica.store.apply_patch(str(i), {"spp": i}, 1)
     clock = Clock()
     coop = Cooperator(scheduler=lambda work: clock.callLater(0, work))
-    replica.consumer.loaded(Anchor(1, "ef" * 32))
-    backup = Backup(replica.store, replica.status, STREAM, replica.consumer.anchor, new_registry(), "r1",
+    replica.consumer.applier.loaded(Anchor(1, "ef" * 32))
+    backup = Backup(replica.store, replica.status, STREAM, replica.consumer.applier.anchor, new_registry(), "r1",
                     lambda: 1000.0, coop)
     router = read_router(ReadAPI(replica.store, replica.status, replica.progress, "r1"), backup, new_registry())
     channel = make_site(router, AccessLog("off", clock)).buildProtocol(None)
@@ -273,7 +273,7 @@ def test_min_offset_waits_for_the_offset_then_answers(replica: Replica) -> None:
     replica.read.flush()
     assert not answered(d)
     other = WriteMessage("r2", "x", 0, Write("1", {"spp": 2}))
-    replica.consumer.handle(1, write_properties(other), other.encode())  # type: ignore[union-attr]
+    replica.consumer.applier.handle(1, write_properties(other), other.encode())  # type: ignore[union-attr]
     replica.progress.advanced()
     replica.read.flush()
     r, data = call(replica.read, d)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gradesvc.messages import INT64_MAX, INT64_MIN, InvalidWrite, Write, WriteMessage, parse_write, write_properties
+from gradesvc.stream.messages import INT64_MAX, INT64_MIN, InvalidWrite, Write, WriteMessage, parse_write, write_properties
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from gradesvc.identity import Anchor, RowCheck, StateIdentity, StreamId
-from gradesvc.snapshot import HEADER, SnapshotError, SnapshotReader, snapshot_chunks
-from gradesvc.storage import Grade, GradeStore
+from gradesvc.state.identity import Anchor, RowCheck, StateIdentity, StreamId
+from gradesvc.state.snapshot import HEADER, SnapshotError, SnapshotReader, snapshot_chunks
+from gradesvc.state.store import Grade, GradeStore
 
 DIGEST = "ab" * 32
 STREAM = StreamId("/", "grades")

@@ -7,8 +7,8 @@ from typing import Any, Dict, List
 from twisted.internet import task
 from twisted.logger import LogLevel, globalLogPublisher
 
-from gradesvc.stall import StallWatch
-from gradesvc.status import Phase, ReplicaStatus
+from gradesvc.state.phase import Phase, ReplicaStatus
+from gradesvc.status.stall import StallWatch
 
 
 def test_a_phase_without_progress_says_why_once() -> None:

@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
-from gradesvc.overview import FRESH, PeerWatch
+from gradesvc.status.overview import FRESH, PeerWatch
 from lbsvc.overview import numbers, quantile
 from svckit.history import History
 from svckit.responses import HTTPError

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradesvc.storage import FIELDS, Grade, GradeStore
+from gradesvc.state.store import FIELDS, Grade, GradeStore
 
 Write = Tuple[str, dict, int]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from gradesvc.checkpoint import Checkpoints
-from gradesvc.retention import RetentionWatch
-from gradesvc.status import ReplicaStatus
-from gradesvc.storage import GradeStore
+from gradesvc.state.checkpoint import Checkpoints
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.state.retention import RetentionWatch
+from gradesvc.state.store import GradeStore
 from svckit.metrics import CallbackGauges
 
 

@@ -23,8 +23,8 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamClien
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gradesvc.identity import StreamId
-from gradesvc.status import ReplicaStatus
+from gradesvc.state.identity import StreamId
+from gradesvc.state.phase import ReplicaStatus
 from svckit.supervisor import backoff
 
 log = Logger()

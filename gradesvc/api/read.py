@@ -7,9 +7,9 @@ from typing import Any, Awaitable, Dict, Mapping, Tuple, Union
 from prometheus_client import CollectorRegistry
 from twisted.web import server
 
-from gradesvc.progress import StreamProgress
-from gradesvc.status import ReplicaStatus
-from gradesvc.storage import FIELDS, GradeStore
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.state.store import FIELDS, GradeStore
+from gradesvc.stream.progress import StreamProgress
 from svckit import metrics
 from svckit.responses import BytesResponse, HTTPError, JSONResponse, Response, unavailable
 from svckit.web import Handler, Route, Router

@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import server
 
-from gradesvc.status import ReplicaStatus
+from gradesvc.state.phase import ReplicaStatus
 from svckit.history import History
 from svckit.metrics import sums
 from svckit.responses import BytesResponse, JSONResponse

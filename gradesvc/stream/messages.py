@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Tuple
 import attrs
 import pika
 
-from gradesvc.storage import FIELDS
+from gradesvc.state.store import FIELDS
 
 WRITE_TYPE = "write"
 MARKER_TYPE = "sync-marker"

@@ -13,7 +13,7 @@ A gzip'd CSV (RFC 4180 quoting, ``\\n`` line ends)::
 The ``*_offset`` columns are each field's version (the stream offset of the
 message that wrote it; -1: never written), so a loader merges rows with the
 same rule as stream messages: the later offset wins.  The three identity
-lines (:mod:`gradesvc.identity`) say which stream and which life of it the
+lines (:mod:`gradesvc.state.identity`) say which stream and which life of it the
 rows belong to; files of the previous release lack them.  A reader holds the
 rows back until its owner has checked that identity (:meth:`SnapshotReader.release`),
 so no row of a foreign state ever reaches the store.
@@ -29,8 +29,8 @@ import zlib
 from datetime import datetime, timezone
 from typing import Dict, Iterable, Iterator, List, Optional
 
-from gradesvc.identity import DIGEST_PATTERN, Anchor, RowCheck, StateIdentity, StreamId
-from gradesvc.storage import FIELDS, GradeStore
+from gradesvc.state.identity import DIGEST_PATTERN, Anchor, RowCheck, StateIdentity, StreamId
+from gradesvc.state.store import FIELDS, GradeStore
 
 OFFSET_KEY = "stream_offset"
 VHOST_KEY = "stream_vhost"

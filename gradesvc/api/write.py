@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import defer
 from twisted.web import server
 
-from gradesvc.broker import BrokerUnavailable, Publisher
-from gradesvc.messages import InvalidWrite, WriteMessage, parse_write, write_properties
-from gradesvc.progress import StreamProgress
-from gradesvc.status import ReplicaStatus
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.stream.broker import BrokerUnavailable, Publisher
+from gradesvc.stream.messages import InvalidWrite, WriteMessage, parse_write, write_properties
+from gradesvc.stream.progress import StreamProgress
 from svckit.responses import HTTPError, JSONResponse, unavailable
 from svckit.web import Guard, Route, Router, read_json
 

@@ -11,10 +11,10 @@ checkpoint that does not read to its end (truncated, torn, corrupt: gzip's
 CRC and length trailer is checked) is ignored with a log line, and the store
 is left empty for a peer's snapshot or the stream.
 
-A checkpoint names its stream and carries its anchor (:mod:`gradesvc.identity`);
-its file name names the stream too (:mod:`gradesvc.datadir`).  At start its
+A checkpoint names its stream and carries its anchor (:mod:`gradesvc.state.identity`);
+its file name names the stream too (:mod:`gradesvc.state.datadir`).  At start its
 head is read first and checked, against the replica's own stream and, by its
-anchor, against the stream's contents (:mod:`gradesvc.verification`), before
+anchor, against the stream's contents (:mod:`gradesvc.stream.verification`), before
 any row reaches the store; one that fails is moved aside with one error line.
 A previous release's checkpoint (no identity) is loaded, checked by its newest
 written field, and adopted under the new name, or moved aside.
@@ -36,12 +36,12 @@ from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gradesvc.datadir import DataDir
-from gradesvc.identity import Anchor, StateIdentity, Verify
-from gradesvc.retention import RetentionWatch
-from gradesvc.snapshot import SnapshotError, SnapshotReader, snapshot_chunks
-from gradesvc.status import Phase, ReplicaStatus
-from gradesvc.storage import GradeStore
+from gradesvc.state.datadir import DataDir
+from gradesvc.state.identity import Anchor, StateIdentity, Verify
+from gradesvc.state.phase import Phase, ReplicaStatus
+from gradesvc.state.retention import RetentionWatch
+from gradesvc.state.snapshot import SnapshotError, SnapshotReader, snapshot_chunks
+from gradesvc.state.store import GradeStore
 
 log = Logger()
 

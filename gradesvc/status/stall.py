@@ -15,8 +15,8 @@ from typing import Callable, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gradesvc.snapshot import rfc3339
-from gradesvc.status import ReplicaStatus
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.state.snapshot import rfc3339
 
 log = Logger()
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from gradesvc.status import ReplicaStatus
+from gradesvc.state.phase import ReplicaStatus
 
 
 class StreamProgress:

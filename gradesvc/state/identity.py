@@ -8,7 +8,7 @@ name) and an :class:`Anchor`: the offset it reflects and the SHA-256 of the
 body of the message at that offset.  Every message body is unique (a write
 carries its writer's id and a random write id, a sync marker a random nonce),
 so the same offset holding the same body means the same life of the stream.
-:mod:`gradesvc.verification` checks an anchor against the stream itself.
+:mod:`gradesvc.stream.verification` checks an anchor against the stream itself.
 
 Files of the previous release carry no identity.  A checkpoint of that kind
 is checked through a :class:`RowCheck` instead: the row with the newest field

@@ -1,6 +1,6 @@
 """Asking the stream whether a state belongs to it: the anchor check.
 
-A state's :class:`~gradesvc.identity.Anchor` says "offset N held the message
+A state's :class:`~gradesvc.state.identity.Anchor` says "offset N held the message
 whose body has this SHA-256".  :class:`StreamVerifier` asks the broker, over
 short-lived consumers beside the replica's own:
 
@@ -30,9 +30,9 @@ from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gradesvc.broker import BrokerService, BrokerUnavailable
-from gradesvc.identity import Anchor, body_sha256
-from gradesvc.messages import MARKER_TYPE, WriteMessage, marker_message
+from gradesvc.state.identity import Anchor, body_sha256
+from gradesvc.stream.broker import BrokerService, BrokerUnavailable
+from gradesvc.stream.messages import MARKER_TYPE, WriteMessage, marker_message
 from svckit.supervisor import backoff
 
 log = Logger()

@@ -13,7 +13,7 @@ starts from the beginning of the stream.
 
 A snapshot is checked as soon as its head is read, before a single row is
 stored: it must name this replica's stream, and its anchor must be in the
-stream (:mod:`gradesvc.verification`); the body is paused meanwhile.  A peer
+stream (:mod:`gradesvc.stream.verification`); the body is paused meanwhile.  A peer
 serving another stream, another life of this one, or a previous release's
 snapshot (which names no stream) is refused with an error line naming the
 peer and what it serves, and the next peer is tried.
@@ -31,11 +31,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gradesvc.identity import Anchor, StateIdentity, StreamId, Verify
-from gradesvc.snapshot import SnapshotReader
-from gradesvc.snapshotbody import ForeignSnapshot, SnapshotBody
-from gradesvc.status import ReplicaStatus
-from gradesvc.storage import GradeStore
+from gradesvc.state.identity import Anchor, StateIdentity, StreamId, Verify
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.state.snapshot import SnapshotReader
+from gradesvc.state.snapshotbody import ForeignSnapshot, SnapshotBody
+from gradesvc.state.store import GradeStore
 
 log = Logger()
 

@@ -1,10 +1,10 @@
 """Consuming the stream: apply every write in stream order, find real gaps, catch up.
 
 On every broker connection :class:`StreamConsumer` subscribes from the last
-applied offset + 1 (never by time, never ``next``) and applies each message
-with the storage's rule: the later offset wins, per field.  Acks are sent
-with ``multiple=True``, one per batch, as flow-control credit; the broker
-keeps messages regardless.
+applied offset + 1 (never by time, never ``next``) and hands each delivery to
+its :class:`~gradesvc.stream.applier.StreamApplier` (the store's rule: the
+later offset wins, per field).  Acks are sent with ``multiple=True``, one per
+batch, as flow-control credit; the broker keeps messages regardless.
 
 **Catching up.** After every (re)subscribe the replica is not ready: it
 publishes a small *sync marker* with a random nonce, whose offset is at or
@@ -12,13 +12,13 @@ after the stream's tail when consuming began, and is ready exactly when its
 own marker comes back.
 
 **Gaps.** Every delivery's offset is compared with the last applied one; a
-jump is judged by where the stream now begins (:mod:`gradesvc.streamstart`).
+jump is judged by where the stream now begins (:mod:`gradesvc.stream.streamstart`).
 Where messages were lost, the replica leaves ready and re-bootstraps from a
 peer whose snapshot reaches past the gap; with none, it stays in phase
 ``retention_gap``.
 
 **Identity.** Before every subscribe, the state in memory (loaded or built
-here) is checked against the stream by its anchor (:mod:`gradesvc.verification`):
+here) is checked against the stream by its anchor (:mod:`gradesvc.stream.verification`):
 a stream deleted and declared again while this replica was away is another
 life, and resuming in it would mix two histories.  On a refusal the replica
 says so (one error line, ``/ready``), moves its checkpoint aside, empties
@@ -28,36 +28,33 @@ stream.
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from pika.exceptions import AMQPError, ConsumerCancelled
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gradesvc.broker import BrokerService
-from gradesvc.identity import Anchor, body_sha256
-from gradesvc.messages import MARKER_TYPE, WriteMessage, marker_message
-from gradesvc.progress import StreamProgress
-from gradesvc.status import Phase, ReplicaStatus
-from gradesvc.storage import GradeStore
-from gradesvc.streamstart import StreamGap, StreamStart
-from gradesvc.verification import StreamVerifier
+from gradesvc.state.identity import Anchor
+from gradesvc.state.phase import Phase, ReplicaStatus
+from gradesvc.state.store import GradeStore
+from gradesvc.stream.applier import StreamApplier
+from gradesvc.stream.broker import BrokerService
+from gradesvc.stream.messages import marker_message
+from gradesvc.stream.progress import StreamProgress
+from gradesvc.stream.streamstart import StreamGap, StreamStart
+from gradesvc.stream.verification import StreamVerifier
 from svckit.supervisor import backoff
 
 log = Logger()
 
 PREFETCH = 1000
-SKIP_REASONS = ("duplicate", "malformed", "marker")
-LAG_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
-               0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 Rebootstrap = Callable[[int], Awaitable[Optional[Anchor]]]
 """``rebootstrap(needed)``: load a peer snapshot reflecting offset ``needed`` or
@@ -80,12 +77,12 @@ class StreamConsumer:
         clock: IReactorTime,
     ) -> None:
         self.clock = clock
-        self.wall = wall
-        self.store = store
-        self.replica_id = replica_id
         self.broker = broker
         self.status = status
-        self.progress = progress
+        self.applier = StreamApplier(store, replica_id, status, progress, registry, wall)
+        """Applies every delivery; knows where the store stands in the stream."""
+        self.applier.marker_back = self._caught_up
+        self.replica_id = replica_id
         self.rebootstrap: Optional[Rebootstrap] = None
         self.verifier: Optional[StreamVerifier] = None
         """Checks the state against the stream before each subscribe (None: unchecked)."""
@@ -94,57 +91,21 @@ class StreamConsumer:
         self.start = StreamStart(broker, registry, clock)
         """Where the stream begins; judges jumps in the delivered offsets."""
         self.snapshot_loaded: defer.Deferred[Optional[Anchor]] = defer.Deferred()
-        self.snapshot_loaded.addCallback(self.loaded)
-        self._loaded: Optional[Anchor] = None
-        self._last_offset = -1
-        self._last_body: Optional[bytes] = None
-        self._marker: Optional[str] = None
+        self.snapshot_loaded.addCallback(self.applier.loaded)
         self._started_at = self._subscribed_at = clock.seconds()
         self._failures = 0
-        self._applied_in_batch = 0  # the counter is brought up to date once a batch
-        self._applied = Counter(
-            "gradesvc_stream_messages_applied", "Stream messages applied to the store.",
-            registry=registry,
-        )
-        skipped = Counter(
-            "gradesvc_stream_messages_skipped", "Stream messages skipped, by reason.",
-            ["reason"], registry=registry,
-        )
-        self._skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
         self._rebootstraps = Counter(
             "gradesvc_rebootstraps", "Re-bootstraps from a peer after a gap in the stream.",
             registry=registry,
         )
-        self._lag = Histogram(
-            "gradesvc_replication_delay_seconds",
-            "Time from another replica's write (its clock) to applying it here, once ready.",
-            buckets=LAG_BUCKETS, registry=registry,
-        )
         broker.on_connect.append(self.subscribe)
-
-    def loaded(self, anchor: Optional[Anchor]) -> None:
-        """A checkpoint or snapshot with this anchor was loaded into the store."""
-        if anchor is not None and anchor.offset > self.status.applied_offset:
-            self.status.applied_offset = anchor.offset
-            self._loaded = anchor
-
-    def anchor(self) -> Optional[Anchor]:
-        """Where the state in memory stands in the stream (None: nothing applied yet)."""
-        applied = self.status.applied_offset
-        if applied < 0:
-            return None
-        if self._last_offset == applied and self._last_body is not None:
-            return Anchor(applied, body_sha256(self._last_body))
-        if self._loaded is not None and self._loaded.offset == applied:
-            return self._loaded
-        return Anchor(applied)
 
     async def subscribe(self, connection: TwistedProtocolConnection) -> None:
         """Check the state, consume from the last applied offset + 1; ready once the marker is back."""
         await self.snapshot_loaded
         if self.status.phase is Phase.RETENTION_GAP:
             return
-        anchor = self.anchor()
+        anchor = self.applier.anchor()
         if anchor is not None and self.verifier is not None:
             problem = await self.verifier.check_on(connection, anchor)
             if problem is not None:
@@ -163,7 +124,7 @@ class StreamConsumer:
         self.status.waiting_for = (f"its sync marker to come back from the stream's tail"
                                    f" (consuming from offset {start})")
         self._subscribed_at = self.clock.seconds()
-        self._marker = uuid.uuid4().hex
+        self.applier.marker = uuid.uuid4().hex
         published = self._publish_marker()
         published.addErrback(self._marker_failed, connection)
         self.consume(connection, channel, queue)
@@ -185,11 +146,9 @@ class StreamConsumer:
         self.status.loading_snapshot()
         moved_to = self.state_refused() if self.state_refused is not None else None
         self.status.state_refused("memory", f"state at {anchor.describe()}", problem, moved_to)
-        self.store.clear()
-        self.status.applied_offset = -1
-        self._loaded, self._last_body, self._last_offset = None, None, -1
+        self.applier.forget()
         rebuilt = await self.rebootstrap(-1) if self.rebootstrap is not None else None
-        self.loaded(rebuilt)
+        self.applier.loaded(rebuilt)
         self.broker.reconnect_later(connection, 0.0)
 
     def _marker_failed(self, failure: Failure, connection: TwistedProtocolConnection) -> None:
@@ -215,8 +174,9 @@ class StreamConsumer:
         self.broker.reconnect_later(connection, delay)
 
     def _publish_marker(self) -> defer.Deferred[None]:
-        assert self._marker is not None
-        return defer.ensureDeferred(self.broker.publish(*marker_message(self.replica_id, self._marker)))
+        marker = self.applier.marker
+        assert marker is not None
+        return defer.ensureDeferred(self.broker.publish(*marker_message(self.replica_id, marker)))
 
     async def _consume(self, connection: TwistedProtocolConnection, channel: Any, queue: Any) -> None:
         """Apply deliveries in batches: one wait and one ack per batch.
@@ -227,7 +187,7 @@ class StreamConsumer:
         one ack per read, not per message; an idle one still wakes on the very
         next delivery.  Raises :class:`StreamGap` on a real gap.
         """
-        status = self.status
+        status, applier = self.status, self.applier
         while True:
             try:
                 message = await queue.get()
@@ -258,10 +218,8 @@ class StreamConsumer:
                         if channel.is_open:
                             channel.close()
                         raise
-                self.handle(offset, message.properties, message.body)
-            self.progress.advanced()
-            self._applied.inc(self._applied_in_batch)
-            self._applied_in_batch = 0
+                applier.handle(offset, message.properties, message.body)
+            applier.batch_done()
             if channel.is_open:
                 channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
             await task.deferLater(self.clock, 0, lambda: None)
@@ -278,7 +236,7 @@ class StreamConsumer:
         anchor = await self.rebootstrap(gap.first_available - 1) if self.rebootstrap is not None else None
         if anchor is not None:
             self._rebootstraps.inc()
-            self.loaded(anchor)
+            self.applier.loaded(anchor)
             log.info("Re-bootstrapped to offset {offset}; resubscribing", offset=anchor.offset)
             self.broker.reconnect_later(connection, 0.0)
             return
@@ -290,51 +248,9 @@ class StreamConsumer:
         )
         self.status.retention_gap(gap.wanted, gap.first_available)
 
-    def handle(self, offset: int, properties: Any, body: bytes) -> None:
-        """Apply one delivery at ``offset`` (idempotent; older offsets are ignored).
 
-        The applied offset moves only once the delivery has been handled, so
-        one that fails is delivered again after the consumer restarts.
-        """
-        status = self.status
-        if offset <= status.applied_offset:
-            self._skipped["duplicate"].inc()
-            return
-        if properties.type == MARKER_TYPE:
-            status.applied_offset = offset
-            self._last_offset, self._last_body = offset, body
-            self._on_marker(body)
-            return
-        self._apply(offset, body)
-        status.applied_offset = offset
-        self._last_offset, self._last_body = offset, body
-
-    def _apply(self, offset: int, body: bytes) -> None:
-        try:
-            message = WriteMessage.decode(body)
-        except (ValueError, TypeError) as e:
-            log.warn("Malformed stream message at offset {offset}: {error}", offset=offset, error=e)
-            self._skipped["malformed"].inc()
-            return
-        lag = max(0.0, self.wall() - message.written_at / 1000.0)
-        self.status.lag_seconds = lag
-        write = message.write
-        self.store.apply_patch(write.user_id, write.patch, offset)
-        self._applied_in_batch += 1
-        if message.replica == self.replica_id:
-            self.progress.write_applied(message.message_id, offset)
-        elif self.status.ready:
-            self._lag.observe(lag)
-
-    def _on_marker(self, body: bytes) -> None:
-        try:
-            marker = json.loads(body).get("marker")
-        except ValueError:
-            return
-        if marker is None or marker != self._marker:
-            self._skipped["marker"].inc()
-            return
-        self._marker = None
+    def _caught_up(self) -> None:
+        """This replica's sync marker came back: caught up with the tail seen at subscribe."""
         if self.status.phase is Phase.CATCHING_UP:
             self._failures = 0
             self.status.reached_ready(self.clock.seconds() - self._started_at)

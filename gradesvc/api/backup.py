@@ -1,6 +1,6 @@
 """``GET /backup``: the snapshot streamed while it is produced.
 
-The chunks of :func:`gradesvc.snapshot.snapshot_chunks` are written by a
+The chunks of :func:`gradesvc.state.snapshot.snapshot_chunks` are written by a
 ``twisted.internet.task.cooperate`` task, so the reactor serves other requests
 between chunks, and the task pauses whenever the client's transport pushes
 back, so a slow reader never makes the daemon buffer the file.
@@ -19,10 +19,10 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
-from gradesvc.identity import Anchor, StateIdentity, StreamId
-from gradesvc.snapshot import snapshot_chunks
-from gradesvc.status import ReplicaStatus
-from gradesvc.storage import GradeStore
+from gradesvc.state.identity import Anchor, StateIdentity, StreamId
+from gradesvc.state.phase import ReplicaStatus
+from gradesvc.state.snapshot import snapshot_chunks
+from gradesvc.state.store import GradeStore
 from svckit.responses import STREAMED, Streamed
 from svckit.web import client_gone
 

@@ -25,7 +25,7 @@ from urllib.parse import quote
 from twisted.application import service
 from twisted.logger import Logger
 
-from gradesvc.identity import StreamId
+from gradesvc.state.identity import StreamId
 
 log = Logger()
 

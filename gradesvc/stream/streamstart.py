@@ -20,8 +20,8 @@ from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gradesvc.broker import BrokerService
-from gradesvc.verification import first_delivery
+from gradesvc.stream.broker import BrokerService
+from gradesvc.stream.verification import first_delivery
 
 log = Logger()
 

@@ -1,6 +1,6 @@
 """A peer's ``/backup`` body as it arrives: fed on, paused while its head is checked, given up when it stalls.
 
-:class:`~gradesvc.bootstrap.Bootstrap` delivers each peer's response body to a
+:class:`~gradesvc.state.bootstrap.Bootstrap` delivers each peer's response body to a
 :class:`SnapshotBody`, whose ``feed`` merges the rows into the store and may
 ask for a pause (a check of the snapshot's head against the stream) by
 returning a Deferred.
