@@ -28,6 +28,7 @@ from lbsvc.limits.choice import Limits, choose_limits
 from lbsvc.limits.redisbuckets import RedisBucketStore
 from lbsvc.proxying.connections import UpstreamConnections
 from lbsvc.proxying.proxy import Proxy
+from lbsvc.proxying.upstreams import Upstreams
 from lbsvc.service import DATABASE, USER_SYNC, USERS, GatewayService, UserSync, watch_database
 from lbsvc.settings import GatewaySettings
 from lbsvc.users.api import UserAPI
@@ -114,7 +115,7 @@ def build_gateway(settings: GatewaySettings, reactor: Any, database: IUserDataba
     ports.setServiceParent(top)
     upstream = UpstreamConnections(reactor, settings.servers.timeouts.connect, settings.servers.pool_size,
                                    endpoint_for=endpoint_for, tls=tls)
-    proxy = Proxy(limits.store, pool, upstream, reactor, registry)
+    proxy = Proxy(limits.store, Upstreams(pool, upstream, reactor, registry))
     api = UserAPI(users, limits.store, settings.max_capacity, settings.max_rate)
     router = gateway_router(users, api, proxy, settings.max_body, registry)
     return Gateway(settings, reactor, registry, readiness, users, buckets, limits, pool, checker, upstream,

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import server
 
 from lbsvc.backends.pool import BackendPool
-from lbsvc.proxying.proxy import LATENCY_BUCKETS
+from lbsvc.proxying.upstreams import LATENCY_BUCKETS
 from lbsvc.users.store import UserStore
 from svckit.history import History
 from svckit.readiness import Readiness

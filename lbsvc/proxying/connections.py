@@ -15,10 +15,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from lbsvc.backends.backend import Backend
 from lbsvc.backends.tls import BackendTLS
-from lbsvc.proxying.upstream import ConnectFailed, Key, UpstreamConnection
+from lbsvc.proxying.upstream import ConnectFailed, IConnectionKeeper, Key, UpstreamConnection
 from svckit.endpoints import client_endpoint
 
 
@@ -33,6 +34,7 @@ class _ConnectionFactory(Factory):
         return UpstreamConnection(self.pool, self.key)
 
 
+@implementer(IConnectionKeeper)
 class UpstreamConnections:
     """Idle connections per backend, and new ones when none is idle."""
 

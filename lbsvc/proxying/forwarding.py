@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Union
+from typing import Any, List, Optional, Union
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 
 from lbsvc.backends.backend import Backend
 from lbsvc.proxying.headerrules import GATEWAY_HEADERS, upstream_head
 from lbsvc.proxying.relay import Relay, text
 from lbsvc.proxying.upstream import BadResponse, ConnectFailed, StaleConnection, UpstreamConnection
+from lbsvc.proxying.upstreams import Upstreams
 from svckit.responses import STREAMED, BytesResponse, Streamed
 from svckit.web import client_gone
 
-if TYPE_CHECKING:
-    from lbsvc.proxying.proxy import Proxy
-
 log = Logger()
+
+
+def body_of(request: server.Request) -> Optional[IBodyProducer]:
+    """The request's body as a producer for the upstream write (None: no body)."""
+    streamed = getattr(request, "body", None)
+    if streamed is not None:
+        return streamed  # type: ignore[no-any-return]
+    if request.getHeader(b"content-length") in (None, b"0") and request.getHeader(b"transfer-encoding") is None:
+        return None
+    # Not behind a GuardedSite: the body was stored whole.
+    request.content.seek(0)  # type: ignore[union-attr]
+    return FileBodyProducer(request.content)
 
 
 class Forwarding:
@@ -33,10 +45,10 @@ class Forwarding:
     relayed; cancelling it (the client left) drops the upstream connection.
     """
 
-    def __init__(self, proxy: Proxy, request: server.Request) -> None:
-        self.proxy = proxy
+    def __init__(self, upstreams: Upstreams, request: server.Request) -> None:
+        self.upstreams = upstreams
         self.request = request
-        self.body = proxy.body_of(request)
+        self.body = body_of(request)
         self.tried: List[Backend] = []
         self.backend: Optional[Backend] = None
         self.connection: Optional[UpstreamConnection] = None
@@ -48,12 +60,12 @@ class Forwarding:
         """Attempts that sent the request (a refused connect is none)."""
         self.sent_at = 0.0
         """When the last attempt sent the request."""
-        self.started = proxy.clock.seconds()
+        self.started = upstreams.clock.seconds()
         self.retrying = False
 
     def start(self) -> defer.Deferred[Union[Streamed, BytesResponse]]:
         """Forward; the Deferred of the answer."""
-        self.proxy.retries.active += 1
+        self.upstreams.retries.active += 1
         self.done.addBoth(self._ended)
         self._next_backend()
         return self.done
@@ -62,8 +74,8 @@ class Forwarding:
         fields = getattr(self.request, "log_fields", None)
         if fields is not None and self.tried:
             fields["backend"] = self.tried[-1].name
-            fields["upstream_ms"] = (self.proxy.clock.seconds() - self.started) * 1000
-        budget = self.proxy.retries
+            fields["upstream_ms"] = (self.upstreams.clock.seconds() - self.started) * 1000
+        budget = self.upstreams.retries
         budget.active -= 1
         if self.retrying:
             budget.retrying -= 1
@@ -72,7 +84,7 @@ class Forwarding:
     # --- choosing and connecting -------------------------------------------
 
     def _next_backend(self) -> None:
-        backend = self.proxy.pool.choose(self.tried)
+        backend = self.upstreams.pool.choose(self.tried)
         if backend is None:
             self._answer(text(self.request, 503, b"No available servers"))
             return
@@ -87,7 +99,7 @@ class Forwarding:
 
     def _connect(self) -> None:
         assert self.backend is not None
-        d = self.proxy.upstream.connection(self.backend, fresh=self.fresh)
+        d = self.upstreams.connections.connection(self.backend, fresh=self.fresh)
         self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
@@ -99,11 +111,11 @@ class Forwarding:
         if not reason.check(ConnectFailed) or client_gone(self.request) or backend is None:
             self._fail(reason if not client_gone(self.request) else Failure(defer.CancelledError()))
             return
-        proxy = self.proxy
-        proxy.outcomes.labels(backend.name, "connect_error").inc()
+        upstreams = self.upstreams
+        upstreams.outcomes.labels(backend.name, "connect_error").inc()
         log.info("Backend {name} unreachable ({error}); trying the next", name=backend.name,
                  error=reason.getErrorMessage())
-        proxy.pool.connect_failed(backend)
+        upstreams.pool.connect_failed(backend)
         self._next_backend()
 
     def _connected(self, connection: UpstreamConnection) -> None:
@@ -116,10 +128,10 @@ class Forwarding:
         try:
             host = backend.host if b":" not in backend.host else b"[" + backend.host + b"]"
             head = upstream_head(self.request, b"%s:%d" % (host, backend.port))
-            relay = self.relay = Relay(self.request, connection, backend, self.body, self.proxy)
+            relay = self.relay = Relay(self.request, connection, backend, self.body, self.upstreams)
             exchange = connection.request(head, self.body, relay, head_only=self.request.method == b"HEAD")
             self.sent += 1
-            self.sent_at = self.proxy.clock.seconds()
+            self.sent_at = self.upstreams.clock.seconds()
         except Exception:
             connection.cancel()
             self._release()
@@ -132,9 +144,9 @@ class Forwarding:
     def _exchanged(self, _: object) -> None:
         assert self.relay is not None and self.backend is not None
         self.relay.stop()
-        proxy = self.proxy
-        proxy.outcomes.labels(self.backend.name, str(self.request.code)).inc()
-        proxy.latency(self.backend.name).observe(proxy.clock.seconds() - self.sent_at)
+        upstreams = self.upstreams
+        upstreams.outcomes.labels(self.backend.name, str(self.request.code)).inc()
+        upstreams.latency(self.backend.name).observe(upstreams.clock.seconds() - self.sent_at)
         self._release()
         self._answer(STREAMED)
 
@@ -166,7 +178,7 @@ class Forwarding:
 
     def _broken(self, why: str) -> None:
         assert self.relay is not None and self.backend is not None
-        self.proxy.backend_failed(self.backend, "error", why)
+        self.upstreams.backend_failed(self.backend, "error", why)
         self._release()
         if self._retry():
             return
@@ -182,17 +194,17 @@ class Forwarding:
         request = self.request
         if request.startedWriting or client_gone(request):
             return False
-        proxy = self.proxy
-        if not proxy.retries.allows(proxy.pool.config.retries, request.method, self.body, self.sent,
-                                    proxy.clock.seconds() - self.started, self.retrying):
+        upstreams = self.upstreams
+        if not upstreams.retries.allows(upstreams.pool.config.retries, request.method, self.body, self.sent,
+                                        upstreams.clock.seconds() - self.started, self.retrying):
             return False
-        backend = proxy.pool.choose(self.tried)
+        backend = upstreams.pool.choose(self.tried)
         if backend is None:
             return False
         self._forget_backend_head()
         if not self.retrying:
             self.retrying = True
-            proxy.retries.retrying += 1
+            upstreams.retries.retrying += 1
         log.info("Retrying {method} on backend {name} (attempt {n})", method=request.method.decode("latin-1"),
                  name=backend.name, n=self.sent + 1)
         self.relay = self.connection = None

@@ -9,7 +9,7 @@ place.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -20,13 +20,11 @@ from zope.interface import implementer
 from lbsvc.backends.backend import Backend
 from lbsvc.proxying.headerrules import NOT_RELAYED, VIA_NAME, connection_named
 from lbsvc.proxying.upstream import Header, IResponseSink, UpstreamConnection
+from lbsvc.proxying.upstreams import Upstreams
 from svckit.requestbody import RequestBody
 from svckit.requestid import request_id
 from svckit.responses import BytesResponse
 from svckit.web import client_gone
-
-if TYPE_CHECKING:
-    from lbsvc.proxying.proxy import Proxy
 
 log = Logger()
 
@@ -48,18 +46,18 @@ class Relay:
     """
 
     def __init__(self, request: server.Request, connection: UpstreamConnection, backend: Backend,
-                 body: Optional[IBodyProducer], proxy: Proxy) -> None:
+                 body: Optional[IBodyProducer], upstreams: Upstreams) -> None:
         self.request = request
         self.connection = connection
         self.backend = backend
         self.body = body
-        self.proxy = proxy
+        self.upstreams = upstreams
         self.answered = False
         self.relaying = False
         self.failed: Optional[BytesResponse] = None
-        timeouts = proxy.pool.config.timeouts
-        self._clock = proxy.clock
-        self._deadlines = proxy.deadlines
+        timeouts = upstreams.pool.config.timeouts
+        self._clock = upstreams.clock
+        self._deadlines = upstreams.deadlines
         self._response_timeout = timeouts.response
         self._body_timeout = timeouts.body
         self._deadlines.set(self, self._response_timeout)
@@ -127,13 +125,13 @@ class Relay:
             # Still sending the body: the body check decides whose fault it is.
             self._deadlines.set(self, self._response_timeout)
         else:
-            self.proxy.backend_failed(self.backend, "timeout", "did not answer within {seconds}s",
+            self.upstreams.backend_failed(self.backend, "timeout", "did not answer within {seconds}s",
                                       seconds=self._response_timeout)
             self.failed = text(self.request, 504, b"Gateway timeout")
             self.connection.cancel()
 
     def _stalled(self) -> None:
-        self.proxy.backend_failed(self.backend, "body_stalled", "sent no body for {seconds}s; cut off",
+        self.upstreams.backend_failed(self.backend, "body_stalled", "sent no body for {seconds}s; cut off",
                                   seconds=self._body_timeout)
         self.failed = text(self.request, 504, b"Gateway timeout")  # what the client gets if none of the body was sent yet
         self.connection.cancel()
@@ -146,7 +144,7 @@ class Relay:
             return
         if body.received == self._body_seen:
             if body.waiting_on_consumer and body.started:
-                self.proxy.backend_failed(self.backend, "timeout", "read none of the body for {seconds}s",
+                self.upstreams.backend_failed(self.backend, "timeout", "read none of the body for {seconds}s",
                                           seconds=self._body_timeout)
                 self.failed = text(self.request, 504, b"Gateway timeout")
             else:

@@ -22,7 +22,7 @@ Pipelining is not used: one request at a time per connection.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -32,11 +32,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import Interface
 
 from lbsvc.proxying.responseparser import Header, IResponseSink, ResponseParser
-
-if TYPE_CHECKING:
-    from lbsvc.proxying.connections import UpstreamConnections
 
 __all__ = ["Header", "IResponseSink", "UpstreamConnection"]
 
@@ -80,10 +78,20 @@ class _ChunkedWriter:
         self.transport.unregisterProducer()
 
 
+class IConnectionKeeper(Interface):
+    """Where a connection goes back to when it is free again, and leaves when it is lost."""
+
+    def release(connection: UpstreamConnection) -> None:
+        """``connection`` answered whole and may carry another request."""
+
+    def forget(connection: UpstreamConnection) -> None:
+        """``connection`` is closed (or closing): never hand it out again."""
+
+
 class UpstreamConnection(Protocol):
     """One persistent HTTP/1.1 connection to a backend."""
 
-    def __init__(self, pool: Optional[UpstreamConnections], key: Key) -> None:
+    def __init__(self, pool: Optional[IConnectionKeeper], key: Key) -> None:
         self.pool = pool
         self.key = key
         self.used = 0
