@@ -25,9 +25,9 @@ from lbsvc.proxying.retries import RetryBudget
 from lbsvc.testing import ScriptedBackends, memory_gateway
 from lbsvc.users.index import User, hash_key
 from svckit.accesslog import AccessLog
+from svckit.channel import GuardedChannel
 from svckit.metrics import new_registry, sample_value
 from svckit.requestbody import HIGH_WATER
-from svckit.site import GuardedChannel
 from svckit.testing import response
 from tests.conftest import LoggedErrors
 

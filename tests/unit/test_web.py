@@ -24,10 +24,11 @@ from twisted.web import server
 from twisted.web.test.requesthelper import DummyRequest
 
 from svckit.accesslog import AccessLog
+from svckit.channel import GuardedChannel
 from svckit.metrics import new_registry, sample_value
 from svckit.requestid import new_request_id, safe_request_id
 from svckit.responses import STREAMED, HTTPError, JSONResponse, Response
-from svckit.site import GuardedChannel, make_site
+from svckit.site import make_site
 from svckit.testing import response
 from svckit.web import Route, Router, read_json
 from tests.conftest import LoggedErrors
