@@ -67,7 +67,7 @@ def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker
                   wall: Callable[[], float] = time.time) -> Replica:
     """Wire one replica in ``data_dir``; ``broker`` stands in for the broker connection (by default a real one)."""
     stream = data_dir.stream
-    status = ReplicaStatus(stream={"vhost": stream.vhost, "name": stream.name})
+    status = ReplicaStatus(replica_id=config.replica_id, stream={"vhost": stream.vhost, "name": stream.name})
     store = GradeStore()
     registry = new_registry()
     replica_gauges(registry, store, status)

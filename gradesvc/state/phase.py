@@ -32,6 +32,8 @@ class ReplicaStatus:
     """Mutable state of one replica, read by the web handlers and the metrics."""
 
     phase: Phase = Phase.STARTING
+    replica_id: Optional[str] = None
+    """Which replica this is (``--replica-id``): named on ``/ready``, so a peer's page can name it."""
     connected: bool = False
     broker_node: Optional[str] = None
     consumer_failures: int = 0
@@ -108,6 +110,7 @@ class ReplicaStatus:
         """The JSON body of ``/ready``."""
         body: Dict[str, object] = {
             "ready": self.ready,
+            "replica_id": self.replica_id,
             "phase": self.phase.value,
             "broker_connected": self.connected,
             "broker_node": self.broker_node,

@@ -1,7 +1,8 @@
 """The replicas side by side: ``/status`` (HTML) and ``/status.json`` on the read port.
 
-This replica reports from memory; every peer named by ``--peers`` is asked
-for its own ``/ready`` and ``/metrics`` (:class:`PeerWatch`, one second
+Every replica is named by its replica id, which its ``/ready`` carries, with
+its read port's URL beside it.  This replica reports from memory; every peer
+named by ``--peers`` is asked for its own ``/ready`` and ``/metrics`` (:class:`PeerWatch`, one second
 timeout, at most once a second however many people look, and not at all
 while nobody does).  A peer that does not answer is shown as unreachable,
 with why.  Rates (writes and reads a second) come from two looks at a
@@ -37,6 +38,8 @@ PEER_TIMEOUT = 1.0
 """Seconds a peer has to answer each of its two requests."""
 FRESH = 1.0
 """Seconds a peer's answer is reused for."""
+MAX_NAME = 200
+"""A peer's replica id longer than this is not shown (its URL is)."""
 RATE_WINDOW = 10.0
 """Seconds this replica's rates are averaged over."""
 WANTED = {
@@ -56,11 +59,15 @@ def _unknown_if_negative(value: Optional[float]) -> Optional[float]:
 
 def replica_row(name: str, url: Optional[str], ready: Mapping[str, Any], numbers: Mapping[str, float],
                 writes: Optional[float], reads: Optional[float]) -> Dict[str, Any]:
-    """One replica's entry in ``/status.json`` from its ``/ready`` body and ``/metrics`` numbers."""
+    """One replica's entry in ``/status.json`` from its ``/ready`` body and ``/metrics`` numbers.
+
+    ``name`` is the replica's id; ``url`` its read port as given in ``--peers`` (None: this replica).
+    """
     snapshot = ready.get("snapshot") or {}
     return {
         "name": name,
         "url": url,
+        "this": url is None,
         "reachable": True,
         "error": None,
         "ready": bool(ready.get("ready")),
@@ -92,6 +99,8 @@ class PeerWatch:
         self._at = float("-inf")
         self._waiting: Optional[List[defer.Deferred[Dict[str, Any]]]] = None
         self._totals: Optional[Tuple[float, Dict[str, float]]] = None
+        self.name = url
+        """The peer's replica id as its ``/ready`` last gave it (its URL until then, or for a previous release)."""
 
     def row(self) -> defer.Deferred[Dict[str, Any]]:
         """The peer's entry: fresh, or fetched now (one fetch shared by every caller meanwhile)."""
@@ -112,7 +121,7 @@ class PeerWatch:
             d.callback(row)
 
     def _unreachable(self, why: str) -> Dict[str, Any]:
-        return {"name": self.url, "url": self.url, "reachable": False, "error": why, "ready": False}
+        return {"name": self.name, "url": self.url, "this": False, "reachable": False, "error": why, "ready": False}
 
     async def _get(self, path: str) -> Tuple[int, bytes]:
         response = await self.http.get(self.url + path, timeout=PEER_TIMEOUT)
@@ -133,7 +142,10 @@ class PeerWatch:
                 then, before = self._totals
                 writes = _rate(before, numbers, "applied_total", now - then)
                 reads = _rate(before, numbers, "reads_total", now - then)
-            row = replica_row(self.url, self.url, ready, numbers, writes, reads)
+            named = ready.get("replica_id")
+            if isinstance(named, str) and 0 < len(named) <= MAX_NAME:
+                self.name = named
+            row = replica_row(self.name, self.url, ready, numbers, writes, reads)
         except Exception as e:  # refused, timed out, not JSON, not Prometheus text, not /ready's shape: shown
             return self._unreachable(f"{type(e).__name__}: {e}".strip().rstrip(":"))
         self._totals = (now, numbers)
@@ -165,7 +177,7 @@ class Overview:
     def own_row(self) -> Dict[str, Any]:
         """This replica's entry."""
         numbers = self.history.points[-1][1] if self.history.points else self.sample()
-        return replica_row(f"{self.replica_id} (this replica)", None, self.status.report(), numbers,
+        return replica_row(self.replica_id, None, self.status.report(), numbers,
                            self.history.rate_over("applied_total", RATE_WINDOW),
                            self.history.rate_over("reads_total", RATE_WINDOW))
 
@@ -195,8 +207,9 @@ class Overview:
 
 
 def _replica_cells(row: Mapping[str, Any]) -> List[Cell]:
+    where = "this replica" if row.get("this") else str(row.get("url"))
     if not row.get("reachable"):
-        return [row["name"], ("unreachable", "bad"), (row.get("error") or "", "bad")] + ["—"] * 9
+        return [row["name"], where, ("unreachable", "bad"), (row.get("error") or "", "bad")] + ["—"] * 9
     ready: Cell = ("ready", "ok") if row["ready"] else (str(row.get("phase")), "bad")
     broker: Cell = (_host(row.get("broker_node")) or "connected", "ok") if row.get("broker_connected") \
         else ("disconnected", "bad")
@@ -204,7 +217,7 @@ def _replica_cells(row: Mapping[str, Any]) -> List[Cell]:
     lag = row.get("lag_seconds")
     margin = row.get("retention_margin_intervals")
     return [
-        row["name"], ready, broker,
+        row["name"], where, ready, broker,
         number(row.get("applied_offset")),
         (number(behind), "ok" if behind == 0 else "warn") if behind is not None else "—",
         (number(lag, 3, "s"), "warn" if lag is not None and lag > 1 else "ok") if lag is not None else "—",
@@ -233,7 +246,7 @@ def parts(report: Mapping[str, Any]) -> PageParts:
     rows = report["replicas"]
     ready = sum(1 for r in rows if r.get("ready"))
     summary: List[Cell] = [(f"{ready} of {len(rows)} replicas ready", "ok" if ready == len(rows) else "bad")]
-    table = Table("Replicas", ["replica", "state", "broker node", "applied offset", "behind", "lag", "writes/s",
+    table = Table("Replicas", ["replica", "read port", "state", "broker node", "applied offset", "behind", "lag", "writes/s",
                                "reads/s", "checkpoint offset", "checkpoint age", "retention margin (intervals)",
                                "bootstrapped from"], [_replica_cells(r) for r in rows])
     history = report["history"]

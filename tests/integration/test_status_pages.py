@@ -77,13 +77,15 @@ def test_gradesvc_status_shows_every_replica_and_a_peer_going_away(tmp_path: Pat
             assert row["applied_offset"] == ready["applied_offset"] == replica.metric("gradesvc_applied_offset")
             assert row["behind"] == 0
         assert own["url"] is None and peer["url"] == a.read_url and own["bootstrap_peer"] == a.read_url
+        assert (own["name"], own["this"], peer["name"], peer["this"]) == ("b", True, "a", False)  # by replica id
+        assert b.ready()["replica_id"] == "b"
         assert len(status["history"]["series"]["writes/s"]) <= 600
         # The page: the same numbers, drawn.
         assert browser.call("open", url=b.read_url + "/status")["title"] == "gradesvc b"
         rows = browser.call("cells", table="Replicas")["rows"]
-        assert [r[0] for r in rows] == ["b (this replica)", a.read_url]
+        assert [r[:2] for r in rows] == [["b", "this replica"], ["a", a.read_url]]
         for row, replica in zip(rows, (b, a)):
-            assert row[1] == "ready" and row[3] == f"{replica.ready()['applied_offset']:,}"
+            assert row[2] == "ready" and row[4] == f"{replica.ready()['applied_offset']:,}"
         assert "2 of 2 replicas ready" in browser.call("text")["text"]
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         browser.call("screenshot", path=str(SCREENSHOTS / "gradesvc-status.png"))
@@ -91,13 +93,14 @@ def test_gradesvc_status_shows_every_replica_and_a_peer_going_away(tmp_path: Pat
         a.kill()
         assert browser.call("wait_text", text="unreachable", timeout=SHOWN_WITHIN)["seconds"] is not None
         assert "1 of 2 replicas ready" in browser.call("text")["text"]
-        assert status_json(b.read_url)["replicas"][1]["reachable"] is False
+        gone = status_json(b.read_url)["replicas"][1]
+        assert gone["reachable"] is False and gone["name"] == "a"  # still named by its id
         only_from(browser, b.read_url)
         # Without JavaScript: the numbers as of loading, and nothing fetched but the page.
         browser.call("open", url=b.read_url + "/status", javascript=False)
         rows = browser.call("cells", table="Replicas")["rows"]
-        assert rows[0][1] == "ready" and rows[0][3] == f"{b.ready()['applied_offset']:,}"
-        assert rows[1][1] == "unreachable"
+        assert rows[0][2] == "ready" and rows[0][4] == f"{b.ready()['applied_offset']:,}"
+        assert rows[1][:3] == ["a", a.read_url, "unreachable"]
         only_from(browser, b.read_url)
         refused_politely(b.read_url)
     finally:

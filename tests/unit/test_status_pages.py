@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
-from gradesvc.status.overview import FRESH, PeerWatch
+from gradesvc.status.overview import FRESH, PeerWatch, parts
 from lbsvc.overview import numbers, quantile
 from svckit.history import History
 from svckit.responses import HTTPError
@@ -112,13 +112,21 @@ class FakePeer(resource.Resource):
         super().__init__()
         self.hits: List[bytes] = []
         self.applied = 10
+        self.replica_id: Any = None
+        self.down = False
 
     def render_GET(self, request: server.Request) -> bytes:
         self.hits.append(request.path)
+        if self.down:
+            request.setResponseCode(502)
+            return b"gone"
         if request.path == b"/ready":
             request.setResponseCode(200)
-            return json.dumps({"ready": True, "phase": "ready", "broker_connected": True, "applied_offset": 41,
-                               "lag_seconds": 0.002, "snapshot": {"peer": None, "rows_loaded": 0}}).encode()
+            ready = {"ready": True, "phase": "ready", "broker_connected": True, "applied_offset": 41,
+                     "lag_seconds": 0.002, "snapshot": {"peer": None, "rows_loaded": 0}}
+            if self.replica_id is not None:
+                ready["replica_id"] = self.replica_id
+            return json.dumps(ready).encode()
         return (f"gradesvc_stream_messages_applied_total {self.applied}.0\n"
                 "gradesvc_checkpoint_offset -1.0\n").encode()
 
@@ -159,3 +167,30 @@ def test_a_peer_whose_ready_has_another_shape_is_shown_unreachable() -> None:
     watch = PeerWatch("http://odd", task.Clock(), StubTreq(Odd()))
     row: Dict[str, Any] = fired(watch.row())
     assert row["reachable"] is False and "AttributeError" in row["error"]
+
+
+def test_a_peer_is_named_by_the_id_its_ready_gives_and_keeps_it_while_unreachable() -> None:
+    clock = task.Clock()
+    peer = FakePeer()
+    watch = PeerWatch("http://127.0.0.1:8072", clock, StubTreq(peer))
+    row: Dict[str, Any] = fired(watch.row())
+    assert (row["name"], row["url"], row["this"]) == ("http://127.0.0.1:8072", "http://127.0.0.1:8072", False)
+    peer.replica_id = "bravo"
+    clock.advance(FRESH * 2)
+    row = fired(watch.row())
+    assert (row["name"], row["url"]) == ("bravo", "http://127.0.0.1:8072")
+    peer.down = True
+    clock.advance(FRESH * 2)
+    row = fired(watch.row())
+    assert (row["name"], row["reachable"]) == ("bravo", False)  # the last id seen, not the URL
+    cells = parts({"replica": "alpha", "replicas": [row], "history": {"series": {"writes/s": [], "lag s": []},
+                                                                     "interval": 1}})[2][0].rows[0]
+    assert cells[:3] == ["bravo", "http://127.0.0.1:8072", ("unreachable", "bad")]
+
+
+@pytest.mark.parametrize("odd", [["a", "list"], 7, "", "x" * 201])
+def test_an_odd_replica_id_leaves_the_peer_named_by_its_url(odd: Any) -> None:
+    peer = FakePeer()
+    peer.replica_id = odd
+    row: Dict[str, Any] = fired(PeerWatch("http://peer:8070", task.Clock(), StubTreq(peer)).row())
+    assert row["reachable"] and row["name"] == "http://peer:8070"
