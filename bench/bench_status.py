@@ -1,7 +1,7 @@
 """What the status pages cost while nobody looks: one sample a second.
 
-Builds each daemon's service tree with its real options (``makeService``, on
-a reactor that is never run, nothing listening), finds its status history
+Builds each daemon's service tree with its real options (the builder
+``makeService`` uses, on a reactor that is never run, nothing listening), finds its status history
 (:class:`svckit.history.History`) and times its sampler, the only work the
 pages add per second when no page is open.  The gateway's registry is given
 the label children a busy gateway has (every status class, three backends,
@@ -40,23 +40,27 @@ def timed(sample: Callable[[], Any]) -> float:
 
 def gateway(workdir: Path) -> float:
     from lbsvc import tap
+    from lbsvc.build import build_gateway
+    from lbsvc.ports import open_ports
+    from lbsvc.users import open_database
 
     (workdir / "servers.yaml").write_text("servers:\n" + "".join(
         f"  - {{name: b{n}, url: 'http://127.0.0.1:{9000 + n}'}}\n" for n in range(3)))
     options = tap.Options()
     options.parseOptions(["--servers", str(workdir / "servers.yaml"), "--database", str(workdir / "users.sqlite3")])
-    top = tap.makeService(options, MemoryReactorClock())
-    history = history_of(top)
-    overview: Any = history.sample.__self__  # type: ignore[attr-defined]
-    proxy_counter = overview.registry._names_to_collectors["lbsvc_http_requests_total"]
-    for code in ("200", "201", "204", "301", "304", "400", "401", "404", "429", "499", "502", "503", "504"):
-        proxy_counter.labels("proxy", code).inc()
-    upstream = overview.registry._names_to_collectors["lbsvc_upstream_requests_total"]
-    latency = overview.registry._names_to_collectors["lbsvc_upstream_response_seconds"]
+    # What makeService does (ports made, never started), keeping the parts that count at hand.
+    parts = build_gateway(options.settings, MemoryReactorClock(), open_database(options.settings.database))
+    open_ports(parts, options.argv())
+    history = history_of(parts.service)
+    # The label children a busy gateway has, made through the parts that count them.
+    proxied = parts.router.route_for(b"/anything")
+    for code in (200, 201, 204, 301, 304, 400, 401, 404, 429, 499, 502, 503, 504):
+        parts.router.count(proxied, code)
+    upstreams = parts.proxy.upstreams
     for n in range(3):
         for outcome in ("200", "404", "502", "timeout"):
-            upstream.labels(f"b{n}", outcome).inc()
-        latency.labels(f"b{n}").observe(0.01)
+            upstreams.outcomes.labels(f"b{n}", outcome).inc()
+        upstreams.latency(f"b{n}").observe(0.01)
     return timed(history.sample)
 
 
