@@ -235,12 +235,12 @@ def test_a_planted_upward_import_is_named(tmp_path: Path) -> None:
         "gradesvc/status/overview.py": "from gradesvc import build\n",
     })
     assert upward(graph(root, ("gradesvc",))) == [
-        "gradesvc.api.read (gradesvc.api) imports gradesvc.status.overview (gradesvc.status); gradesvc.api may use"
-        " only gradesvc.state, gradesvc.stream, svckit",
-        "gradesvc.state.store (gradesvc.state) imports gradesvc.stream.messages (gradesvc.stream); gradesvc.state"
-        " may use only svckit",
-        "gradesvc.status.overview (gradesvc.status) imports gradesvc.build (gradesvc); gradesvc.status may use only"
-        " gradesvc.state, svckit",
+        ("gradesvc.api.read (gradesvc.api) imports gradesvc.status.overview (gradesvc.status); gradesvc.api may use"
+        " only gradesvc.state, gradesvc.stream, svckit"),
+        ("gradesvc.state.store (gradesvc.state) imports gradesvc.stream.messages (gradesvc.stream); gradesvc.state"
+        " may use only svckit"),
+        ("gradesvc.status.overview (gradesvc.status) imports gradesvc.build (gradesvc); gradesvc.status may use only"
+        " gradesvc.state, svckit"),
     ]
 
 
