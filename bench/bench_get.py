@@ -43,6 +43,8 @@ WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if platform.python_implementati
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 PREVIOUS = os.environ.get("BENCH_PREVIOUS_TWISTD", "")
 """The ``twistd`` of another gradesvc release (its own venv) to measure alongside."""
+COPIES = int(os.environ.get("BENCH_COPIES", "1"))
+"""Processes of each build beside the previous release (one row per build over all its processes' rounds)."""
 HERE = Path(__file__).resolve().parent
 
 
@@ -87,11 +89,14 @@ def main() -> None:
                          extra_env={"GRADESVC_ACCESS_LOG": str(workdir / "access.json"),
                                     "GRADESVC_ACCESS_LOG_FORMAT": "json"}).start(),
         ]
-        if PREVIOUS:  # a fair pair: both bootstrapped from the first replica, both with the default access log
-            previous = GradeReplica(workdir, stream, "previous", [logged.read_url])
-            previous.twistd = PREVIOUS
-            others.append(previous.start())
-            others.append(GradeReplica(workdir, stream, "this", [logged.read_url]).start())
+        builds: Dict[str, List[GradeReplica]] = {"previous": [], "this": []}
+        if PREVIOUS:  # fair pairs: all bootstrapped from the first replica, all with the default access log
+            for copy in range(COPIES):
+                previous = GradeReplica(workdir, stream, f"previous{copy}", [logged.read_url])
+                previous.twistd = PREVIOUS
+                builds["previous"].append(previous.start())
+                builds["this"].append(GradeReplica(workdir, stream, f"this{copy}", [logged.read_url]).start())
+            others += builds["previous"] + builds["this"]
         for replica in others:
             replica.wait_ready()
         bare.start()
@@ -102,9 +107,9 @@ def main() -> None:
         urls = {"bare": f"http://127.0.0.1:{port}/get", "log": f"{logged.read_url}/get",
                 "file": f"{others[0].read_url}/get", "off": f"{others[1].read_url}/get",
                 "json": f"{others[2].read_url}/get"}
-        if PREVIOUS:
-            urls["previous"] = f"{others[3].read_url}/get"
-            urls["this"] = f"{others[4].read_url}/get"
+        for build, replicas in builds.items():
+            for copy, replica in enumerate(replicas):
+                urls[f"{build}{copy}"] = f"{replica.read_url}/get"
         rates = measure(urls)
         base, to_log, to_file, off, as_json = (rates[k] for k in ("bare", "log", "file", "off", "json"))
         rows = [
@@ -118,10 +123,12 @@ def main() -> None:
              f"{as_json / off:.2f}x", runtime(), machine()],
         ]
         if PREVIOUS:
-            this = rates["this"]
-            rows.append(["GET /get req/s, this build vs the previous release (both bootstrapped, default access log)",
-                         f"{this:,.0f}", f"{rates['previous']:,.0f}", f"{this / rates['previous']:.2f}x", runtime(),
-                         machine()])
+            this = statistics.median(rates[f"this{c}"] for c in range(COPIES))
+            previous = statistics.median(rates[f"previous{c}"] for c in range(COPIES))
+            spread = ", ".join(f"{rates[f'{b}{c}']:,.0f}" for b in builds for c in range(COPIES))
+            rows.append([(f"GET /get req/s, this build vs the previous release ({COPIES} process(es) a build,"
+                         f" previous then this: {spread})"), f"{this:,.0f}", f"{previous:,.0f}",
+                         f"{this / previous:.2f}x", runtime(), machine()])
         record(rows)
     finally:
         for daemon in [logged, bare, *others]:
