@@ -32,7 +32,7 @@ from gradesvc.state.store import GradeStore
 from gradesvc.status.gauges import checkpoint_gauges, replica_gauges
 from gradesvc.status.overview import Overview, PeerWatch
 from gradesvc.status.stall import StallWatch
-from gradesvc.stream.broker import BrokerService
+from gradesvc.stream.choice import make_broker
 from gradesvc.stream.consumer import StreamConsumer
 from gradesvc.stream.progress import StreamProgress
 from gradesvc.stream.verification import StreamVerifier
@@ -51,7 +51,8 @@ class Replica:
     registry: CollectorRegistry
     status: ReplicaStatus
     store: GradeStore
-    broker: BrokerService
+    broker: Any
+    """The broker connection (an :class:`~gradesvc.stream.link.IBroker`)."""
     progress: StreamProgress
     consumer: StreamConsumer
     checkpoints: Checkpoints
@@ -63,7 +64,7 @@ class Replica:
     """What runs it all, ports included (``makeService``'s answer)."""
 
 
-def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker: Optional[BrokerService] = None,
+def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker: Optional[Any] = None,
                   wall: Callable[[], float] = time.time) -> Replica:
     """Wire one replica in ``data_dir``; ``broker`` stands in for the broker connection (by default a real one)."""
     stream = data_dir.stream
@@ -77,9 +78,11 @@ def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker
     access_log = AccessLog(config.access_log, reactor, config.access_log_format)
     access_log.setServiceParent(top)
     if broker is None:
-        broker = BrokerService(reactor, config.amqp_url, config.stream, status)
+        broker = make_broker(config.stream_protocol, reactor, config.amqp_url, config.stream, status,
+                             config.replica_id)
         broker.setServiceParent(top)
     progress = StreamProgress(status, reactor)
+    broker.on_stream_recreated.append(progress.stream_deleted)
     consumer = StreamConsumer(store, config.replica_id, broker, status, progress, registry,
                               wall=wall, clock=reactor)
     verifier = StreamVerifier(broker, config.replica_id, reactor)

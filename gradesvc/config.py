@@ -15,7 +15,8 @@ import attrs
 from gradesvc.api.read import READ_WAIT
 from gradesvc.api.write import WRITE_TIMEOUT
 from gradesvc.state.bootstrap import IDLE_TIMEOUT
-from gradesvc.stream.broker import node_urls
+from gradesvc.stream.broker import node_urls, stream_port_of
+from gradesvc.stream.choice import PROTOCOLS
 from svckit.options import Option, access_log_destination, access_log_format, endpoint_description, not_empty, positive
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -26,6 +27,19 @@ def amqp_urls(value: str) -> str:
     urls = node_urls(value)
     if not urls or not all(url.startswith(("amqp://", "amqps://")) for url in urls):
         raise ValueError("must be an amqp:// URL, or a comma-separated list of them")
+    for url in urls:
+        try:
+            stream_port_of(url)
+        except ValueError:
+            raise ValueError(f"{url.split('@')[-1]}: stream_port must be a port number") from None
+    return value
+
+
+def stream_protocol(value: str) -> str:
+    """``auto``, ``stream`` or ``amqp``."""
+    value = value.strip().lower()
+    if value not in PROTOCOLS:
+        raise ValueError(f"must be one of {', '.join(PROTOCOLS)}")
     return value
 
 
@@ -49,6 +63,9 @@ OPTIONS = (
     Option("amqp-url", "GRADESVC_AMQP_URL", DEFAULT_AMQP_URL, "Broker URL (or the nodes' URLs, comma-separated)",
            amqp_urls),
     Option("stream", "GRADESVC_STREAM", "user_grades", "Stream queue name", not_empty),
+    Option("stream-protocol", "GRADESVC_STREAM_PROTOCOL", "auto", "How the stream is read and written: stream"
+           " (RabbitMQ's stream protocol, port 5552 or the URL's ?stream_port=N), amqp (AMQP 0.9.1), or auto"
+           " (stream when the broker's stream port answers)", stream_protocol),
     Option("replica-id", "GRADESVC_REPLICA_ID", None, "Unique replica id; default the host name", not_empty),
     Option("peers", "GRADESVC_PEERS", "", "Comma-separated base URLs of peers' read ports", peer_urls),
     Option("admin-user", "GRADESVC_ADMIN_USER", None, "User name for the write port"),
@@ -78,6 +95,7 @@ class ReplicaConfig:
     set_endpoint: str
     amqp_url: str
     stream: str
+    stream_protocol: str
     replica_id: str
     peers: Tuple[str, ...]
     admin_user: str

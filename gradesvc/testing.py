@@ -14,31 +14,39 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, cast
+from typing import Any, Callable, List, Optional, Tuple, Union
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from gradesvc.build import Replica, build_replica
 from gradesvc.config import default_config
 from gradesvc.state.datadir import DataDir
 from gradesvc.state.identity import StreamId
-from gradesvc.stream.broker import BrokerService, BrokerUnavailable
 from gradesvc.stream.consumer import StreamConsumer
-from gradesvc.stream.messages import MARKER_TYPE, WriteMessage
+from gradesvc.stream.link import BrokerUnavailable, IBroker, Outgoing, StreamDeleted
+from gradesvc.stream.messages import BATCH_TYPE, MARKER_TYPE, WriteBatch, WriteMessage
 
 WALL = 1000.0
 """The wall clock of a :func:`memory_replica`, in seconds."""
 
 
+@implementer(IBroker)
 class MemoryBroker:
-    """Stands in for :class:`~gradesvc.stream.broker.BrokerService` and its stream, in memory."""
+    """Stands in for an :class:`~gradesvc.stream.link.IBroker` and its stream, in memory."""
 
     stream = "grades"
     stream_id = StreamId("/", "grades")
+    protocol = "memory"
+    link = None
 
     def __init__(self) -> None:
-        self.published: List[WriteMessage] = []
-        """Every write published, decoded."""
+        self.published: List[Union[WriteMessage, WriteBatch]] = []
+        """Every write (or batch of writes) published, decoded."""
+        self.on_stream_recreated: List[Callable[[], None]] = []
+        self.deleted = False
+        """Refuse publishes as if the stream were deleted under them."""
         self.markers: List[str] = []
         """The nonce of every sync marker published (recorded, not delivered: a test delivers it)."""
         self.on_connect: List[Any] = []
@@ -53,22 +61,30 @@ class MemoryBroker:
         self.stalled = False
         """Confirm publishes without delivering them."""
 
-    async def publish(self, body: bytes, properties: Any) -> None:
+    async def publish(self, message: Outgoing) -> None:
         """Confirm a write at the next offset and deliver it unless stalled; record a sync marker."""
         if self.down:
             raise BrokerUnavailable("not connected to the broker")
-        if properties.type == MARKER_TYPE:
-            self.markers.append(json.loads(body)["marker"])
+        if self.deleted:
+            raise StreamDeleted("the stream is gone")
+        if message.kind == MARKER_TYPE:
+            self.markers.append(json.loads(message.body)["marker"])
             return
-        self.published.append(WriteMessage.decode(body))
+        decode = WriteBatch.decode if message.kind == BATCH_TYPE else WriteMessage.decode
+        self.published.append(decode(message.body))
         self.offset += 1
         if not self.stalled and self.consumer is not None:
-            self.consumer.applier.handle(self.offset, properties, body)
+            self.consumer.applier.handle(self.offset, message.kind, message.body)
             self.consumer.applier.batch_done()
 
-    def reconnect_later(self, connection: Any, delay: Optional[float] = None) -> None:
+    def reconnect_later(self, link: Any = None, delay: Optional[float] = None) -> Deferred[None]:
         """Record that the consumer asked for a new connection."""
-        self.reconnects.append((connection, delay))
+        self.reconnects.append((link, delay))
+        return succeed(None)
+
+    def when_connected(self) -> Deferred[Any]:
+        """Never connected: nothing here reads the stream but the consumer, fed by :meth:`publish`."""
+        return Deferred()
 
 
 def memory_replica(path: Path, broker: MemoryBroker, clock: Optional[Clock] = None, replica_id: str = "r1",
@@ -77,6 +93,6 @@ def memory_replica(path: Path, broker: MemoryBroker, clock: Optional[Clock] = No
     options' defaults (the access log is off unless asked for)."""
     settings = default_config(replica_id, admin[0], admin[1], str(path), **{"access_log": "off", **config})
     data_dir = DataDir(path, broker.stream_id, replica_id)
-    replica = build_replica(settings, clock or Clock(), data_dir, cast(BrokerService, broker), wall=lambda: WALL)
+    replica = build_replica(settings, clock or Clock(), data_dir, broker, wall=lambda: WALL)
     broker.consumer = replica.consumer
     return replica

@@ -32,7 +32,7 @@ from svckit.channel import ChannelSite, GuardedChannel
 from svckit.requestbody import RequestBody
 from svckit.requestid import request_id
 from svckit.responses import HTTPError, too_large
-from svckit.web import log_unhandled
+from svckit.web import Route, first_byte, log_unhandled
 
 
 class RequestSite(ChannelSite, Protocol):
@@ -62,6 +62,8 @@ class GuardedRequest(server.Request):
     """When its headers were in (the reactor's time), for the access log's duration."""
     _limit = 0
     _received = 0
+    _route: Optional[Route] = None
+    """Set while the body's limit waits for its first byte (a route with an array limit)."""
 
     def gotLength(self, length: Optional[int]) -> None:
         """Admit the request before any of its body is stored."""
@@ -90,6 +92,8 @@ class GuardedRequest(server.Request):
                 length = 0
         elif length != 0:
             route = site.router.route_for(self.path)
+            if route is not None and route.max_array_body is not None:
+                self._route = route
             if route is not None and route.stream_body:
                 transport: Any = channel.transport
                 self.body = RequestBody(length, transport.pauseProducing, channel.resume_reading)
@@ -129,6 +133,10 @@ class GuardedRequest(server.Request):
         if channel is None:
             return
         self._received += len(data)
+        if self._route is not None:
+            first = first_byte(data)
+            if first:
+                self._limit, self._route = self._route.limit_for(first), None
         if self._received > self._limit:
             if self.body is not None:
                 self.body.break_off()

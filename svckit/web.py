@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from svckit.jsonbody import parse_object
+from svckit.jsonbody import parse_json, parse_object
 from svckit.requestid import request_id
 from svckit.responses import (
     JSON_TYPE,
@@ -75,6 +75,15 @@ class Route:
     stream_body: bool = False
     """Dispatch when the headers are admitted and hand the handler the body as
     it arrives (``request.body``, a :class:`svckit.requestbody.RequestBody`)."""
+    max_array_body: Optional[int] = None
+    """A JSON array body (its first non-blank byte ``[``) may be this large; any
+    other body stays within :attr:`max_body`, decided at its first byte."""
+
+    def limit_for(self, first: bytes) -> int:
+        """The body limit once the body's first non-blank byte is ``first``."""
+        if self.max_array_body is not None and first == b"[":
+            return self.max_array_body
+        return self.max_body
 
     def handler(self, method: bytes) -> Optional[Handler]:
         """The handler of ``method`` (``HEAD`` falls back to ``GET``)."""
@@ -102,6 +111,15 @@ def encode(request: server.Request, response: Union[JSONResponse, BytesResponse]
     return response.body
 
 
+def read_json_value(request: server.Request) -> Any:
+    """The request body as any JSON value (the router has bounded its size)."""
+    content = request.content
+    if content is None:
+        return parse_json(b"")
+    content.seek(0)
+    return parse_json(content.read())
+
+
 def read_json(request: server.Request) -> Dict[str, Any]:
     """The request body as a JSON object (the router has bounded its size)."""
     content = request.content
@@ -109,6 +127,12 @@ def read_json(request: server.Request) -> Dict[str, Any]:
         return parse_object(b"")
     content.seek(0)
     return parse_object(content.read())
+
+
+def first_byte(data: bytes) -> bytes:
+    """The first byte of ``data`` that is not JSON whitespace (``b""``: none yet)."""
+    stripped = data.lstrip(b" \t\r\n")
+    return stripped[:1]
 
 
 def body_size(request: server.Request) -> int:
@@ -198,7 +222,7 @@ class Router(resource.Resource):
             return self.max_body
         if route.guard is not None:
             route.guard(request)
-        return route.max_body
+        return max(route.max_body, route.max_array_body or 0)
 
     def render(self, request: server.Request) -> Union[bytes, int]:
         """Dispatch to the handler and answer what it returns or raises."""
@@ -233,6 +257,10 @@ class Router(resource.Resource):
 
     def _admit_here(self, request: server.Request) -> None:
         limit = self.admit(request)
+        route = self.route_for(request.path)
+        if route is not None and route.max_array_body is not None and request.content is not None:
+            request.content.seek(0)
+            limit = route.limit_for(first_byte(request.content.read(4096)) or b"[")
         if body_size(request) > limit:
             raise too_large(limit)
 

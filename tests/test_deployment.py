@@ -60,6 +60,14 @@ def test_services_ports_health_and_order() -> None:
     assert set(services["lbsvc"]["depends_on"]) == {"gradesvc-a", "gradesvc-b", "gradesvc-c"}
 
 
+def test_the_broker_offers_the_stream_protocol_and_the_replicas_use_it_when_offered() -> None:
+    services = compose()["services"]
+    assert "rabbitmq-plugins enable --offline rabbitmq_stream" in " ".join(services["rabbitmq"]["command"])
+    assert "exec docker-entrypoint.sh rabbitmq-server" in services["rabbitmq"]["command"][-1]
+    for name in ("gradesvc-a", "gradesvc-b", "gradesvc-c"):
+        assert expand(services[name]["environment"]["GRADESVC_STREAM_PROTOCOL"], env_file()) == "auto", name
+
+
 def test_images_are_pinned() -> None:
     env = env_file()
     for name, service in compose()["services"].items():

@@ -36,6 +36,8 @@ class ReplicaStatus:
     """Which replica this is (``--replica-id``): named on ``/ready``, so a peer's page can name it."""
     connected: bool = False
     broker_node: Optional[str] = None
+    stream_protocol: Optional[str] = None
+    """Which protocol carries the stream: ``stream``, ``amqp``, or ``auto`` until the broker answered."""
     consumer_failures: int = 0
     snapshot_peer: Optional[str] = None
     snapshot_rows: int = 0
@@ -114,6 +116,7 @@ class ReplicaStatus:
             "phase": self.phase.value,
             "broker_connected": self.connected,
             "broker_node": self.broker_node,
+            "stream_protocol": self.stream_protocol,
             "applied_offset": self.applied_offset,
             "lag": round(self.lag_seconds, 3),
             "lag_seconds": round(self.lag_seconds, 3),

@@ -15,7 +15,7 @@ fails is delivered again after the consumer restarts.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+from typing import Callable, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.logger import Logger
@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from gradesvc.state.identity import Anchor, body_sha256
 from gradesvc.state.phase import ReplicaStatus
 from gradesvc.state.store import GradeStore
-from gradesvc.stream.messages import MARKER_TYPE, WriteMessage
+from gradesvc.stream.messages import BATCH_TYPE, MARKER_TYPE, WriteBatch, WriteMessage
 from gradesvc.stream.progress import StreamProgress
 
 log = Logger()
@@ -96,18 +96,22 @@ class StreamApplier:
         self.status.applied_offset = -1
         self._loaded, self._last_body, self._last_offset = None, None, -1
 
-    def handle(self, offset: int, properties: Any, body: bytes) -> None:
-        """Apply one delivery at ``offset`` (idempotent; older offsets are ignored)."""
+    def handle(self, offset: int, kind: Optional[str], body: bytes) -> None:
+        """Apply one delivery at ``offset`` (idempotent; older offsets are ignored).
+
+        ``kind`` is the message's kind; a message without one is a write (as
+        the earliest releases published them).
+        """
         status = self.status
         if offset <= status.applied_offset:
             self._skipped["duplicate"].inc()
             return
-        if properties.type == MARKER_TYPE:
+        if kind == MARKER_TYPE:
             status.applied_offset = offset
             self._last_offset, self._last_body = offset, body
             self._on_marker(body)
             return
-        self._apply(offset, body)
+        self._apply(offset, body, kind == BATCH_TYPE)
         status.applied_offset = offset
         self._last_offset, self._last_body = offset, body
 
@@ -117,18 +121,25 @@ class StreamApplier:
         self._applied.inc(self._applied_in_batch)
         self._applied_in_batch = 0
 
-    def _apply(self, offset: int, body: bytes) -> None:
+    def _apply(self, offset: int, body: bytes, batch: bool) -> None:
+        message: Union[WriteMessage, WriteBatch]
         try:
-            message = WriteMessage.decode(body)
+            message = WriteBatch.decode(body) if batch else WriteMessage.decode(body)
         except (ValueError, TypeError) as e:
             log.warn("Malformed stream message at offset {offset}: {error}", offset=offset, error=e)
             self._skipped["malformed"].inc()
             return
         lag = max(0.0, self.wall() - message.written_at / 1000.0)
         self.status.lag_seconds = lag
-        write = message.write
-        self.store.apply_patch(write.user_id, write.patch, offset)
-        self._applied_in_batch += 1
+        if isinstance(message, WriteBatch):
+            apply_patch = self.store.apply_patch
+            for user_id, patch in message.merged().items():  # one offset: each user once, merged in order
+                apply_patch(user_id, patch, offset)
+            self._applied_in_batch += len(message.writes)
+        else:
+            write = message.write
+            self.store.apply_patch(write.user_id, write.patch, offset)
+            self._applied_in_batch += 1
         if message.replica == self.replica_id:
             self.progress.write_applied(message.message_id, offset)
         elif self.status.ready:

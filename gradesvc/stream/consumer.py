@@ -30,13 +30,10 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional
 
-from pika.adapters.twisted_connection import TwistedProtocolConnection
-from pika.exceptions import AMQPError, ConsumerCancelled
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer, task
-from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,7 +42,7 @@ from gradesvc.state.identity import Anchor
 from gradesvc.state.phase import Phase, ReplicaStatus
 from gradesvc.state.store import GradeStore
 from gradesvc.stream.applier import StreamApplier
-from gradesvc.stream.broker import BrokerService
+from gradesvc.stream.link import IBroker, IStreamLink, ISubscription, StreamDeleted, SubscriptionEnded
 from gradesvc.stream.messages import marker_message
 from gradesvc.stream.progress import StreamProgress
 from gradesvc.stream.streamstart import StreamGap, StreamStart
@@ -68,7 +65,7 @@ class StreamConsumer:
         self,
         store: GradeStore,
         replica_id: str,
-        broker: BrokerService,
+        broker: IBroker,
         status: ReplicaStatus,
         progress: StreamProgress,
         registry: CollectorRegistry,
@@ -100,42 +97,37 @@ class StreamConsumer:
         )
         broker.on_connect.append(self.subscribe)
 
-    async def subscribe(self, connection: TwistedProtocolConnection) -> None:
+    async def subscribe(self, link: IStreamLink) -> None:
         """Check the state, consume from the last applied offset + 1; ready once the marker is back."""
         await self.snapshot_loaded
         if self.status.phase is Phase.RETENTION_GAP:
             return
         anchor = self.applier.anchor()
         if anchor is not None and self.verifier is not None:
-            problem = await self.verifier.check_on(connection, anchor)
+            problem = await self.verifier.check_on(link, anchor)
             if problem is not None:
-                await self._refuse_state(connection, anchor, problem)
+                await self._refuse_state(link, anchor, problem)
                 return
-        channel = await connection.channel()
-        await channel.basic_qos(prefetch_count=PREFETCH)
         start = self.status.applied_offset + 1
-        queue, _tag = await channel.basic_consume(
-            queue=self.broker.stream,
-            auto_ack=False,
-            arguments={"x-stream-offset": start},
-        )
-        log.info("Consuming stream {stream} from offset {offset}", stream=self.broker.stream, offset=start)
+        subscription = await link.subscribe(start, PREFETCH)
+        log.info("Consuming stream {stream} from offset {offset} ({protocol})", stream=self.broker.stream,
+                 offset=start, protocol=link.protocol)
         self.status.catching_up()
         self.status.waiting_for = (f"its sync marker to come back from the stream's tail"
                                    f" (consuming from offset {start})")
         self._subscribed_at = self.clock.seconds()
         self.applier.marker = uuid.uuid4().hex
         published = self._publish_marker()
-        published.addErrback(self._marker_failed, connection)
-        self.consume(connection, channel, queue)
+        published.addErrback(self._marker_failed, link)
+        self.consume(link, subscription)
 
-    def consume(self, connection: TwistedProtocolConnection, channel: Any, queue: Any) -> defer.Deferred[None]:
-        """Apply what ``queue`` delivers on ``channel`` until it stops: a gap in the stream is recovered from,
+    def consume(self, link: IStreamLink, subscription: ISubscription) -> defer.Deferred[None]:
+        """Apply what ``subscription`` delivers until it stops: a gap in the stream is recovered from,
         any other fault is logged and the replica resubscribes after a back-off."""
-        consuming = defer.ensureDeferred(self._consume(connection, channel, queue))
-        return consuming.addErrback(self._consumer_stopped, connection)
+        consuming = defer.ensureDeferred(self._consume(link, subscription))
+        return consuming.addErrback(self._consumer_stopped, link)
 
-    async def _refuse_state(self, connection: TwistedProtocolConnection, anchor: Anchor, problem: str) -> None:
+    async def _refuse_state(self, link: IStreamLink, anchor: Anchor, problem: str) -> None:
         """The state in memory is not of this stream's life: drop it and rebuild."""
         log.error(
             "Refusing this replica's state: it reflects stream {stream} up to {anchor}, but {problem}."
@@ -149,20 +141,20 @@ class StreamConsumer:
         self.applier.forget()
         rebuilt = await self.rebootstrap(-1) if self.rebootstrap is not None else None
         self.applier.loaded(rebuilt)
-        self.broker.reconnect_later(connection, 0.0)
+        self.broker.reconnect_later(link, 0.0)
 
-    def _marker_failed(self, failure: Failure, connection: TwistedProtocolConnection) -> None:
+    def _marker_failed(self, failure: Failure, link: IStreamLink) -> None:
         log.warn("Sync marker not published ({error}); reconnecting", error=failure.value)
-        self.broker.reconnect_later(connection)
+        self.broker.reconnect_later(link)
 
-    def _consumer_stopped(self, failure: Failure, connection: TwistedProtocolConnection) -> defer.Deferred[None]:
+    def _consumer_stopped(self, failure: Failure, link: IStreamLink) -> defer.Deferred[None]:
         if failure.check(StreamGap):
             gap: StreamGap = failure.value  # type: ignore[assignment]
-            return defer.ensureDeferred(self._recover(connection, gap))
-        self._consumer_failed(failure, connection)
+            return defer.ensureDeferred(self._recover(link, gap))
+        self._consumer_failed(failure, link)
         return defer.succeed(None)
 
-    def _consumer_failed(self, failure: Failure, connection: TwistedProtocolConnection) -> None:
+    def _consumer_failed(self, failure: Failure, link: IStreamLink) -> None:
         """The consume loop broke: not ready, and a new subscription after a back-off."""
         self._failures += 1
         delay = backoff(self._failures)
@@ -171,60 +163,55 @@ class StreamConsumer:
             failure, offset=self.status.applied_offset, delay=delay,
         )
         self.status.consumer_failed()
-        self.broker.reconnect_later(connection, delay)
+        self.broker.reconnect_later(link, delay)
 
     def _publish_marker(self) -> defer.Deferred[None]:
         marker = self.applier.marker
         assert marker is not None
-        return defer.ensureDeferred(self.broker.publish(*marker_message(self.replica_id, marker)))
+        return defer.ensureDeferred(self._publish(marker))
 
-    async def _consume(self, connection: TwistedProtocolConnection, channel: Any, queue: Any) -> None:
-        """Apply deliveries in batches: one wait and one ack per batch.
+    async def _publish(self, marker: str) -> None:
+        await self.broker.publish(marker_message(self.replica_id, marker))
 
-        pika hands over every message of a socket read before returning to the
-        reactor.  Waiting one reactor turn after each batch lets them collect
-        in the queue's ``pending`` list, so a busy stream costs one Deferred and
-        one ack per read, not per message; an idle one still wakes on the very
-        next delivery.  Raises :class:`StreamGap` on a real gap.
+    async def _consume(self, link: IStreamLink, subscription: ISubscription) -> None:
+        """Apply deliveries in batches: one wait and one ack (or credit) per batch.
+
+        A batch is what one socket read brought (AMQP 0.9.1) or one chunk (the
+        stream protocol).  Waiting one reactor turn after each lets the next
+        ones collect, so a busy stream costs one wake-up per read, not per
+        message; an idle one still wakes on the very next delivery.  Raises
+        :class:`StreamGap` on a real gap.
         """
         status, applier = self.status, self.applier
         while True:
             try:
-                message = await queue.get()
-            except ConsumerCancelled:
+                batch = await subscription.next_batch()
+            except StreamDeleted as e:
                 # The stream was deleted (or its leader moved) under us: a new
                 # connection declares it again and checks the state against it.
-                log.warn("The broker cancelled the consumer of stream {stream} (deleted?); not ready,"
-                         " reconnecting", stream=self.broker.stream)
+                log.warn("The broker ended the consumer of stream {stream} ({why}); not ready, reconnecting",
+                         stream=self.broker.stream, why=e)
                 self.status.catching_up()
-                self.broker.reconnect_later(connection, 1.0)
+                self.broker.reconnect_later(link, 1.0)
                 return
-            except (AMQPError, ConnectionClosed, defer.CancelledError) as e:
-                # The channel or connection closed: a new connection subscribes again.
+            except (SubscriptionEnded, defer.CancelledError) as e:
+                # The connection closed: a new connection subscribes again.
                 log.info("Stream consumer stopped: {error!r}", error=e)
                 return
-            batch = [message, *queue.pending]
-            del queue.pending[:]
-            for message in batch:
-                offset = (message.properties.headers or {}).get("x-stream-offset")
-                if not isinstance(offset, int):
-                    log.warn("Stream delivery without x-stream-offset; skipped")
-                    continue
+            for offset, kind, body in batch:
                 expected = status.applied_offset + 1
                 if offset > expected:
                     try:
-                        await self.start.check_jump(connection, expected, offset)
+                        await self.start.check_jump(link, expected, offset)
                     except StreamGap:
-                        if channel.is_open:
-                            channel.close()
+                        subscription.close()
                         raise
-                applier.handle(offset, message.properties, message.body)
+                applier.handle(offset, kind, body)
             applier.batch_done()
-            if channel.is_open:
-                channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
+            subscription.done(batch)
             await task.deferLater(self.clock, 0, lambda: None)
 
-    async def _recover(self, connection: TwistedProtocolConnection, gap: StreamGap) -> None:
+    async def _recover(self, link: IStreamLink, gap: StreamGap) -> None:
         """A real gap: re-bootstrap from a peer past it, or stay in ``retention_gap``."""
         log.error(
             "Gap in stream {stream}: offsets {wanted}..{last} are gone (the stream now starts at"
@@ -238,7 +225,7 @@ class StreamConsumer:
             self._rebootstraps.inc()
             self.applier.loaded(anchor)
             log.info("Re-bootstrapped to offset {offset}; resubscribing", offset=anchor.offset)
-            self.broker.reconnect_later(connection, 0.0)
+            self.broker.reconnect_later(link, 0.0)
             return
         log.critical(
             "Retention gap on stream {stream}: messages {wanted}..{last} are gone and no peer has"

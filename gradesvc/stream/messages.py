@@ -1,23 +1,36 @@
-"""What a write is: validating ``POST /set`` bodies and the stream message.
+"""What a write is: validating ``POST /set`` bodies and the messages on the stream.
 
-A message on the stream is UTF-8 JSON ``{"replica": ..., "id": ..., "at": ...,
-"user_id": ..., "patch": {...}}``: one partial write.  Its version is the
-offset the stream gives it; every replica, the writer included, applies it
-when it consumes it.
+Three kinds of message travel on the stream, each UTF-8 JSON:
+
+* ``write``: ``{"replica", "id", "at", "user_id", "patch": {...}}``, one
+  partial write;
+* ``write-batch``: ``{"replica", "id", "at", "writes": [{"user_id", "patch"},
+  ...]}``, a bulk ``/set``: one message, so it has one offset and is applied in
+  one step everywhere, whichever protocol carried it (replicas of the release
+  before it skip it as malformed: upgrade them all before sending arrays);
+* ``sync-marker``: ``{"replica", "marker"}``, which only its publisher waits for.
+
+A message's version is the offset the stream gives it; every replica, the
+writer included, applies it when it consumes it.  The kind travels as the
+AMQP 0.9.1 ``type`` property, or the application property ``x-basic-type``
+on the stream protocol (the same thing once stored).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import attrs
-import pika
 
 from gradesvc.state.store import FIELDS
+from gradesvc.stream.link import Outgoing
 
 WRITE_TYPE = "write"
+BATCH_TYPE = "write-batch"
 MARKER_TYPE = "sync-marker"
+MAX_BATCH = 10_000
+"""Elements of one bulk ``/set``."""
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_USER_ID_LENGTH = 1024
@@ -120,25 +133,95 @@ def parse_write(body: Dict[str, Any]) -> Write:
     return Write(user_id, patch)
 
 
-def write_properties(message: WriteMessage) -> pika.BasicProperties:
-    """AMQP properties of a write message."""
-    return pika.BasicProperties(
-        app_id=message.replica,
-        message_id=message.message_id,
-        content_type="application/json",
-        type=WRITE_TYPE,
-        timestamp=message.written_at // 1000,
-        delivery_mode=2,
-    )
+@attrs.frozen
+class WriteBatch:
+    """A bulk write as carried by the stream: many partial writes, one message, one offset."""
+
+    replica: str
+    write_id: str
+    written_at: int
+    writes: Tuple[Write, ...]
+
+    def encode(self) -> bytes:
+        """The message body."""
+        return json.dumps(
+            {"replica": self.replica, "id": self.write_id, "at": self.written_at,
+             "writes": [{"user_id": w.user_id, "patch": dict(w.patch)} for w in self.writes]},
+            separators=(",", ":"), ensure_ascii=False,
+        ).encode("utf-8")
+
+    @property
+    def message_id(self) -> str:
+        """A unique id of this batch: replica and write id."""
+        return f"{self.replica}:{self.write_id}"
+
+    def merged(self) -> Dict[str, Dict[str, int]]:
+        """Each user's patches merged in array order (a later element's field wins): what one offset
+        applies."""
+        merged: Dict[str, Dict[str, int]] = {}
+        for write in self.writes:
+            merged.setdefault(write.user_id, {}).update(write.patch)
+        return merged
+
+    @classmethod
+    def decode(cls, body: bytes) -> WriteBatch:
+        """Parse and validate a batch body (``ValueError`` when malformed)."""
+        obj = json.loads(body.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("batch is not an object")
+        replica, write_id, written_at, writes = obj.get("replica"), obj.get("id"), obj.get("at", 0), obj.get("writes")
+        if not isinstance(replica, str) or not replica:
+            raise ValueError("batch has no replica")
+        if not isinstance(write_id, str) or not write_id:
+            raise ValueError("batch has no id")
+        if not _is_int(written_at):
+            raise ValueError("batch has a bad time")
+        if not isinstance(writes, list) or not 0 < len(writes) <= MAX_BATCH:
+            raise ValueError("batch has no writes")
+        parsed: List[Write] = []
+        for item in writes:
+            if not isinstance(item, dict) or not isinstance(item.get("patch", {}), dict):
+                raise ValueError("batch has a bad write")
+            parsed.append(parse_write({"user_id": item.get("user_id"), **item.get("patch", {})}))
+        return cls(replica, write_id, written_at, tuple(parsed))
 
 
-def marker_message(replica: str, nonce: str) -> Tuple[bytes, pika.BasicProperties]:
-    """Body and properties of a sync marker: a message only its publisher waits for."""
+def parse_writes(body: Any) -> Tuple[Write, ...]:
+    """The writes of a ``POST /set`` body: one object, or an array of 1 to :data:`MAX_BATCH` objects.
+
+    Raises :class:`InvalidWrite` saying why (for an array, which element).
+    """
+    if isinstance(body, dict):
+        return (parse_write(body),)
+    if not isinstance(body, list):
+        raise InvalidWrite("body must be a JSON object or an array of them")
+    if not 0 < len(body) <= MAX_BATCH:
+        raise InvalidWrite(f"an array of writes holds 1 to {MAX_BATCH} elements, not {len(body)}")
+    writes = []
+    for index, element in enumerate(body):
+        if not isinstance(element, dict):
+            raise InvalidWrite(f"element {index}: not a JSON object")
+        try:
+            writes.append(parse_write(element))
+        except InvalidWrite as e:
+            raise InvalidWrite(f"element {index}: {e}") from None
+    return tuple(writes)
+
+
+def outgoing(message: WriteMessage | WriteBatch) -> Outgoing:
+    """A write or a batch, ready to publish."""
+    kind = BATCH_TYPE if isinstance(message, WriteBatch) else WRITE_TYPE
+    return Outgoing(kind, message.encode(), message.replica, message.message_id, message.written_at)
+
+
+def marker_message(replica: str, nonce: str) -> Outgoing:
+    """A sync marker: a message only its publisher waits for."""
     body = json.dumps({"replica": replica, "marker": nonce}).encode()
-    return body, pika.BasicProperties(
-        app_id=replica,
-        message_id=f"{replica}:marker:{nonce}",
-        content_type="application/json",
-        type=MARKER_TYPE,
-        delivery_mode=2,
-    )
+    return Outgoing(MARKER_TYPE, body, replica, f"{replica}:marker:{nonce}")
+
+
+def batch_of(replica: str, write_id: str, written_at: int, writes: Sequence[Write]) -> WriteMessage | WriteBatch:
+    """One write as a ``write`` message, several as one ``write-batch``."""
+    if len(writes) == 1:
+        return WriteMessage(replica, write_id, written_at, writes[0])
+    return WriteBatch(replica, write_id, written_at, tuple(writes))

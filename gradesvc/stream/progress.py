@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from gradesvc.state.phase import ReplicaStatus
+from gradesvc.stream.link import StreamDeleted
 
 
 class StreamProgress:
@@ -50,6 +51,13 @@ class StreamProgress:
         """Stop waiting for a write that was never published."""
         waiting.cancel()
         waiting.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    def stream_deleted(self) -> None:
+        """The stream was deleted and declared again: no write waited for will ever be applied."""
+        writes, self._writes = self._writes, {}
+        for waiting in writes.values():
+            if not waiting.called:
+                waiting.errback(StreamDeleted("the stream was deleted before the write was applied"))
 
     def write_applied(self, message_id: str, offset: int) -> None:
         """The consumer applied this replica's write ``message_id`` at ``offset``."""

@@ -21,65 +21,56 @@ from __future__ import annotations
 
 import json
 import uuid
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional, Tuple
+from typing import Optional
 
 from pika.exceptions import AMQPError
-from twisted.internet import defer, task
-from twisted.internet.error import ConnectionClosed
+from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gradesvc.state.identity import Anchor, body_sha256
-from gradesvc.stream.broker import BrokerService, BrokerUnavailable
+from gradesvc.stream.link import (
+    BrokerUnavailable,
+    Delivery,
+    IBroker,
+    IStreamLink,
+    Start,
+    StreamDeleted,
+    SubscriptionEnded,
+)
 from gradesvc.stream.messages import MARKER_TYPE, WriteMessage, marker_message
 from svckit.supervisor import backoff
+from txrabbitstream import ProtocolError, StreamError
 
 log = Logger()
 
 PROBE_TIMEOUT = 5.0
 PROBE_PREFETCH = 1000
-BROKER_TROUBLE = (AMQPError, ConnectionClosed, defer.TimeoutError, BrokerUnavailable)
-
-Delivery = Tuple[int, Any, bytes]
-"""``(offset, properties, body)`` of one stream message."""
-
-
-@asynccontextmanager
-async def probe_consumer(connection: Any, stream: str, start: Any, prefetch: int) -> AsyncIterator[Tuple[Any, Any]]:
-    """A short-lived consumer at ``start`` on a channel of its own: ``(channel, queue)``, closed after."""
-    channel = await connection.channel()
-    try:
-        await channel.basic_qos(prefetch_count=prefetch)
-        queue, _tag = await channel.basic_consume(
-            queue=stream, auto_ack=False, arguments={"x-stream-offset": start},
-        )
-        yield channel, queue
-    finally:
-        if channel.is_open:
-            channel.close()
+BROKER_TROUBLE = (AMQPError, error.ConnectionClosed, error.ConnectionLost, error.ConnectError, defer.TimeoutError,
+                  BrokerUnavailable,
+                  SubscriptionEnded, StreamDeleted, StreamError, ProtocolError)
 
 
-async def first_delivery(connection: Any, stream: str, start: Any, clock: IReactorTime,
+async def first_delivery(link: IStreamLink, start: Start, clock: IReactorTime,
                          timeout: float = PROBE_TIMEOUT) -> Optional[Delivery]:
-    """The first message a consumer at ``start`` (an offset, or ``"first"``) gets; None after ``timeout``."""
-    async with probe_consumer(connection, stream, start, 1) as (_channel, queue):
-        got = queue.get()
+    """The first message a subscription at ``start`` (an offset, or ``"first"``) gets; None after ``timeout``."""
+    subscription = await link.subscribe(start, 1)
+    try:
+        got = subscription.next_batch()
         got.addTimeout(timeout, clock)
         try:
-            message = await got
+            batch = await got
         except defer.TimeoutError:
             return None
-        offset = (message.properties.headers or {}).get("x-stream-offset")
-        if not isinstance(offset, int):
-            return None
-        return offset, message.properties, message.body
+        return batch[0]
+    finally:
+        subscription.close()
 
 
 class StreamVerifier:
     """Checks anchors against the stream of ``broker``."""
 
-    def __init__(self, broker: BrokerService, replica_id: str, clock: IReactorTime) -> None:
+    def __init__(self, broker: IBroker, replica_id: str, clock: IReactorTime) -> None:
         self.broker = broker
         self.replica_id = replica_id
         self.clock = clock
@@ -92,9 +83,9 @@ class StreamVerifier:
         """
         failures = 0
         while True:
-            connection = await self.broker.when_connected()
+            link = await self.broker.when_connected()
             try:
-                return await self.check_on(connection, anchor)
+                return await self.check_on(link, anchor)
             except BROKER_TROUBLE as e:
                 failures += 1
                 delay = backoff(failures, initial=0.2, maximum=5.0)
@@ -102,18 +93,18 @@ class StreamVerifier:
                          error=e, delay=delay)
                 await task.deferLater(self.clock, delay, lambda: None)
 
-    async def check_on(self, connection: Any, anchor: Anchor) -> Optional[str]:
-        """:meth:`check` over ``connection``; broker trouble raises."""
+    async def check_on(self, link: IStreamLink, anchor: Anchor) -> Optional[str]:
+        """:meth:`check` over ``link``; broker trouble raises."""
         if not anchor.checkable:
             return "it carries no stream identity and no written field to check it by"
-        end = await self.tail_offset(connection)
+        end = await self.tail_offset(link)
         if anchor.offset >= end:
             return f"the stream ends before offset {anchor.offset} (its newest offset is {end - 1})"
         at = anchor.offset if anchor.row is None else anchor.row.offset
-        delivery = await first_delivery(connection, self.broker.stream, at, self.clock)
+        delivery = await first_delivery(link, at, self.clock)
         if delivery is None:
             raise defer.TimeoutError(f"no delivery from offset {at}")
-        offset, _properties, body = delivery
+        offset, _kind, body = delivery
         if offset != at:
             return f"offset {at} holds no message in the stream now (the first from there is at offset {offset})"
         if anchor.row is None:
@@ -130,26 +121,27 @@ class StreamVerifier:
             return f"the write at offset {at} is not the one the file's rows name"
         return None
 
-    async def tail_offset(self, connection: Any) -> int:
+    async def tail_offset(self, link: IStreamLink) -> int:
         """The offset a message published now gets: one past the stream's newest.
 
         Publishes a probe marker (the consumers skip it) and reads from the
         stream's last chunk until that marker comes back.
         """
-        async with probe_consumer(connection, self.broker.stream, "last", PROBE_PREFETCH) as (channel, queue):
+        subscription = await link.subscribe("last", PROBE_PREFETCH)
+        try:
             nonce = f"probe-{uuid.uuid4().hex}"
-            await self.broker.publish(*marker_message(self.replica_id, nonce))
+            await self.broker.publish(marker_message(self.replica_id, nonce))
             deadline = self.clock.seconds() + PROBE_TIMEOUT
             while True:
-                got = queue.get()
+                got = subscription.next_batch()
                 got.addTimeout(max(0.0, deadline - self.clock.seconds()), self.clock)
-                message = await got
-                channel.basic_ack(message.method.delivery_tag)
-                if message.properties.type == MARKER_TYPE and _marker_of(message.body) == nonce:
-                    offset = (message.properties.headers or {}).get("x-stream-offset")
-                    if not isinstance(offset, int):
-                        raise defer.TimeoutError("probe marker without an offset")
-                    return offset
+                batch = await got
+                subscription.done(batch)
+                for offset, kind, body in batch:
+                    if kind == MARKER_TYPE and _marker_of(body) == nonce:
+                        return offset
+        finally:
+            subscription.close()
 
 
 def _marker_of(body: bytes) -> Optional[str]:

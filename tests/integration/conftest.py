@@ -33,6 +33,13 @@ def user_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
     drop_database(url)
 
 
+@pytest.fixture(params=["stream", "amqp"])
+def stream_protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The protocol the test's replicas speak (``--stream-protocol``): each gradesvc test runs on both."""
+    monkeypatch.setenv("GRADESVC_STREAM_PROTOCOL", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 def stream() -> Iterator[str]:
     name = unique_stream()

@@ -33,6 +33,15 @@ class Relay:
     def url(self, scheme: str = "amqp", path: str = "/%2F", auth: str = "guest:guest@") -> str:
         return f"{scheme}://{auth}127.0.0.1:{self.port}{path}"
 
+    @classmethod
+    def to_broker(cls, stream_protocol: str) -> Tuple[Relay, str]:
+        """A relay to the shared broker's port for ``stream_protocol`` and the ``--amqp-url`` that uses it."""
+        if stream_protocol == "stream":
+            relay = cls(("127.0.0.1", 5552))
+            return relay, relay.url() + f"?stream_port={relay.port}"
+        relay = cls(("127.0.0.1", 5672))
+        return relay, relay.url()
+
     def _accept(self) -> None:
         while not self._closed:
             try:

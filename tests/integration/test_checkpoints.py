@@ -15,7 +15,7 @@ from harness.net import basic, http, wait_until
 from harness.replica import GradeReplica, set_with_offset
 from tests.integration.test_replication import expect_and_converge
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stream_protocol")]
 
 Make = Callable[..., GradeReplica]
 FAST = {"GRADESVC_CHECKPOINT_INTERVAL": "0.5"}

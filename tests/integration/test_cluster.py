@@ -23,7 +23,7 @@ from harness.net import basic, free_port, http, wait_until
 from harness.replica import GradeReplica
 from tests.integration.test_replication import expect_and_converge
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stream_protocol")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "scripts" / "rabbitmq-cluster")
@@ -33,8 +33,8 @@ Make = Callable[..., GradeReplica]
 class Cluster:
     def __init__(self, base: Path) -> None:
         port = free_port()
-        # Three AMQP ports from here, and their distribution ports 20000 above.
-        while port > 45000 or not all(_free(p) for i in range(3) for p in (port + i, port + i + 20000)):
+        # Three AMQP ports from here, their stream-protocol ports 100 above, distribution ports 20000 above.
+        while port > 45000 or not all(_free(p) for i in range(3) for p in (port + i, port + i + 100, port + i + 20000)):
             port = free_port()
         self.env = {**os.environ, "CLUSTER_PORT": str(port), "CLUSTER_DIR": str(base / "cluster")}
         self.base_port = port

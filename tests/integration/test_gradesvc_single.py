@@ -13,7 +13,7 @@ from harness.broker import read_stream
 from harness.net import basic, free_port, http, wait_until
 from harness.replica import GradeReplica
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stream_protocol")]
 
 FULL = {"user_id": "1", "postpaid_limit": 254, "spp": 2321, "shipping_fee": 20, "return_fee": 29}
 
@@ -86,13 +86,15 @@ def test_every_error_stores_nothing(replica: GradeReplica) -> None:
     assert replica.metric("gradesvc_users") == 0
 
 
-def test_write_is_published_on_the_stream(replica: GradeReplica, stream: str) -> None:
+def test_write_is_published_on_the_stream(replica: GradeReplica, stream: str, stream_protocol: str) -> None:
     assert replica.set({"user_id": "s", "spp": 1, "return_fee": 0})[0] == 200
-    messages = [m for m in read_stream(stream, 2) if m[1].type == "write"]
+    messages = [m for m in read_stream(stream, 2) if m[1].type == "write"]  # the kind, whichever protocol wrote it
     assert len(messages) == 1
     offset, properties, body = messages[0]
-    assert properties.app_id == "solo" and properties.delivery_mode == 2
-    assert properties.content_type == "application/json" and properties.message_id
+    assert replica.ready()["stream_protocol"] == stream_protocol
+    if stream_protocol == "amqp":  # the stream protocol carries the kind alone: the body says the rest
+        assert properties.app_id == "solo" and properties.delivery_mode == 2
+        assert properties.content_type == "application/json" and properties.message_id
     message = WriteMessage.decode(body)
     assert (message.replica, message.write.user_id, dict(message.write.patch)) == ("solo", "s", {"spp": 1, "return_fee": 0})
 

@@ -22,7 +22,7 @@ from harness.net import wait_until
 from harness.replica import GradeReplica, set_with_offset
 from tests.integration.test_replication import expect_and_converge
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stream_protocol")]
 
 Make = Callable[..., GradeReplica]
 FAST = {"GRADESVC_CHECKPOINT_INTERVAL": "0.5"}
@@ -171,7 +171,7 @@ def test_a_previous_release_checkpoint_is_adopted_only_when_the_stream_confirms_
 
 def test_a_stalled_phase_says_why(tmp_path: Path, stream: str) -> None:
     """A broker that never answers: /ready names what the replica waits for, within seconds."""
-    dead = GradeReplica(tmp_path, stream, "lonely", amqp_url="amqp://guest:guest@127.0.0.1:9/%2F")
+    dead = GradeReplica(tmp_path, stream, "lonely", amqp_url="amqp://guest:guest@127.0.0.1:9/%2F?stream_port=9")
     dead.start()
     try:
         def stalled() -> bool:

@@ -25,7 +25,7 @@ from harness.net import free_port, http, wait_until
 from harness.replica import GradeReplica
 from tests.integration.relay import Relay
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stream_protocol")]
 
 Make = Callable[..., GradeReplica]
 
@@ -40,8 +40,10 @@ def backup_rows(replica: GradeReplica) -> Dict[str, Tuple[str, ...]]:
 
 
 def assert_converged(replicas: List[GradeReplica], timeout: float = 30.0) -> Dict[str, Tuple[str, ...]]:
-    """Wait until all replicas hold identical data (values and versions)."""
+    """Wait until all replicas are ready and hold identical data (values and versions)."""
     states: List[Dict[str, Tuple[str, ...]]] = []
+    for replica in replicas:  # one may be reconnecting after a fault: convergence is of ready replicas
+        replica.wait_ready(timeout)
 
     def same() -> bool:
         states[:] = [backup_rows(r) for r in replicas]
@@ -142,11 +144,11 @@ def write_all(replica: GradeReplica, prefix: str, numbers: range, acked: Dict[st
 
 
 @pytest.fixture
-def relayed(replicas: Make) -> Iterator[Tuple[Relay, GradeReplica, GradeReplica]]:
+def relayed(replicas: Make, stream_protocol: str) -> Iterator[Tuple[Relay, GradeReplica, GradeReplica]]:
     """Replica a reaches the broker through a relay; b (peer of a) directly."""
-    relay = Relay(("127.0.0.1", 5672))
+    relay, url = Relay.to_broker(stream_protocol)
     try:
-        a = replicas("a", amqp_url=relay.url()).wait_ready()
+        a = replicas("a", amqp_url=url).wait_ready()
         yield relay, a, replicas("b", [a]).wait_ready()
     finally:
         relay.close()

@@ -22,7 +22,7 @@ from harness.replica import GradeReplica, set_with_offset
 from tests.integration.relay import Relay
 from tests.integration.test_replication import assert_converged, expect_and_converge
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stream_protocol")]
 
 Make = Callable[..., GradeReplica]
 FAKETIME = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
@@ -80,11 +80,11 @@ def publish_backlog(stream: str, count: int, tag: str) -> None:
 
 
 @pytest.fixture
-def relayed(replicas: Make) -> Iterator[Tuple[Relay, GradeReplica, GradeReplica]]:
-    relay = Relay(("127.0.0.1", 5672))
+def relayed(replicas: Make, stream_protocol: str) -> Iterator[Tuple[Relay, GradeReplica, GradeReplica]]:
+    relay, url = Relay.to_broker(stream_protocol)
     try:
         a = replicas("a").wait_ready()
-        yield relay, a, replicas("b", [a], amqp_url=relay.url()).wait_ready()
+        yield relay, a, replicas("b", [a], amqp_url=url).wait_ready()
     finally:
         relay.close()
 

@@ -13,8 +13,9 @@ from twisted.internet import defer, task
 from gradesvc.state.identity import Anchor
 from gradesvc.state.phase import Phase, ReplicaStatus
 from gradesvc.state.store import GradeStore
+from gradesvc.stream.amqp import AmqpLink, AmqpSubscription
 from gradesvc.stream.consumer import StreamConsumer
-from gradesvc.stream.messages import MARKER_TYPE, Write, WriteMessage, write_properties
+from gradesvc.stream.messages import MARKER_TYPE, Write, WriteMessage
 from gradesvc.stream.progress import StreamProgress
 from gradesvc.testing import MemoryBroker
 from svckit.metrics import new_registry, sample_value
@@ -72,14 +73,14 @@ class Harness:
         self.tag = 0
 
     def start(self) -> defer.Deferred[None]:
-        return self.consumer.consume("conn", self.channel, self.queue)  # type: ignore[arg-type]
+        subscription = AmqpSubscription(self.channel, self.queue, 0)
+        return self.consumer.consume("conn", subscription)  # type: ignore[arg-type]
 
     def deliver(self, offset: int, user: str, patch: dict, replica: str = "other",
                 millis_ago: int = 3, headers: Optional[dict] = None, write_id: str = "") -> WriteMessage:
         self.tag += 1
         message = WriteMessage(replica, write_id or f"w{self.tag}", int(NOW * 1000) - millis_ago, Write(user, patch))
-        props = write_properties(message)
-        props.headers = {"x-stream-offset": offset} if headers is None else headers
+        props = pika.BasicProperties(type="write", headers={"x-stream-offset": offset} if headers is None else headers)
         self.queue.put(ReceivedMessage(None, Basic.Deliver(delivery_tag=self.tag), props, message.encode()))
         return message
 
@@ -220,10 +221,15 @@ class FakeConnection:
         return self._channel
 
 
+def fake_link(channel: FakeChannel) -> AmqpLink:
+    """The AMQP link over a :class:`FakeConnection`."""
+    return AmqpLink(FakeConnection(channel), "grades")  # type: ignore[arg-type]
+
+
 def test_own_marker_makes_the_replica_ready() -> None:
     h = Harness(ready=False)
     h.consumer.snapshot_loaded.callback(None)
-    subscribed = defer.ensureDeferred(h.consumer.subscribe(FakeConnection(h.channel)))  # type: ignore[arg-type]
+    subscribed = defer.ensureDeferred(h.consumer.subscribe(fake_link(h.channel)))
     assert subscribed.called and h.channel.consumed == [{"x-stream-offset": 0}]
     [nonce] = h.broker.markers
     props = pika.BasicProperties(type=MARKER_TYPE, headers={"x-stream-offset": 0})

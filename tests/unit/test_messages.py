@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from gradesvc.stream.messages import INT64_MAX, INT64_MIN, InvalidWrite, Write, WriteMessage, parse_write, write_properties
+from gradesvc.stream.amqp import properties_of
+from gradesvc.stream.messages import INT64_MAX, INT64_MIN, InvalidWrite, Write, WriteMessage, outgoing, parse_write
 
 
 @pytest.mark.parametrize(
@@ -39,7 +40,8 @@ def test_message_round_trip_and_rejects_garbage() -> None:
     message = WriteMessage("a", "w42", 1_800_000_000_123, Write("u,\"1", {"spp": 3}))
     assert WriteMessage.decode(message.encode()) == message
     assert message.message_id == "a:w42"
-    assert write_properties(message).timestamp == 1_800_000_000
+    props = properties_of(outgoing(message))
+    assert (props.timestamp, props.type, props.message_id) == (1_800_000_000, "write", "a:w42")
     for bad in (b"[]", b"{}", json.dumps({"replica": "a", "id": ""}).encode(), b"\xff",
                 json.dumps({"replica": "a", "id": "x", "user_id": "u", "patch": []}).encode(),
                 json.dumps({"replica": "a", "id": "x", "at": 1.5, "user_id": "u"}).encode()):

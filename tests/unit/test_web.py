@@ -30,7 +30,7 @@ from svckit.requestid import new_request_id, safe_request_id
 from svckit.responses import STREAMED, HTTPError, JSONResponse, Response
 from svckit.site import make_site
 from svckit.testing import response
-from svckit.web import Route, Router, read_json
+from svckit.web import Route, Router, read_json, read_json_value
 from tests.conftest import LoggedErrors
 
 SAFE_ID_CHARS = string.ascii_letters + string.digits + "._:-"
@@ -57,6 +57,7 @@ class App:
                 b"/aboom": Route("aboom", {b"GET": self.aboom}),
                 b"/stream": Route("stream", {b"GET": self.stream}),
                 b"/guarded": Route("guarded", {b"POST": self.echo}, max_body=100, guard=deny_without_token),
+                b"/bulk": Route("bulk", {b"POST": self.echo_any}, max_body=100, max_array_body=1000),
             },
             registry=self.registry, prefix="t", max_body=10,
         )
@@ -70,6 +71,10 @@ class App:
     def echo(self, request: server.Request) -> Response:
         self.calls.append("echo")
         return JSONResponse(read_json(request))
+
+    def echo_any(self, request: server.Request) -> Response:
+        self.calls.append("echo_any")
+        return JSONResponse({"got": read_json_value(request)})
 
     async def wait(self, request: server.Request) -> Response:
         self.calls.append("wait")
@@ -173,6 +178,30 @@ def test_a_chunked_body_within_the_limit_is_handled(app: App) -> None:
                          b"7\r\n{\"a\":1}\r\n0\r\n\r\n")
     code, _, body = response(transport)
     assert (code, json.loads(body)) == (200, {"a": 1})
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"  [" + b"1," * 400 + b"1]", 200),  # an array may pass the object limit, up to its own
+    (b"[" + b"1," * 600 + b"1]", 413),  # not past its own
+    (b' {"a": "' + b"x" * 200 + b'"}', 413),  # anything else keeps the object limit
+])
+def test_an_array_limit_is_decided_by_the_first_byte(app: App, body: bytes, code: int) -> None:
+    channel, transport = app.connect()
+    channel.dataReceived(b"POST /bulk HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert response(transport)[0] == code
+    assert app.calls == (["echo_any"] if code == 200 else [])
+
+
+def test_an_object_over_its_limit_is_refused_at_its_first_chunk_not_after_the_array_limit(app: App) -> None:
+    channel, transport = app.connect()
+    channel.dataReceived(b"POST /bulk HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n")  # within either limit
+    assert transport.value() == b""
+    channel.dataReceived(b'{"a": "' + b"x" * 150)  # an object, already past 100 bytes: refused now
+    code, _, _ = response(transport)
+    assert code == 413 and transport.disconnecting and app.calls == []
+    channel, transport = app.connect()
+    channel.dataReceived(b"POST /bulk HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")  # past both
+    assert response(transport)[0] == 413
 
 
 def test_no_credentials_is_401_before_a_large_body(app: App) -> None:
