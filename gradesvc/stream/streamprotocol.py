@@ -13,9 +13,10 @@ so two processes never share one, even two replicas given the same
 Whatever is not confirmed when a connection is lost is sent again on the
 next one, with the same ids: the broker drops (and confirms) the ones it
 already has, and ``QueryPublisherSequence`` moves the next id past them.
-The broker keeps the last id of at most 255 references per stream
-(osiris' tracking), evicting those that wrote longest ago, so the
-references of processes that are gone age out: nothing grows with restarts.
+The broker tracks the last id of each reference and, whenever it starts a
+new segment (every 500 MB by default), carries only the 255 that wrote
+most recently into it (osiris' ``MAX_SEQUENCES``): the references of
+processes that are gone age out, so what restarts leave is bounded.
 
 **Reading in chunks.**  A subscription gets whole chunks (credit is granted
 one chunk at a time, once the previous one is handled); each chunk's records
