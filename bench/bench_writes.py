@@ -11,7 +11,8 @@ distribution; for a group, the worst replica's), and the broker's CPU per
 1,000 writes (the broker's own CPU time, read from ``/proc``, over the
 rounds).  The replicas' access logs are off; everything else is the default.
 
-``BENCH_GROUPS`` chooses the group sizes (``1,3``).
+``BENCH_GROUPS`` chooses the group sizes (``1,3``), ``BENCH_PROTOCOLS`` the replicas' ``--stream-protocol``
+(``stream,amqp``; ``auto`` leaves it to the build, as a previous release without the option needs).
 ``BENCH_PREVIOUS_TWISTD=/path/to/other/checkout/.venv/bin/twistd`` adds that
 release as a contender; ``BENCH_COPIES=N`` starts N groups of each build (a
 row per group, then one per build over all its groups' rounds): on this VM
@@ -43,6 +44,7 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "48"))
 GROUPS = [int(n) for n in os.environ.get("BENCH_GROUPS", "1,3").split(",")]
 PREVIOUS = os.environ.get("BENCH_PREVIOUS_TWISTD", "")
 COPIES = int(os.environ.get("BENCH_COPIES", "1"))
+PROTOCOLS = os.environ.get("BENCH_PROTOCOLS", "stream,amqp").split(",")
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "set_random.lua")
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -89,14 +91,14 @@ def wrk_many(urls: Sequence[str], seconds: int) -> Tuple[float, float, float]:
 class Group:
     """Replicas of one build on one stream of their own."""
 
-    def __init__(self, workdir: Path, name: str, size: int, twistd: Optional[str]) -> None:
+    def __init__(self, workdir: Path, name: str, size: int, twistd: Optional[str], protocol: str = "auto") -> None:
         self.name = name
         self.stream = unique_stream()
         self.replicas: List[GradeReplica] = []
         for n in range(size):
             replica = GradeReplica(workdir / f"{name}-{n}".replace(" ", "_").replace(",", ""), self.stream,
                                    f"w{n}", [r.read_url for r in self.replicas],
-                                   extra_env={"GRADESVC_ACCESS_LOG": "off"})
+                                   extra_env={"GRADESVC_ACCESS_LOG": "off", "GRADESVC_STREAM_PROTOCOL": protocol})
             replica.workdir.mkdir(parents=True, exist_ok=True)
             if twistd:
                 replica.twistd = twistd
@@ -134,19 +136,19 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     workdir = Path(tempfile.mkdtemp(prefix="bench-writes-"))
-    builds: List[Tuple[str, Optional[str]]] = [("this build", None)]
+    builds: List[Tuple[str, Optional[str], str]] = [(f"this build, {p}", None, p) for p in PROTOCOLS]
     if PREVIOUS:
-        builds.insert(0, ("previous release", PREVIOUS))
+        builds.insert(0, ("previous release", PREVIOUS, "auto"))
     rows = [["contender", "writes/s", "/set p50", "/set p99", "broker CPU / 1,000 writes", "runtime", "machine"]]
     for size in GROUPS:
         groups: Dict[str, List[Group]] = {}
         try:
-            for build, twistd in builds:
+            for build, twistd, protocol in builds:
                 for copy in range(COPIES):
                     label = f"{build}, {size} replica{'s' if size > 1 else ''}"
                     if COPIES > 1:
                         label += f" #{copy + 1}"
-                    groups.setdefault(build, []).append(Group(workdir, label, size, twistd))
+                    groups.setdefault(build, []).append(Group(workdir, label, size, twistd, protocol))
             everyone = [g for gs in groups.values() for g in gs]
             for group in everyone:
                 wrk_many([r.write_url for r in group.replicas], WARMUP)

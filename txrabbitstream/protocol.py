@@ -46,6 +46,10 @@ log = Logger()
 
 DEFAULT_FRAME_MAX = 1024 * 1024
 DEFAULT_HEARTBEAT = 60
+MAX_INCOMING_FRAME = 512 * 1024 * 1024
+"""The largest frame accepted from the broker: a memory bound, not the agreed frame size, which limits only
+what the client sends (a ``Deliver`` carries a whole chunk, and the broker writes chunks larger than that:
+2.3 MB seen with the default 1 MiB)."""
 
 ChunkHandler = Callable[[Chunk], None]
 
@@ -122,7 +126,7 @@ class StreamClient(Protocol):
         self.vhost = vhost
         self.clock = clock
         self.frame_max = frame_max
-        """The largest frame either side sends: ours until ``Tune``, then the agreed one."""
+        """The largest frame this client sends: ours until ``Tune``, then the agreed one."""
         self.heartbeat = heartbeat
         self.client_properties = {"product": "txrabbitstream", **client_properties}
         self.server_properties: Dict[str, str] = {}
@@ -136,7 +140,7 @@ class StreamClient(Protocol):
         """``(publisher id, [(publishing id, code)])`` the broker refused."""
         self.on_metadata_update: Callable[[int, str], None] = lambda code, stream: None
         """``(code, stream)``: the stream moved or is gone; its publishers and subscriptions are over."""
-        self._reader = frames.FrameReader(frames.INITIAL_FRAME_MAX)
+        self._reader = frames.FrameReader(MAX_INCOMING_FRAME)
         self._correlation = 0
         self._waiting: Dict[int, Tuple[str, Callable[[Reader], Any], defer.Deferred[Any]]] = {}
         self._subscriptions: Dict[int, ChunkHandler] = {}
@@ -206,7 +210,6 @@ class StreamClient(Protocol):
             frame_max = _negotiate(self.frame_max, reader.u32())
             heartbeat = _negotiate(self.heartbeat, reader.u32())
             self.frame_max, self.heartbeat = frame_max, heartbeat
-            self._reader.frame_max = frame_max
             self._write(frames.tune(frame_max, heartbeat))
             if not self._tuned.called:
                 self._tuned.callback(None)

@@ -28,6 +28,8 @@ NEVER = -1
 _N = len(FIELDS)
 _RECORD = struct.Struct(f"<{_N}q{_N}q")
 _EMPTY = _RECORD.pack(*([0] * _N), *([NEVER] * _N))
+_EMPTY_FIELDS = _RECORD.unpack(_EMPTY)
+_pack, _unpack = _RECORD.pack, _RECORD.unpack
 if _N != 4:  # pragma: no cover - load_lines writes the four fields out
     raise ImportError("the record layout assumes four fields")
 
@@ -91,8 +93,45 @@ class GradeStore:
         return changed
 
     def apply_patch(self, user_id: str, patch: Mapping[str, int], offset: int) -> int:
-        """Apply a partial write carried by the stream message at ``offset``."""
-        return self.merge(user_id, [(FIELD_INDEX[k], v, offset) for k, v in patch.items()])
+        """Apply a partial write carried by the stream message at ``offset`` (the consumer's hot path: the
+        merge of :meth:`merge` written out for a patch)."""
+        records = self._records
+        record = records.get(user_id)
+        if record is None:  # a new user: every field of the patch is newer than never
+            fields = list(_EMPTY_FIELDS)
+            for name, value in patch.items():
+                i = FIELD_INDEX[name]
+                fields[i] = value
+                fields[i + _N] = offset
+            records[user_id] = _pack(*fields)
+            return len(patch)
+        fields = list(_unpack(record))
+        changed = 0
+        for name, value in patch.items():
+            i = FIELD_INDEX[name]
+            if offset > fields[i + _N]:
+                fields[i] = value
+                fields[i + _N] = offset
+                changed += 1
+        if changed:
+            records[user_id] = _pack(*fields)
+        return changed
+
+    def apply_row(self, user_id: str, values: Sequence[Optional[int]], offset: int) -> int:
+        """Apply the four values of a bulk write's row at ``offset`` (None: the row leaves the field alone)."""
+        records = self._records
+        record = records.get(user_id)
+        fields = list(_unpack(record) if record is not None else _EMPTY_FIELDS)
+        changed = 0
+        for i in range(_N):
+            value = values[i]
+            if value is not None and offset > fields[i + _N]:
+                fields[i] = value
+                fields[i + _N] = offset
+                changed += 1
+        if changed or record is None:
+            records[user_id] = _pack(*fields)
+        return changed
 
     def packed(self, user_id: str) -> Optional[Tuple[int, ...]]:
         """The raw record: 4 values, then 4 offsets (the fast path of snapshots)."""

@@ -15,7 +15,7 @@ fails is delivered again after the consumer restarts.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.logger import Logger
@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from gradesvc.state.identity import Anchor, body_sha256
 from gradesvc.state.phase import ReplicaStatus
 from gradesvc.state.store import GradeStore
-from gradesvc.stream.messages import BATCH_TYPE, MARKER_TYPE, WriteBatch, WriteMessage
+from gradesvc.stream.messages import BATCH_TYPE, MARKER_TYPE, decode_batch, decode_write
 from gradesvc.stream.progress import StreamProgress
 
 log = Logger()
@@ -122,28 +122,29 @@ class StreamApplier:
         self._applied_in_batch = 0
 
     def _apply(self, offset: int, body: bytes, batch: bool) -> None:
-        message: Union[WriteMessage, WriteBatch]
         try:
-            message = WriteBatch.decode(body) if batch else WriteMessage.decode(body)
+            if batch:  # one offset: each user once, its patches merged in array order
+                replica, write_id, written_at, rows, count = decode_batch(body)
+            else:
+                replica, write_id, written_at, user_id, patch = decode_write(body)
         except (ValueError, TypeError) as e:
             log.warn("Malformed stream message at offset {offset}: {error}", offset=offset, error=e)
             self._skipped["malformed"].inc()
             return
-        lag = max(0.0, self.wall() - message.written_at / 1000.0)
-        self.status.lag_seconds = lag
-        if isinstance(message, WriteBatch):
-            apply_patch = self.store.apply_patch
-            for user_id, patch in message.merged().items():  # one offset: each user once, merged in order
-                apply_patch(user_id, patch, offset)
-            self._applied_in_batch += len(message.writes)
+        lag = self.wall() - written_at / 1000.0
+        self.status.lag_seconds = lag if lag > 0.0 else 0.0
+        if batch:
+            apply_row = self.store.apply_row
+            for user_id, values in rows.items():
+                apply_row(user_id, values, offset)
+            self._applied_in_batch += count
         else:
-            write = message.write
-            self.store.apply_patch(write.user_id, write.patch, offset)
+            self.store.apply_patch(user_id, patch, offset)
             self._applied_in_batch += 1
-        if message.replica == self.replica_id:
-            self.progress.write_applied(message.message_id, offset)
+        if replica == self.replica_id:
+            self.progress.write_applied(f"{replica}:{write_id}", offset)
         elif self.status.ready:
-            self._lag.observe(lag)
+            self._lag.observe(self.status.lag_seconds)
 
     def _on_marker(self, body: bytes) -> None:
         try:

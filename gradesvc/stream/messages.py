@@ -4,8 +4,8 @@ Three kinds of message travel on the stream, each UTF-8 JSON:
 
 * ``write``: ``{"replica", "id", "at", "user_id", "patch": {...}}``, one
   partial write;
-* ``write-batch``: ``{"replica", "id", "at", "writes": [{"user_id", "patch"},
-  ...]}``, a bulk ``/set``: one message, so it has one offset and is applied in
+* ``write-batch``: ``{"replica", "id", "at", "fields": [the four names], "rows":
+  [[user_id, value or null, ...], ...]}``, a bulk ``/set``: one message, so it has one offset and is applied in
   one step everywhere, whichever protocol carried it (replicas of the release
   before it skip it as malformed: upgrade them all before sending arrays);
 * ``sync-marker``: ``{"replica", "marker"}``, which only its publisher waits for.
@@ -19,7 +19,8 @@ on the stream protocol (the same thing once stored).
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
@@ -106,30 +107,126 @@ class WriteMessage:
         return cls(replica, write_id, written_at, write)
 
 
+_FIELD_SET = frozenset(FIELDS)
+_ALLOWED = frozenset(("user_id", *FIELDS))
+_N_FIELDS = len(FIELDS)
+_INT = int
+if sys.implementation.name == "pypy":
+    def _parse(body: bytes) -> Any:
+        """PyPy's own fast decoder sits behind a plain ``json.loads`` (a ``JSONDecoder`` is 6x slower there)."""
+        return json.loads(body)
+else:
+    _decode = json.JSONDecoder().decode
+
+    def _parse(body: bytes) -> Any:
+        """On CPython a ``JSONDecoder`` on the text skips ``loads``' sniffing of bytes (1.7x faster here)."""
+        return _decode(body.decode("utf-8"))
+
+DecodedWrite = Tuple[str, str, int, str, Dict[str, int]]
+"""``(replica, write id, written at, user id, patch)``."""
+
+
+def decode_write(body: bytes) -> DecodedWrite:
+    """A write message's parts, checked by the rules of :meth:`WriteMessage.decode` without building it.
+
+    The consumer's hot path: one ``json.loads`` and one pass over the patch.
+    Raises ``ValueError`` (or ``TypeError``) for anything malformed.
+    """
+    obj = _parse(body)
+    if type(obj) is not dict:
+        raise ValueError("message is not an object")
+    replica, write_id, user_id, patch = obj.get("replica"), obj.get("id"), obj.get("user_id"), obj.get("patch", {})
+    written_at = obj.get("at", 0)
+    if write_id is None:
+        message = WriteMessage.decode(body)  # the release before: a stamp, not an id
+        return message.replica, message.write_id, message.written_at, message.write.user_id, dict(message.write.patch)
+    if type(replica) is not str or not replica or type(write_id) is not str or not write_id:
+        raise ValueError("message has no replica or no id")
+    if type(written_at) is not _INT:
+        raise ValueError("message has a bad time")
+    if type(user_id) is not str or not user_id or len(user_id) > MAX_USER_ID_LENGTH:
+        raise ValueError("message has a bad user_id")
+    if type(patch) is not dict:
+        raise ValueError("message has a bad patch")
+    for name, value in patch.items():
+        if name not in _FIELD_SET or type(value) is not _INT or not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"message has a bad field {name!r}")
+    return replica, write_id, written_at, user_id, patch
+
+
+DecodedBatch = Tuple[str, str, int, Dict[str, List[Optional[int]]], int]
+"""``(replica, write id, written at, each user's row merged in order, how many writes)``; a merged row holds
+the four values in field order, None where no write of the batch set one."""
+_COLUMNS = list(FIELDS)
+
+
+def _batch_head(obj: Any) -> Tuple[str, str, int, List[Any]]:
+    if type(obj) is not dict:
+        raise ValueError("batch is not an object")
+    replica, write_id, written_at, rows = obj.get("replica"), obj.get("id"), obj.get("at", 0), obj.get("rows")
+    if type(replica) is not str or not replica or type(write_id) is not str or not write_id:
+        raise ValueError("batch has no replica or no id")
+    if type(written_at) is not _INT:
+        raise ValueError("batch has a bad time")
+    if obj.get("fields") != _COLUMNS:
+        raise ValueError("batch has other fields than this release's")
+    if type(rows) is not list or not 0 < len(rows) <= MAX_BATCH:
+        raise ValueError("batch has no rows")
+    return replica, write_id, written_at, rows
+
+
+def _batch_row(row: Any) -> Tuple[str, List[Any]]:
+    if type(row) is not list or len(row) != _N_FIELDS + 1:
+        raise ValueError("batch has a bad row")
+    user_id = row[0]
+    if type(user_id) is not str or not user_id or len(user_id) > MAX_USER_ID_LENGTH:
+        raise ValueError("batch has a bad user_id")
+    values = row[1:]
+    for value in values:
+        if value is not None and (type(value) is not _INT or not INT64_MIN <= value <= INT64_MAX):
+            raise ValueError("batch has a bad value")
+    return user_id, values
+
+
+def decode_batch(body: bytes) -> DecodedBatch:
+    """A write batch's parts, checked by the rules of :meth:`WriteBatch.decode` without building it, its
+    rows already merged per user (what its one offset applies)."""
+    replica, write_id, written_at, rows = _batch_head(_parse(body))
+    merged: Dict[str, List[Optional[int]]] = {}
+    for row in rows:
+        user_id, values = _batch_row(row)
+        into = merged.get(user_id)
+        if into is None:
+            merged[user_id] = values
+        else:  # a later row of the same user: its fields win
+            for i, value in enumerate(values):
+                if value is not None:
+                    into[i] = value
+    return replica, write_id, written_at, merged, len(rows)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_write(body: Dict[str, Any]) -> Write:
     """Validate a ``POST /set`` object; raise :class:`InvalidWrite` saying why."""
-    unknown = sorted(set(body) - {"user_id", *FIELDS})
-    if unknown:
-        raise InvalidWrite(f"unknown field(s): {', '.join(unknown)}")
+    if not body.keys() <= _ALLOWED:
+        raise InvalidWrite(f"unknown field(s): {', '.join(sorted(set(body) - _ALLOWED))}")
     user_id = body.get("user_id")
-    if not isinstance(user_id, str) or not user_id:
+    if type(user_id) is not str or not user_id:
         raise InvalidWrite("user_id must be a non-empty string")
     if len(user_id) > MAX_USER_ID_LENGTH:
         raise InvalidWrite(f"user_id longer than {MAX_USER_ID_LENGTH} characters")
     patch: Dict[str, int] = {}
     for name in FIELDS:
-        if name not in body:
-            continue
-        value = body[name]
-        if not _is_int(value):
-            raise InvalidWrite(f"{name} must be an integer")
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise InvalidWrite(f"{name} is outside the signed 64-bit range")
-        patch[name] = value
+        if name in body:
+            value = body[name]
+            if type(value) is not _INT:  # not bool, float, string or null
+                raise InvalidWrite(f"{name} must be an integer")
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise InvalidWrite(f"{name} is outside the signed 64-bit range")
+            patch[name] = value
     return Write(user_id, patch)
 
 
@@ -143,12 +240,12 @@ class WriteBatch:
     writes: Tuple[Write, ...]
 
     def encode(self) -> bytes:
-        """The message body."""
-        return json.dumps(
-            {"replica": self.replica, "id": self.write_id, "at": self.written_at,
-             "writes": [{"user_id": w.user_id, "patch": dict(w.patch)} for w in self.writes]},
-            separators=(",", ":"), ensure_ascii=False,
-        ).encode("utf-8")
+        """The message body: a row per write, ``[user_id, postpaid_limit, spp, shipping_fee, return_fee]``
+        with ``null`` for a field the write leaves alone (rows decode several times faster than objects)."""
+        rows = [[w.user_id, *[w.patch.get(name) for name in FIELDS]] for w in self.writes]
+        return json.dumps({"replica": self.replica, "id": self.write_id, "at": self.written_at,
+                           "fields": list(FIELDS), "rows": rows},
+                          separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     @property
     def message_id(self) -> str:
@@ -166,24 +263,13 @@ class WriteBatch:
     @classmethod
     def decode(cls, body: bytes) -> WriteBatch:
         """Parse and validate a batch body (``ValueError`` when malformed)."""
-        obj = json.loads(body.decode("utf-8"))
-        if not isinstance(obj, dict):
-            raise ValueError("batch is not an object")
-        replica, write_id, written_at, writes = obj.get("replica"), obj.get("id"), obj.get("at", 0), obj.get("writes")
-        if not isinstance(replica, str) or not replica:
-            raise ValueError("batch has no replica")
-        if not isinstance(write_id, str) or not write_id:
-            raise ValueError("batch has no id")
-        if not _is_int(written_at):
-            raise ValueError("batch has a bad time")
-        if not isinstance(writes, list) or not 0 < len(writes) <= MAX_BATCH:
-            raise ValueError("batch has no writes")
-        parsed: List[Write] = []
-        for item in writes:
-            if not isinstance(item, dict) or not isinstance(item.get("patch", {}), dict):
-                raise ValueError("batch has a bad write")
-            parsed.append(parse_write({"user_id": item.get("user_id"), **item.get("patch", {})}))
-        return cls(replica, write_id, written_at, tuple(parsed))
+        obj = _parse(body)
+        replica, write_id, written_at, rows = _batch_head(obj)
+        writes = []
+        for row in rows:
+            user_id, values = _batch_row(row)
+            writes.append(Write(user_id, {n: v for n, v in zip(FIELDS, values) if v is not None}))
+        return cls(replica, write_id, written_at, tuple(writes))
 
 
 def parse_writes(body: Any) -> Tuple[Write, ...]:

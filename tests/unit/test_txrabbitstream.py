@@ -180,6 +180,13 @@ def test_the_handshake_agrees_on_the_smaller_limits_and_opens_the_vhost() -> Non
     assert not b.client.ready.called
     b.open(frame_max=1 << 20, heartbeat=60)
     assert b.client.ready.called and (b.client.frame_max, b.client.heartbeat) == (65536, 10)
+    chunks: List[Any] = []
+    defer.ensureDeferred(b.client.subscribe(0, "s", chunks.append))
+    (key, r), = b.sent()
+    b.answer(key, r.u32())
+    big = build_chunk(0, [[b"x" * 60_000] * 3])  # a chunk (and so a Deliver) over the agreed 64 KiB
+    b.client.dataReceived(frames.command(frames.DELIVER, b"\x00" + big))
+    assert [len(c.records) for c in chunks] == [3] and not b.transport.disconnecting
     assert b.client.server_properties == {"version": "3.10.8"}
 
 
