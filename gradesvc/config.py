@@ -27,6 +27,10 @@ def amqp_urls(value: str) -> str:
     urls = node_urls(value)
     if not urls or not all(url.startswith(("amqp://", "amqps://")) for url in urls):
         raise ValueError("must be an amqp:// URL, or a comma-separated list of them")
+    if any(url.startswith("amqps://") for url in urls):
+        # Never a silent downgrade: TLS asked for and not honoured stops the replica.
+        raise ValueError("amqps:// (TLS to the broker) is not supported by this release; refusing to start"
+                         " rather than connect in cleartext (use amqp:// on a trusted network)")
     for url in urls:
         try:
             stream_port_of(url)
