@@ -13,7 +13,7 @@ from twisted.python import usage
 from gradesvc.build import build_replica
 from gradesvc.config import OPTIONS, ReplicaConfig
 from gradesvc.state.datadir import DEFAULT_ROOT, DataDir, DataDirInUse, default_data_dir
-from gradesvc.stream.broker import stream_id_of
+from gradesvc.stream.broker import node_urls, stream_id_of, stream_port_of
 from svckit.options import EnvOptions
 
 log = Logger()
@@ -38,6 +38,11 @@ class Options(EnvOptions):
                 " --admin-password (or GRADESVC_ADMIN_USER and GRADESVC_ADMIN_PASSWORD)"
             )
         values = self.parsed()
+        if values["stream_protocol"] == "stream" and any(stream_port_of(u) is None for u in node_urls(values["amqp_url"])):
+            raise usage.UsageError(
+                "--stream-protocol stream: an --amqp-url names an AMQP port other than 5672; name its stream"
+                " port too (amqp://host:port/vhost?stream_port=N)"
+            )
         values["replica_id"] = values["replica_id"] or socket.gethostname()
         values["data_dir_given"] = values["data_dir"] is not None
         if values["data_dir"] is None:

@@ -55,12 +55,15 @@ def stream_id_of(url: str, stream: str) -> StreamId:
     return StreamId(vhost_of(node_urls(url)[0]), stream)
 
 
-def stream_port_of(url: str) -> int:
-    """The stream protocol's port of a node: ``?stream_port=N`` in its URL, else 5552."""
-    for key, value in parse_qsl(urlsplit(url).query):
+def stream_port_of(url: str) -> Optional[int]:
+    """The stream protocol's port of a node: ``?stream_port=N`` in its URL; 5552 when the URL uses the
+    standard AMQP port; else unknown (None): a broker moved to another port may have its stream port
+    anywhere, and guessing could reach another broker than the one named."""
+    parts = urlsplit(url)
+    for key, value in parse_qsl(parts.query):
         if key == "stream_port":
             return int(value)
-    return STREAM_PORT
+    return STREAM_PORT if parts.port in (None, 5672) else None
 
 
 def amqp_only(url: str) -> str:

@@ -90,6 +90,11 @@ class AutoBroker(service.MultiService):
         urls = node_urls(self.url)
         while self.running:
             url = urls[tries % len(urls)]
+            if any(stream_port_of(u) is None for u in urls):
+                log.warn("--amqp-url names an AMQP port other than 5672 and no ?stream_port=N: using AMQP 0.9.1"
+                         " (name the stream port to use the stream protocol)")
+                self._use(AmqpBroker(self.reactor, self.url, self.stream, self.status, self.clock))
+                return
             if await answers(self.reactor, tcp_endpoint(self.reactor, url, stream_port_of(url)), self.clock):
                 log.info("The broker's stream port answers at {url} (port {port}): using the stream protocol",
                          url=redact(url), port=stream_port_of(url))

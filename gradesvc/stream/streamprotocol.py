@@ -42,7 +42,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gradesvc.state.phase import ReplicaStatus
-from gradesvc.stream.broker import ReconnectingBroker, node_urls, redact, stream_port_of, tcp_endpoint, vhost_of
+from gradesvc.stream.broker import (
+    STREAM_PORT,
+    ReconnectingBroker,
+    node_urls,
+    redact,
+    stream_port_of,
+    tcp_endpoint,
+    vhost_of,
+)
 from gradesvc.stream.link import (
     BrokerUnavailable,
     Delivery,
@@ -240,7 +248,8 @@ class StreamBroker(ReconnectingBroker):
                  node_endpoints: Optional[Sequence[Any]] = None) -> None:
         urls = node_urls(url)
         super().__init__(reactor, url, stream, status,
-                         node_endpoints or [tcp_endpoint(reactor, u, stream_port_of(u)) for u in urls], clock)
+                         node_endpoints or [tcp_endpoint(reactor, u, stream_port_of(u) or STREAM_PORT) for u in urls],
+                         clock)
         self.confirm_timeout = confirm_timeout
         self.reference = f"gradesvc-{replica_id}-{uuid.uuid4().hex[:16]}"[:256]
         """This process's publisher reference: deduplication without two processes ever sharing one."""

@@ -88,8 +88,8 @@ def cluster() -> Iterator[Cluster]:
     base = Path(tempfile.mkdtemp(prefix="gradesvc-cluster-"))
     base.chmod(0o755)
     c = Cluster(base)
-    c.start()
-    try:
+    try:  # stopped however the start went: a node left running would hold its ports and memory
+        c.start()
         yield c
     finally:
         c.run("stop")

@@ -100,7 +100,7 @@ def test_write_is_published_on_the_stream(replica: GradeReplica, stream: str, st
 
 
 def test_broker_unreachable(replicas: Callable[..., GradeReplica]) -> None:
-    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F?stream_port={free_port()}"
     replica = replicas("lonely", amqp_url=dead)
     wait_until(lambda: http("GET", replica.read_url + "/health")[0] == 200, what="/health")
     ready = json.loads(http("GET", replica.read_url + "/ready")[2])

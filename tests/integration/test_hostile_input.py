@@ -80,6 +80,13 @@ BAD_WRITES: List[Tuple[bytes, int]] = [
     (b"\xff\xfe{}", 400),
     (b"", 400),
     (json.dumps({"user_id": "1", "pad": "x" * 70_000}).encode(), 413),
+    # Arrays: one bad element refuses the whole array (the good ones before it are not published either).
+    (b'[{"user_id": "a1", "spp": 1}, {"user_id": "a2", "spp": "1"}]', 400),
+    (b'[{"user_id": "a1", "spp": 1}, [{"user_id": "a2"}]]', 400),
+    (b"[]", 400),
+    (json.dumps([{"user_id": "a"}] * 10_001).encode(), 400),
+    (b"[" + b'{"user_id": "a1", "spp": 1},' * 40_000 + b"{}]", 413),
+    (b"\n\t " + json.dumps({"user_id": "1", "pad": "x" * 70_000}).encode(), 413),
 ]
 
 

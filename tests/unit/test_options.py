@@ -51,6 +51,7 @@ def test_gradesvc_environment_then_command_line() -> None:
     (["--amqp-url", "amqp://h:1/%2F,amqps://h:2/%2F"], CREDENTIALS, "cleartext"),
     (["--amqp-url", "amqp://h:1/%2F?stream_port=x"], CREDENTIALS, "stream_port must be a port number"),
     (["--stream-protocol", "carrier-pigeon"], CREDENTIALS, "auto, stream, amqp"),
+    (["--stream-protocol", "stream", "--amqp-url", "amqp://h:5673/%2F"], CREDENTIALS, "name its stream port"),
     (["--stream", ""], CREDENTIALS, "stream"),
     (["--peers", "ftp://x"], CREDENTIALS, "peer"),
     (["--peer-idle-timeout", "0"], CREDENTIALS, "greater than 0"),

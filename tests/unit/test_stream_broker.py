@@ -179,22 +179,28 @@ def test_records_of_other_publishers_are_read_by_their_kind() -> None:
     assert delivery(9, big) == (9, "write-batch", b"x" * 300)
 
 
-@pytest.mark.parametrize("stream_answers, amqp_answers, chosen", [(True, True, "stream"), (False, True, "amqp")])
-def test_auto_uses_the_stream_protocol_when_its_port_answers(stream_answers: bool, amqp_answers: bool, chosen: str,
+@pytest.mark.parametrize("url, stream_answers, amqp_answers, chosen, asked", [
+    (URL, True, True, "stream", [5552]),
+    (URL, False, True, "amqp", [5552, 5672]),
+    (URL.replace(":5672/", ":5673/"), True, True, "amqp", []),  # no stream port can be known: never guessed
+    (URL.replace(":5672/", ":5673/") + "?stream_port=5553", True, True, "stream", [5553]),
+])
+def test_auto_uses_the_stream_protocol_when_its_port_answers(url: str, stream_answers: bool, amqp_answers: bool,
+                                                           chosen: str, asked: List[int],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from gradesvc.stream import choice
 
-    asked: List[int] = []
+    probed: List[int] = []
 
     async def answers(reactor: Any, endpoint: Any, clock: Any) -> bool:
-        asked.append(endpoint._port)
-        return stream_answers if endpoint._port == 5552 else amqp_answers
+        probed.append(endpoint._port)
+        return stream_answers if endpoint._port in (5552, 5553) else amqp_answers
 
     monkeypatch.setattr(choice, "answers", answers)
     status = ReplicaStatus()
-    auto = choice.make_broker("auto", MemoryReactorClock(), URL, "grades", status, "r1", task.Clock())
+    auto = choice.make_broker("auto", MemoryReactorClock(), url, "grades", status, "r1", task.Clock())
     assert status.stream_protocol == "auto"
     auto.startService()
     assert status.stream_protocol == chosen and auto.chosen.protocol == chosen
-    assert asked == ([5552] if stream_answers else [5552, 5672])
+    assert probed == asked
     auto.stopService()
