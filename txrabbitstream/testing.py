@@ -238,13 +238,6 @@ class BrokerConnection(Protocol):
             self.write(frames.command(frames.METADATA_UPDATE, struct.pack(">H", frames.STREAM_NOT_AVAILABLE)
                                       + frames.string(stream)))
 
-    def confirm_held(self, publisher: int, ids: List[int]) -> None:
-        """Send confirms a test held back."""
-        self.write(frames.command(frames.PUBLISH_CONFIRM, struct.pack(">BI", publisher, len(ids))
-                                  + b"".join(struct.pack(">Q", i) for i in ids)))
-
-
-
 
 @implementer(IStreamClientEndpoint)
 class MemoryEndpoint:
@@ -254,12 +247,8 @@ class MemoryEndpoint:
     def __init__(self, broker: MemoryStreamBroker) -> None:
         self.broker = broker
         self.pumps: List[iosim.IOPump] = []
-        self.refusing = False
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
-        if self.refusing:
-            from twisted.internet.error import ConnectionRefusedError
-            return defer.fail(ConnectionRefusedError("refused (a test)"))
         client = factory.buildProtocol(None)
         server = self.broker.connection()
         self.pumps.append(iosim.connect(server, iosim.FakeTransport(server, isServer=True),

@@ -205,10 +205,6 @@ def decode_batch(body: bytes) -> DecodedBatch:
     return replica, write_id, written_at, merged, len(rows)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_write(body: Dict[str, Any]) -> Write:
     """Validate a ``POST /set`` object; raise :class:`InvalidWrite` saying why."""
     if not body.keys() <= _ALLOWED:
@@ -251,14 +247,6 @@ class WriteBatch:
     def message_id(self) -> str:
         """A unique id of this batch: replica and write id."""
         return f"{self.replica}:{self.write_id}"
-
-    def merged(self) -> Dict[str, Dict[str, int]]:
-        """Each user's patches merged in array order (a later element's field wins): what one offset
-        applies."""
-        merged: Dict[str, Dict[str, int]] = {}
-        for write in self.writes:
-            merged.setdefault(write.user_id, {}).update(write.patch)
-        return merged
 
     @classmethod
     def decode(cls, body: bytes) -> WriteBatch:
