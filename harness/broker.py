@@ -56,3 +56,17 @@ def tiny_stream(stream: str, max_bytes: int, segment: int) -> None:
         "x-stream-max-segment-size-bytes": segment,
     })
     connection.close()
+
+
+def publisher_references_kept(stream: str, count: int, segment_filler: int = 60_000) -> List[str]:
+    """Publish once as each of ``count`` publisher references, fill the segment and start the next one, and
+    return the references the broker still knows (a stream-protocol client, in a process of its own)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "harness.references", stream, str(count), str(segment_filler)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    kept: List[str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return kept
