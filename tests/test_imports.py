@@ -45,7 +45,7 @@ ALLOWED: Mapping[str, Set[str]] = {
     "lbsvc": {"svckit", "lbsvc.backends", "lbsvc.users", "lbsvc.limits", "lbsvc.proxying"},
     # Around the product (a whole daemon named here means all of its parts): processes for tests
     # and benchmarks, the benchmarks, the tests.
-    "harness": {"svckit", "gradesvc", "lbsvc"},
+    "harness": {"svckit", "txrabbitstream", "gradesvc", "lbsvc"},
     "bench": {"svckit", "gradesvc", "lbsvc", "txrabbitstream", "harness"},
     "tests": {"svckit", "gradesvc", "lbsvc", "txrabbitstream", "harness"},
 }
