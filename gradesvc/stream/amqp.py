@@ -184,7 +184,7 @@ class AmqpBroker(ReconnectingBroker):
         if connection.transport is not None:
             connection.transport.loseConnection()
 
-    def _link_lost(self) -> None:
+    def _link_lost(self, link: Optional[IStreamLink]) -> None:
         self._channel = None
 
     async def publish(self, message: Outgoing) -> None:

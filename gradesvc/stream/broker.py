@@ -164,8 +164,8 @@ class ReconnectingBroker(service.Service):
         """Close ``connection``."""
         raise NotImplementedError
 
-    def _link_lost(self) -> None:
-        """The current link is gone: anything the subclass keeps per link is reset."""
+    def _link_lost(self, link: Optional[IStreamLink]) -> None:
+        """``link`` (None: none was set up) is gone: anything the subclass keeps per link is reset."""
 
     # --- the connection's life ----------------------------------------------------
 
@@ -250,8 +250,8 @@ class ReconnectingBroker(service.Service):
             if len(self.nodes.urls) > 1:
                 self.nodes.advance()
         self.status.broker_lost()
-        self.link = None
-        self._link_lost()
+        lost, self.link = self.link, None
+        self._link_lost(lost)
         return None
 
     def when_connected(self) -> defer.Deferred[IStreamLink]:

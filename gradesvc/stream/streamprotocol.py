@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple, cast
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
@@ -236,6 +236,16 @@ class _Sent:
         self.waiting = waiting
         self.expires = expires
 
+    def settle(self, failure: Optional[Exception] = None) -> None:
+        """The entry's fate is known: everyone waiting is told (confirmed, or ``failure``)."""
+        if self.expires.active():
+            self.expires.cancel()
+        for waiting in self.waiting:
+            if failure is None:
+                waiting.callback(None)
+            else:
+                waiting.errback(failure)
+
 
 @implementer(IBroker)
 class StreamBroker(ReconnectingBroker):
@@ -253,8 +263,6 @@ class StreamBroker(ReconnectingBroker):
         self.confirm_timeout = confirm_timeout
         self.reference = f"gradesvc-{replica_id}-{uuid.uuid4().hex[:16]}"[:256]
         """This process's publisher reference: deduplication without two processes ever sharing one."""
-        self._stream_client: Optional[StreamClient] = None
-        self._link: Optional[StreamLink] = None
         self._publishing = False
         self._next_id = 1
         self._queued: List[Tuple[bytes, defer.Deferred[None]]] = []
@@ -286,7 +294,7 @@ class StreamBroker(ReconnectingBroker):
         await client.declare_publisher(PUBLISHER_ID, self.reference, self.stream)
         stored = await client.query_publisher_sequence(self.reference, self.stream)
         self._next_id = max(self._next_id, stored + 1)
-        self._stream_client, self._link, self._publishing = client, link, True
+        self._publishing = True
         if self._sent:
             log.info("Sending {count} unconfirmed batches again (the broker drops those it has)", count=len(self._sent))
             client.publish(PUBLISHER_ID, [sent.entry for _, sent in sorted(self._sent.items())])
@@ -323,11 +331,10 @@ class StreamBroker(ReconnectingBroker):
     def _disconnect(self, client: StreamClient) -> None:
         client.abort()
 
-    def _link_lost(self) -> None:
-        link, self._link = self._link, None
-        self._stream_client, self._publishing = None, False
-        if link is not None:
-            link.end(SubscriptionEnded("the broker connection was lost"))
+    def _link_lost(self, link: Optional[IStreamLink]) -> None:
+        self._publishing = False
+        if link is not None:  # this broker's links are StreamLinks
+            cast(StreamLink, link).end(SubscriptionEnded("the broker connection was lost"))
 
     def _moved(self, link: StreamLink, code: int, stream: str) -> None:
         """The broker says the stream moved or is gone: everything on this link is over."""
@@ -343,9 +350,7 @@ class StreamBroker(ReconnectingBroker):
         """A new life of the stream: nothing unconfirmed of the old one is sent to it."""
         sent, self._sent = self._sent, {}
         for entry in sent.values():
-            entry.expires.cancel()
-            for waiting in entry.waiting:
-                waiting.errback(StreamDeleted("the stream was deleted before the write was confirmed"))
+            entry.settle(StreamDeleted("the stream was deleted before the write was confirmed"))
         super().declared()
 
     # --- publishing -------------------------------------------------------------
@@ -363,11 +368,12 @@ class StreamBroker(ReconnectingBroker):
     def _send(self) -> None:
         self._flush = None
         queued, self._queued = self._queued, []
-        client = self._stream_client
-        if client is None or not self._publishing:
+        link = cast(Optional[StreamLink], self.link)
+        if link is None or not self._publishing:
             for _, d in queued:
                 d.errback(BrokerUnavailable("not connected to the broker"))
             return
+        client = link.client
         room = (client.frame_max or 1 << 30) - frames.PUBLISH_OVERHEAD - frames.SUB_ENTRY_OVERHEAD
         entries: List[bytes] = []
         group: List[Tuple[bytes, defer.Deferred[None]]] = []
@@ -401,22 +407,17 @@ class StreamBroker(ReconnectingBroker):
         for publishing_id in ids:
             sent = self._sent.pop(publishing_id, None)
             if sent is not None:
-                sent.expires.cancel()
-                for waiting in sent.waiting:
-                    waiting.callback(None)
+                sent.settle()
 
     def _refused(self, publisher: int, errors: List[Tuple[int, int]]) -> None:
         for publishing_id, code in errors:
             sent = self._sent.pop(publishing_id, None)
             if sent is None:
                 continue
-            sent.expires.cancel()
             name = frames.CODE_NAMES.get(code, str(code))
             log.warn("The broker refused a batch of {count} writes: {why}", count=len(sent.waiting), why=name)
-            failure: Exception = (StreamDeleted(f"the stream is gone ({name})") if code in GONE
-                                  else BrokerUnavailable(f"the broker refused the write: {name}"))
-            for waiting in sent.waiting:
-                waiting.errback(failure)
+            sent.settle(StreamDeleted(f"the stream is gone ({name})") if code in GONE
+                        else BrokerUnavailable(f"the broker refused the write: {name}"))
 
     def _expired(self, publishing_id: int) -> None:
         sent = self._sent.pop(publishing_id, None)
@@ -424,6 +425,5 @@ class StreamBroker(ReconnectingBroker):
             return
         log.warn("A batch of {count} writes was not confirmed within {seconds:g}s; reconnecting",
                  count=len(sent.waiting), seconds=self.confirm_timeout)
-        for waiting in sent.waiting:
-            waiting.errback(BrokerUnavailable(f"the broker did not confirm the write within {self.confirm_timeout:g}s"))
+        sent.settle(BrokerUnavailable(f"the broker did not confirm the write within {self.confirm_timeout:g}s"))
         self.drop_connection()
