@@ -78,6 +78,7 @@ class AutoBroker(service.MultiService):
         self.on_connect: List[ConnectHook] = []
         self.on_stream_recreated: List[Callable[[], None]] = []
         self.chosen: Optional[ReconnectingBroker] = None
+        """The broker of the protocol chosen (None until the broker answered)."""
         self._waiting: List[defer.Deferred[IStreamLink]] = []
         status.stream_protocol = "auto"
 
@@ -86,40 +87,42 @@ class AutoBroker(service.MultiService):
         defer.ensureDeferred(self._choose())
 
     async def _choose(self) -> None:
-        tries = 0
-        urls = node_urls(self.url)
-        while self.running:
-            url = urls[tries % len(urls)]
-            if any(stream_port_of(u) is None for u in urls):
-                log.warn("--amqp-url names an AMQP port other than 5672 and no ?stream_port=N: using AMQP 0.9.1"
-                         " (name the stream port to use the stream protocol)")
-                self._use(AmqpBroker(self.reactor, self.url, self.stream, self.status, self.clock))
-                return
-            if await answers(self.reactor, tcp_endpoint(self.reactor, url, stream_port_of(url)), self.clock):
-                log.info("The broker's stream port answers at {url} (port {port}): using the stream protocol",
-                         url=redact(url), port=stream_port_of(url))
-                self._use(StreamBroker(self.reactor, self.url, self.stream, self.status, self.replica_id, self.clock))
-                return
-            if await answers(self.reactor, tcp_endpoint(self.reactor, url), self.clock):
-                log.warn("The broker at {url} answers AMQP but not the stream protocol on port {port}: using AMQP"
-                         " 0.9.1 (enable the rabbitmq_stream plugin for batched writes and fast catch-up)",
-                         url=redact(url), port=stream_port_of(url))
-                self._use(AmqpBroker(self.reactor, self.url, self.stream, self.status, self.clock))
-                return
-            tries += 1
-            delay = backoff(tries, initial=0.2, maximum=5.0)
-            log.info("No broker answers at {url}; asking again in {delay:.1f}s", url=redact(url), delay=delay)
-            await task.deferLater(self.clock, delay, lambda: None)
-
-    def _use(self, broker: ReconnectingBroker) -> None:
+        protocol = await self._ask()
+        if protocol is None:  # stopped before the broker answered
+            return
+        broker = make_broker(protocol, self.reactor, self.url, self.stream, self.status, self.replica_id, self.clock)
         broker.on_connect = self.on_connect
         broker.on_stream_recreated = self.on_stream_recreated
         self.chosen = broker
-        self.status.stream_protocol = broker.protocol
         waiting, self._waiting = self._waiting, []
         for waiter in waiting:
             broker.when_connected().chainDeferred(waiter)
         broker.setServiceParent(self)
+
+    async def _ask(self) -> Optional[str]:
+        """``stream`` or ``amqp``, as the broker answers (asked again with back-off until one port does)."""
+        urls = node_urls(self.url)
+        if any(stream_port_of(u) is None for u in urls):
+            log.warn("--amqp-url names an AMQP port other than 5672 and no ?stream_port=N: using AMQP 0.9.1"
+                     " (name the stream port to use the stream protocol)")
+            return "amqp"
+        tries = 0
+        while self.running:
+            url = urls[tries % len(urls)]
+            if await answers(self.reactor, tcp_endpoint(self.reactor, url, stream_port_of(url)), self.clock):
+                log.info("The broker's stream port answers at {url} (port {port}): using the stream protocol",
+                         url=redact(url), port=stream_port_of(url))
+                return "stream"
+            if await answers(self.reactor, tcp_endpoint(self.reactor, url), self.clock):
+                log.warn("The broker at {url} answers AMQP but not the stream protocol on port {port}: using AMQP"
+                         " 0.9.1 (enable the rabbitmq_stream plugin for batched writes and fast catch-up)",
+                         url=redact(url), port=stream_port_of(url))
+                return "amqp"
+            tries += 1
+            delay = backoff(tries, initial=0.2, maximum=5.0)
+            log.info("No broker answers at {url}; asking again in {delay:.1f}s", url=redact(url), delay=delay)
+            await task.deferLater(self.clock, delay, lambda: None)
+        return None
 
     @property
     def link(self) -> Optional[IStreamLink]:
