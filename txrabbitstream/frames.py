@@ -93,7 +93,6 @@ _ENTRY = struct.Struct(">QI")  # publishing id, size (top bit 0: a simple entry)
 _SUB_ENTRY = struct.Struct(">QBHII")  # publishing id, 1|compression|reserved, records, uncompressed, size
 _PUBLISH_HEAD = struct.Struct(">IHHBI")  # size, key, version, publisher id, entry count
 PUBLISH_OVERHEAD = _PUBLISH_HEAD.size
-ENTRY_OVERHEAD = _ENTRY.size
 SUB_ENTRY_OVERHEAD = _SUB_ENTRY.size
 
 
@@ -349,10 +348,6 @@ class Reader:
         values = [v for (v,) in shape.iter_unpack(self.data[self.position:self.position + count * shape.size])]
         self.position += count * shape.size
         return values
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.position
 
 
 def head(frame: bytes) -> Tuple[int, int]:

@@ -119,7 +119,7 @@ class BrokerConnection(Protocol):
             self.respond(key, correlation, rest=struct.pack(">I", 1) + frames.string("PLAIN"))
         elif key == frames.SASL_AUTHENTICATE:
             self.respond(key, correlation, rest=struct.pack(">I", 0))
-            self.write(frames.tune(frames.INITIAL_FRAME_MAX * 128, 0))
+            self.write(frames.tune(1024 * 1024, 0))  # RabbitMQ's default frame size, no heartbeat
         elif key == frames.OPEN:
             self.respond(key, correlation, rest=frames.properties({}))
         elif key == frames.CREATE:

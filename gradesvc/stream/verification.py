@@ -47,8 +47,8 @@ log = Logger()
 PROBE_TIMEOUT = 5.0
 PROBE_PREFETCH = 1000
 BROKER_TROUBLE = (AMQPError, error.ConnectionClosed, error.ConnectionLost, error.ConnectError, defer.TimeoutError,
-                  BrokerUnavailable,
-                  SubscriptionEnded, StreamDeleted, StreamError, ProtocolError)
+                  BrokerUnavailable, SubscriptionEnded, StreamDeleted, StreamError, ProtocolError)
+"""What makes a check inconclusive (tried again), whichever protocol the link speaks."""
 
 
 async def first_delivery(link: IStreamLink, start: Start, clock: IReactorTime,
