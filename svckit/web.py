@@ -111,22 +111,24 @@ def encode(request: server.Request, response: Union[JSONResponse, BytesResponse]
     return response.body
 
 
-def read_json_value(request: server.Request) -> Any:
-    """The request body as any JSON value (the router has bounded its size)."""
+def stored_body(request: server.Request) -> bytes:
+    """The body a request stored (the router has bounded its size); ``b""`` without one."""
     content = request.content
     if content is None:
-        return parse_json(b"")
+        return b""
     content.seek(0)
-    return parse_json(content.read())
+    body: bytes = content.read()
+    return body
+
+
+def read_json_value(request: server.Request) -> Any:
+    """The request body as any JSON value."""
+    return parse_json(stored_body(request))
 
 
 def read_json(request: server.Request) -> Dict[str, Any]:
-    """The request body as a JSON object (the router has bounded its size)."""
-    content = request.content
-    if content is None:
-        return parse_object(b"")
-    content.seek(0)
-    return parse_object(content.read())
+    """The request body as a JSON object."""
+    return parse_object(stored_body(request))
 
 
 def first_byte(data: bytes) -> bytes:
