@@ -65,7 +65,7 @@ OPTIONS = (
     Option("get-endpoint", "GRADESVC_GET_ENDPOINT", "tcp:8070", "Read port endpoint", endpoint_description),
     Option("set-endpoint", "GRADESVC_SET_ENDPOINT", "tcp:8071", "Write port endpoint", endpoint_description),
     Option("amqp-url", "GRADESVC_AMQP_URL", DEFAULT_AMQP_URL, "Broker URL (or the nodes' URLs, comma-separated)",
-           amqp_urls),
+           amqp_urls, secret=True),
     Option("stream", "GRADESVC_STREAM", "user_grades", "Stream queue name", not_empty),
     Option("stream-protocol", "GRADESVC_STREAM_PROTOCOL", "auto", "How the stream is read and written: stream"
            " (RabbitMQ's stream protocol, port 5552 or the URL's ?stream_port=N), amqp (AMQP 0.9.1), or auto"
@@ -73,7 +73,7 @@ OPTIONS = (
     Option("replica-id", "GRADESVC_REPLICA_ID", None, "Unique replica id; default the host name", not_empty),
     Option("peers", "GRADESVC_PEERS", "", "Comma-separated base URLs of peers' read ports", peer_urls),
     Option("admin-user", "GRADESVC_ADMIN_USER", None, "User name for the write port"),
-    Option("admin-password", "GRADESVC_ADMIN_PASSWORD", None, "Password for the write port"),
+    Option("admin-password", "GRADESVC_ADMIN_PASSWORD", None, "Password for the write port", secret=True),
     Option("access-log", "GRADESVC_ACCESS_LOG", "-", "Access log: - (this log), a file, or off",
            access_log_destination),
     Option("access-log-format", "GRADESVC_ACCESS_LOG_FORMAT", "combined", "Access log format: combined or json",

@@ -32,10 +32,12 @@ class Options(EnvOptions):
 
     def postOptions(self) -> None:
         """Parse every option into a :class:`ReplicaConfig`."""
+        self.read_secrets()
         if not self["admin-user"] or not self["admin-password"]:
             raise usage.UsageError(
                 "the write port needs credentials: set --admin-user and"
-                " --admin-password (or GRADESVC_ADMIN_USER and GRADESVC_ADMIN_PASSWORD)"
+                " --admin-password (or GRADESVC_ADMIN_USER and GRADESVC_ADMIN_PASSWORD, or the password in a file:"
+                " --admin-password-file, GRADESVC_ADMIN_PASSWORD_FILE)"
             )
         values = self.parsed()
         if values["stream_protocol"] == "stream" and any(stream_port_of(u) is None for u in node_urls(values["amqp_url"])):

@@ -51,7 +51,7 @@ OPTIONS = (
     Option("endpoint", "LBSVC_ENDPOINT", "tcp:8080", "Gateway endpoint", endpoint_description),
     Option("servers", "LBSVC_SERVERS", "servers.yaml", "Backends file", not_empty),
     Option("database", "LBSVC_DATABASE", "lbsvc.sqlite3",
-           "Users: a SQLite file, or postgresql://user:password@host:port/db", not_empty),
+           "Users: a SQLite file, or postgresql://user:password@host:port/db", not_empty, secret=True),
     Option("admin-endpoint", "LBSVC_ADMIN_ENDPOINT", "tcp:8079:interface=127.0.0.1",
            "Endpoint of the gateway's own /health, /ready, /metrics, /status", endpoint_description),
     Option("access-log", "LBSVC_ACCESS_LOG", "-", "Access log: - (this log), a file, or off",
@@ -64,7 +64,7 @@ OPTIONS = (
     Option("max-rate", "LBSVC_MAX_RATE", str(MAX_RATE), f"Highest rate_per_sec a user may set ({MIN_RATE} ...)",
            _ceiling(parse_rate, float)),
     Option("buckets", "LBSVC_BUCKETS", "memory", "Token buckets: memory (this process) or redis://host:port/db"
-           " (shared)", _buckets),
+           " (shared)", _buckets, secret=True),
     Option("bucket-store-fallback", "LBSVC_BUCKET_STORE_FALLBACK", "local",
            "While Redis is unreachable: local (each process its share of every budget) or deny (503)", _fallback),
     Option("redis-timeout", "LBSVC_REDIS_TIMEOUT", "0.05", "Seconds a Redis call may take", positive),

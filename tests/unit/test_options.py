@@ -122,3 +122,65 @@ def test_workers_with_memory_buckets_are_refused(tmp_path: Path) -> None:
     settings = gateway(["--workers", "2", "--buckets", "redis://127.0.0.1:6379/3"], env).settings
     assert (settings.workers, settings.buckets, settings.bucket_store_fallback, settings.redis_timeout) == \
         (2, "redis://127.0.0.1:6379/3", "local", 0.05)
+
+
+# --- secrets from files ------------------------------------------------------------------------------------
+
+
+def secret_file(tmp_path: Path, name: str, content: str) -> str:
+    path = tmp_path / name
+    path.write_text(content)
+    return str(path)
+
+
+def test_a_secret_comes_from_a_file_named_on_the_command_line_or_in_the_environment(tmp_path: Path) -> None:
+    password = secret_file(tmp_path, "password", "s3cret\n")
+    url = secret_file(tmp_path, "url", "amqp://app:p%40ss@broker:5672/%2F\r\n\n")
+    typed = grades(["--admin-user", "admin", "--admin-password-file", password, "--amqp-url-file", url], {})
+    assert typed.config.admin_password == "s3cret"  # the trailing newline dropped, nothing else
+    assert typed.config.amqp_url == "amqp://app:p%40ss@broker:5672/%2F"
+    from_env = grades([], {"GRADESVC_ADMIN_USER": "admin", "GRADESVC_ADMIN_PASSWORD_FILE": password}).config
+    assert from_env.admin_password == "s3cret"
+    database = secret_file(tmp_path, "db", "postgresql://u:pw@db:5432/users\n")
+    settings = gateway([], {"LBSVC_SERVERS": servers_file(tmp_path), "LBSVC_DATABASE_FILE": database,
+                            "LBSVC_BUCKETS_FILE": secret_file(tmp_path, "redis", "redis://:pw@r:6379/0")}).settings
+    assert (settings.database, settings.buckets) == ("postgresql://u:pw@db:5432/users", "redis://:pw@r:6379/0")
+    assert "GRADESVC_ADMIN_PASSWORD_FILE" in str(grades([], CREDENTIALS))  # --help names the variable
+
+
+def test_the_command_line_beats_the_environment_and_one_level_may_not_give_both(tmp_path: Path) -> None:
+    password = secret_file(tmp_path, "password", "from-file")
+    env = {"GRADESVC_ADMIN_USER": "admin", "GRADESVC_ADMIN_PASSWORD_FILE": password}
+    assert grades(["--admin-password", "typed"], env).config.admin_password == "typed"
+    assert grades(["--admin-password-file", password], {**CREDENTIALS}).config.admin_password == "from-file"
+    with pytest.raises(usage.UsageError, match="give --admin-password or --admin-password-file, not both"):
+        grades(["--admin-password", "x", "--admin-password-file", password], CREDENTIALS)
+    with pytest.raises(usage.UsageError, match="set GRADESVC_ADMIN_PASSWORD or GRADESVC_ADMIN_PASSWORD_FILE"):
+        grades([], {**env, "GRADESVC_ADMIN_PASSWORD": "pw"})
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe not text"])
+def test_a_secret_file_that_cannot_be_read_stops_the_daemon_with_one_line(tmp_path: Path,
+                                                                         content: bytes | None) -> None:
+    path = tmp_path / "password"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(usage.UsageError) as refused:
+        grades(["--admin-user", "a", "--admin-password-file", str(path)], {})
+    message = str(refused.value)
+    assert message.startswith(f"--admin-password-file {path}: cannot be read") and "\n" not in message
+
+
+def test_a_refused_secret_is_not_echoed(tmp_path: Path) -> None:
+    url = secret_file(tmp_path, "redis", "http://:hunter2@r:6379/0")
+    with pytest.raises(usage.UsageError) as refused:
+        gateway([], {"LBSVC_SERVERS": servers_file(tmp_path), "LBSVC_BUCKETS_FILE": url})
+    assert "hunter2" not in str(refused.value) and "--buckets" in str(refused.value)
+
+
+def test_worker_command_lines_repeat_only_what_was_typed_and_a_secret_file_as_a_file(tmp_path: Path) -> None:
+    database = secret_file(tmp_path, "db", "postgresql://u:pw@db:5432/users")
+    env = {"LBSVC_SERVERS": servers_file(tmp_path), "LBSVC_BUCKETS": "redis://:pw@r:6379/0", "LBSVC_WORKERS": "2"}
+    options = gateway(["--database-file", database, "--max-body", "10"], env)
+    assert options.argv() == [f"--database-file={database}", "--max-body=10"]
+    assert "pw" not in " ".join(options.argv())
