@@ -1,40 +1,95 @@
-"""A private ``redis-server`` on a free loopback port."""
+"""A private ``redis-server`` on a free loopback port; optionally with a password, an ACL user and TLS only."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 from harness.net import free_port, wait_until
 
 
-class RedisServer:
-    """A private ``redis-server`` on a free loopback port, which a test may kill and restart."""
+def _reply(s: socket.socket) -> bytes:
+    """One whole reply (a bulk string read to its end; other kinds are one line)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    if data.startswith(b"$") and not data.startswith(b"$-1"):
+        head, _, rest = data.partition(b"\r\n")
+        while len(rest) < int(head[1:]) + 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return rest[:int(head[1:])]
+    return data
 
-    def __init__(self, workdir: Path) -> None:
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, which a test may kill and restart.
+
+    ``password`` sets ``requirepass``; ``users`` adds ACL users (name, password) allowed everything;
+    ``tls`` (CA, certificate, key files) makes its only port a TLS one (``--port 0 --tls-port``).
+    """
+
+    def __init__(self, workdir: Path, password: Optional[str] = None, users: Sequence[Tuple[str, str]] = (),
+                 tls: Optional[Tuple[Path, Path, Path]] = None) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.password = password
+        self.users = list(users)
+        self.tls = tls
         self.process: Optional[subprocess.Popen] = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        login = f":{self.password}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{login}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-        def answers() -> bool:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-
-        wait_until(answers, 10, "redis-server")
+        args = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.tls is None:
+            args += ["--port", str(self.port)]
+        else:
+            ca, cert, key = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-ca-cert-file", str(ca),
+                     "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "optional"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        for name, password in self.users:
+            args += ["--user", name, "on", f">{password}", "~*", "&*", "+@all"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.command("PING").startswith((b"+PONG", b"-NOAUTH")), 10, "redis-server")
         return self
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        if self.tls is None:
+            return raw
+        return ssl.create_default_context(cafile=str(self.tls[0])).wrap_socket(raw, server_hostname="127.0.0.1")
+
+    def command(self, *words: str, login: bool = False) -> bytes:
+        """One command's raw answer (after ``AUTH`` with the server's password when ``login``)."""
+        with self._connect() as s:
+            commands: List[Tuple[str, ...]] = [("AUTH", self.password)] if login and self.password else []
+            commands.append(words)
+            for command in commands:
+                s.sendall(f"*{len(command)}\r\n".encode()
+                          + b"".join(f"${len(w.encode())}\r\n{w}\r\n".encode() for w in command))
+                answer = _reply(s)
+            return answer
+
+    def info(self, field: str) -> str:
+        """One field of ``INFO`` (logged in)."""
+        for line in self.command("INFO", login=True).decode().splitlines():
+            if line.startswith(field + ":"):
+                return line.split(":", 1)[1]
+        raise KeyError(field)
 
     def kill(self) -> None:
         if self.process is not None:

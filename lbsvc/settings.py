@@ -14,6 +14,7 @@ from lbsvc.backends.servers import ServersConfig
 from lbsvc.limits.redisbuckets import FALLBACKS
 from lbsvc.limits.redislink import parse_redis_url
 from lbsvc.users.api import MAX_CAPACITY, MAX_RATE, MIN_RATE, parse_capacity, parse_rate
+from lbsvc.users.postgres import tls_context
 from svckit.options import Option, access_log_destination, access_log_format, endpoint_description, not_empty, positive, whole
 from svckit.responses import HTTPError
 
@@ -35,9 +36,19 @@ def _ceiling(parse: Any, kind: Any) -> Any:
 def _buckets(value: str) -> str:
     if value != "memory":
         try:
-            parse_redis_url(value)
+            address = parse_redis_url(value)
+            if address.tls is not None:
+                address.tls.check()  # a CA file that does not load stops the gateway here, not every connect
         except ValueError as e:
-            raise ValueError(f"must be memory or redis://host:port/db: {e}") from None
+            raise ValueError(f"must be memory, redis://... or rediss://...: {e}") from None
+    return value
+
+
+def _database(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if value.startswith(("postgresql://", "postgres://")):
+        tls_context(value)  # what the URL asks of TLS can be honoured, and its files load
     return value
 
 
@@ -51,7 +62,8 @@ OPTIONS = (
     Option("endpoint", "LBSVC_ENDPOINT", "tcp:8080", "Gateway endpoint", endpoint_description),
     Option("servers", "LBSVC_SERVERS", "servers.yaml", "Backends file", not_empty),
     Option("database", "LBSVC_DATABASE", "lbsvc.sqlite3",
-           "Users: a SQLite file, or postgresql://user:password@host:port/db", not_empty, secret=True),
+           "Users: a SQLite file, or postgresql://user:password@host:port/db[?sslmode=verify-full&sslrootcert=FILE]",
+           _database, secret=True),
     Option("admin-endpoint", "LBSVC_ADMIN_ENDPOINT", "tcp:8079:interface=127.0.0.1",
            "Endpoint of the gateway's own /health, /ready, /metrics, /status", endpoint_description),
     Option("access-log", "LBSVC_ACCESS_LOG", "-", "Access log: - (this log), a file, or off",
@@ -63,8 +75,8 @@ OPTIONS = (
            _ceiling(parse_capacity, int)),
     Option("max-rate", "LBSVC_MAX_RATE", str(MAX_RATE), f"Highest rate_per_sec a user may set ({MIN_RATE} ...)",
            _ceiling(parse_rate, float)),
-    Option("buckets", "LBSVC_BUCKETS", "memory", "Token buckets: memory (this process) or redis://host:port/db"
-           " (shared)", _buckets, secret=True),
+    Option("buckets", "LBSVC_BUCKETS", "memory", "Token buckets: memory (this process) or"
+           " redis[s]://[[user]:password@]host:port/db[?ssl_ca_certs=FILE] (shared)", _buckets, secret=True),
     Option("bucket-store-fallback", "LBSVC_BUCKET_STORE_FALLBACK", "local",
            "While Redis is unreachable: local (each process its share of every budget) or deny (503)", _fallback),
     Option("redis-timeout", "LBSVC_REDIS_TIMEOUT", "0.05", "Seconds a Redis call may take", positive),
@@ -82,14 +94,14 @@ class GatewaySettings:
     admin_endpoint: str
     servers_path: str
     servers: ServersConfig
-    database: str
+    database: str = attrs.field(repr=False)
     access_log: str
     access_log_format: str
     max_body: int
     max_capacity: int
     max_rate: float
-    buckets: str
-    """``memory``, or a ``redis://host:port/db`` URL."""
+    buckets: str = attrs.field(repr=False)
+    """``memory``, or a ``redis://`` or ``rediss://`` URL (which may hold a password)."""
     bucket_store_fallback: str
     redis_timeout: float
     workers: int

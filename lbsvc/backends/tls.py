@@ -16,7 +16,6 @@ checks' agent, so both verify a backend the same way.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.internet import ssl
@@ -25,23 +24,9 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStream
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+from svckit.clienttls import read_ca_file
 
-
-def read_ca_file(path: str) -> Sequence[ssl.Certificate]:
-    """The certificates in a PEM file; ``ValueError`` naming what is wrong."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    blocks = _PEM.findall(data)
-    if not blocks:
-        raise ValueError(f"{path} holds no PEM certificate")
-    try:
-        return [ssl.Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:  # OpenSSL's own error types
-        raise ValueError(f"{path}: a certificate does not load: {e}") from None
+__all__ = ["BackendTLS", "ProbePolicy", "read_ca_file"]
 
 
 class BackendTLS:

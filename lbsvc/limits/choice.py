@@ -49,7 +49,13 @@ def choose_limits(buckets_option: str, fallback: str, redis_timeout: float, buck
         return Limits(MemoryBucketStore(buckets), live, per_process.report,
                       lambda: int(per_process.multiplied), lambda: None)
     link = RedisLink(reactor, buckets_option)
-    store = RedisBucketStore(buckets_option, buckets, fallback, redis_timeout, reactor, registry, link)
+    store = RedisBucketStore(link.address.describe(), buckets, fallback, redis_timeout, reactor, registry, link)
     live = LiveGateways(RedisHeartbeat(link), reactor, on_count=store.share.set_live)
-    return Limits(store, live, lambda: {"buckets": "redis", "mode": store.mode, "gateways": live.count},
-                  lambda: 0, lambda: store.up, link)
+
+    def report() -> Dict[str, Any]:
+        body: Dict[str, Any] = {"buckets": "redis", "mode": store.mode, "gateways": live.count}
+        if link.refusal is not None:
+            body["refused"] = link.refusal
+        return body
+
+    return Limits(store, live, report, lambda: 0, lambda: store.up, link)

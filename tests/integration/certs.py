@@ -36,11 +36,11 @@ class CertificateAuthority:
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-days", "2", "-subj", "/CN=lbsvc test CA", "-keyout", str(self.key), "-out", str(self.cert))
 
-    def issue(self, name: str, alt_names: Sequence[str]) -> Issued:
-        """A server certificate for ``alt_names`` (``DNS:…`` or ``IP:…``) signed by this CA."""
+    def issue(self, name: str, alt_names: Sequence[str], usage: str = "serverAuth,clientAuth") -> Issued:
+        """A certificate for ``alt_names`` (``DNS:…`` or ``IP:…``) signed by this CA, for servers and clients."""
         key, csr, cert = (self.directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
         extensions = self.directory / f"{name}.ext"
-        extensions.write_text(f"subjectAltName={','.join(alt_names)}\nextendedKeyUsage=serverAuth\n")
+        extensions.write_text(f"subjectAltName={','.join(alt_names)}\nextendedKeyUsage={usage}\n")
         _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr))
         _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),

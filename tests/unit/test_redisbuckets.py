@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from lbsvc.limits.buckets import Buckets
 from lbsvc.limits.bucketscript import KEY_PREFIX, SCRIPT, SCRIPT_SHA
 from lbsvc.limits.redisbuckets import CONFIRM_AFTER, MAX_BATCH, BucketStoreUnavailable, RedisBucketStore
-from lbsvc.limits.redislink import parse_redis_url
+from lbsvc.limits.redislink import RedisAddress, parse_redis_url
+from svckit.clienttls import ClientTLS
 from svckit.metrics import new_registry, sample_value
 from tests.unit.fired import fired
 
@@ -145,18 +146,29 @@ def test_forget_deletes_the_key() -> None:
     assert redis.calls == [("delete", KEY_PREFIX + "erin", None)]
 
 
-@pytest.mark.parametrize("url, parsed", [
-    ("redis://127.0.0.1:6380/2", ("127.0.0.1", 6380, 2)),
-    ("redis://cache", ("cache", 6379, 0)),
+@pytest.mark.parametrize("url, parsed, shown", [
+    ("redis://127.0.0.1:6380/2", RedisAddress("127.0.0.1", 6380, 2), "redis://127.0.0.1:6380/2"),
+    ("redis://cache", RedisAddress("cache", 6379, 0), "redis://cache:6379/0"),
+    ("redis://:p%40ss@cache/1", RedisAddress("cache", 6379, 1, None, "p@ss"), "redis://:***@cache:6379/1"),
+    ("redis://gw:pw@cache", RedisAddress("cache", 6379, 0, "gw", "pw"), "redis://gw:***@cache:6379/0"),
+    ("rediss://:pw@cache:6390/0?ssl_ca_certs=/ca.pem",
+     RedisAddress("cache", 6390, 0, None, "pw", ClientTLS("/ca.pem")), "rediss://:***@cache:6390/0"),
+    ("rediss://cache?ssl_certfile=c.pem&ssl_keyfile=k.pem",
+     RedisAddress("cache", 6379, 0, tls=ClientTLS(None, "c.pem", "k.pem")), "rediss://cache:6379/0"),
 ])
-def test_redis_urls(url: str, parsed: Tuple[str, int, int]) -> None:
+def test_redis_urls(url: str, parsed: RedisAddress, shown: str) -> None:
     assert parse_redis_url(url) == parsed
+    assert parsed.describe() == shown
+    assert "pw" not in repr(parsed) and "p@ss" not in repr(parsed)
 
 
-@pytest.mark.parametrize("url", ["http://x", "redis://", "redis://x/db"])
-def test_bad_redis_urls(url: str) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("url", ["http://:hunter2@x", "redis://", "redis://:hunter2@x/db", "redis://:hunter2@x:port",
+                                 "redis://user@x", "redis://:hunter2@x?ssl_ca_certs=/ca.pem",
+                                 "rediss://x?ssl_cert_reqs=none", "rediss://x?password=hunter2"])
+def test_bad_redis_urls_are_refused_without_quoting_the_password(url: str) -> None:
+    with pytest.raises(ValueError) as refused:
         parse_redis_url(url)
+    assert "hunter2" not in str(refused.value)
 
 
 def test_no_connection_is_decided_at_once() -> None:
