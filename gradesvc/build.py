@@ -37,7 +37,9 @@ from gradesvc.stream.consumer import StreamConsumer
 from gradesvc.stream.progress import StreamProgress
 from gradesvc.stream.verification import StreamVerifier
 from svckit.accesslog import AccessLog
+from svckit.clienttls import ClientTLS
 from svckit.metrics import new_registry
+from svckit.peerclient import peer_client
 from svckit.site import listen
 from svckit.supervisor import Supervisor
 from svckit.web import Router
@@ -88,19 +90,23 @@ def build_replica(config: ReplicaConfig, reactor: Any, data_dir: DataDir, broker
     verifier = StreamVerifier(broker, config.replica_id, reactor)
     consumer.verifier = verifier
 
+    peers = peer_client(reactor, ClientTLS(config.peer_ca_file))
+    guard = basic_auth_guard(admin_portal(config.admin_user, config.admin_password))
     backup = Backup(store, status, stream, consumer.applier.anchor, registry, config.replica_id, wall)
-    overview = Overview(config.replica_id, status, registry, [PeerWatch(p, reactor) for p in config.peers], reactor)
+    overview = Overview(config.replica_id, status, registry, [PeerWatch(p, reactor, peers) for p in config.peers],
+                        reactor)
     overview.history.setServiceParent(top)
     reads = read_router(ReadAPI(store, status, progress, config.replica_id, config.read_wait), backup, registry,
-                        {b"/status": ("status", overview.page), b"/status.json": ("status_json", overview.json)})
+                        {b"/status": ("status", overview.page), b"/status.json": ("status_json", overview.json)},
+                        backup_guard=guard if config.backup_auth == "admin" else None)
     listen(reactor, config.get_endpoint, reads, access_log).setServiceParent(top)
-    guard = basic_auth_guard(admin_portal(config.admin_user, config.admin_password))
     writes = write_router(WriteAPI(config.replica_id, broker, status, progress, wall, config.write_timeout),
                           guard, registry)
     listen(reactor, config.set_endpoint, writes, access_log).setServiceParent(top)
 
+    credentials = (config.admin_user, config.admin_password) if config.peer_auth == "admin" else None
     bootstrap = Bootstrap(store, status, config.peers, stream, verifier.check, clock=reactor,
-                          idle_timeout=config.peer_idle_timeout)
+                          idle_timeout=config.peer_idle_timeout, http=peers, credentials=credentials)
     consumer.rebootstrap = bootstrap.load
     checkpoints = Checkpoints(store, status, data_dir, consumer.applier.anchor, verifier.check, clock=reactor, wall=wall)
     consumer.state_refused = checkpoints.refuse_current

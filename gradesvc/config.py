@@ -8,34 +8,41 @@ idle timeout) are that module's constants.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import attrs
 
 from gradesvc.api.read import READ_WAIT
 from gradesvc.api.write import WRITE_TIMEOUT
 from gradesvc.state.bootstrap import IDLE_TIMEOUT
-from gradesvc.stream.broker import node_urls, stream_port_of
+from gradesvc.stream.broker import node_tls, node_urls, stream_port_of
 from gradesvc.stream.choice import PROTOCOLS
+from svckit.clienttls import ClientTLS
 from svckit.options import Option, access_log_destination, access_log_format, endpoint_description, not_empty, positive
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 def amqp_urls(value: str) -> str:
-    """An ``amqp://`` URL, or a comma-separated list of them (the nodes of a cluster)."""
+    """An ``amqp://`` or ``amqps://`` URL, or a comma-separated list of them (the nodes of a cluster); every
+    TLS file named loads now, so a bad one stops the replica at start rather than every connection."""
     urls = node_urls(value)
     if not urls or not all(url.startswith(("amqp://", "amqps://")) for url in urls):
-        raise ValueError("must be an amqp:// URL, or a comma-separated list of them")
-    if any(url.startswith("amqps://") for url in urls):
-        # Never a silent downgrade: TLS asked for and not honoured stops the replica.
-        raise ValueError("amqps:// (TLS to the broker) is not supported by this release; refusing to start"
-                         " rather than connect in cleartext (use amqp:// on a trusted network)")
+        raise ValueError("must be an amqp:// or amqps:// URL, or a comma-separated list of them")
     for url in urls:
+        node = url.split("@")[-1]
         try:
             stream_port_of(url)
         except ValueError:
-            raise ValueError(f"{url.split('@')[-1]}: stream_port must be a port number") from None
+            raise ValueError(f"{node}: stream_port must be a port number") from None
+        try:
+            tls = node_tls(url)
+            if tls is not None:
+                tls[0].check()
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None
+    if len({url.startswith("amqps://") for url in urls}) > 1:
+        raise ValueError("mixes amqp:// and amqps:// nodes: a failover would change whether the link is encrypted")
     return value
 
 
@@ -56,6 +63,23 @@ def peer_urls(value: str) -> Tuple[str, ...]:
     return peers
 
 
+BACKUP_AUTH = ("off", "admin")
+
+
+def backup_auth(value: str) -> str:
+    """``off`` or ``admin``."""
+    value = value.strip().lower()
+    if value not in BACKUP_AUTH:
+        raise ValueError(f"must be one of {', '.join(BACKUP_AUTH)}")
+    return value
+
+
+def ca_file(value: str) -> str:
+    """A PEM file of CA certificates that loads now."""
+    ClientTLS(value).check()
+    return value
+
+
 def seconds(default: float) -> str:
     """A default number of seconds as it would be typed."""
     return f"{default:g}"
@@ -72,6 +96,12 @@ OPTIONS = (
            " (stream when the broker's stream port answers)", stream_protocol),
     Option("replica-id", "GRADESVC_REPLICA_ID", None, "Unique replica id; default the host name", not_empty),
     Option("peers", "GRADESVC_PEERS", "", "Comma-separated base URLs of peers' read ports", peer_urls),
+    Option("peer-ca-file", "GRADESVC_PEER_CA_FILE", None, "CA certificates (PEM) that https:// peers must chain"
+           " to; default the system's CAs", ca_file),
+    Option("backup-auth", "GRADESVC_BACKUP_AUTH", "off", "Who may GET /backup (the whole store): off (anyone who"
+           " reaches the read port) or admin (the write port's credentials)", backup_auth),
+    Option("peer-auth", "GRADESVC_PEER_AUTH", None, "Credentials this replica sends to peers' /backup: admin (its"
+           " write port's) or off; default as --backup-auth", backup_auth),
     Option("admin-user", "GRADESVC_ADMIN_USER", None, "User name for the write port"),
     Option("admin-password", "GRADESVC_ADMIN_PASSWORD", None, "Password for the write port", secret=True),
     Option("access-log", "GRADESVC_ACCESS_LOG", "-", "Access log: - (this log), a file, or off",
@@ -102,6 +132,9 @@ class ReplicaConfig:
     stream_protocol: str
     replica_id: str
     peers: Tuple[str, ...]
+    peer_ca_file: Optional[str]
+    backup_auth: str
+    peer_auth: str
     admin_user: str
     admin_password: str = attrs.field(repr=False)
     access_log: str
@@ -122,6 +155,6 @@ def default_config(replica_id: str, admin_user: str, admin_password: str, data_d
     (tests, benchmarks)."""
     values: Dict[str, Any] = {o.attribute: o.parse(o.default) for o in OPTIONS if o.default is not None}
     values.update(replica_id=replica_id, admin_user=admin_user, admin_password=admin_password, data_dir=data_dir,
-                  data_dir_given=True)
+                  data_dir_given=True, peer_ca_file=None, peer_auth=values["backup_auth"])
     values.update(changes)
     return ReplicaConfig(**values)

@@ -46,6 +46,7 @@ class Options(EnvOptions):
                 " port too (amqp://host:port/vhost?stream_port=N)"
             )
         values["replica_id"] = values["replica_id"] or socket.gethostname()
+        values["peer_auth"] = values["peer_auth"] or values["backup_auth"]
         values["data_dir_given"] = values["data_dir"] is not None
         if values["data_dir"] is None:
             values["data_dir"] = default_data_dir(values["stream"], values["replica_id"])

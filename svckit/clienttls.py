@@ -22,6 +22,8 @@ import ssl as stdlib_ssl
 from typing import Any, Optional, Sequence
 
 import attrs
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
@@ -48,17 +50,23 @@ def read_ca_file(path: str) -> Sequence[ssl.Certificate]:
         raise ValueError(f"{path}: a certificate does not load: {e}") from None
 
 
-def describe_tls_failure(reason: Any) -> str:
-    """One line for a failed handshake (OpenSSL's error list), or whatever else ended the connection."""
+def tls_failure(reason: Any) -> Optional[str]:
+    """One line for a connection ended by TLS (OpenSSL's error list, or a certificate for another name);
+    None when ``reason`` (an exception or a ``Failure``) is not about TLS."""
     value = getattr(reason, "value", reason)
-    details = getattr(value, "args", ())
-    if details and isinstance(details[0], list):  # OpenSSL.SSL.Error([(library, function, reason), ...])
-        reasons = [entry[-1] for entry in details[0] if isinstance(entry, tuple) and entry and entry[-1]]
-        if reasons:
-            return "TLS: " + "; ".join(reasons)
-    if value.__class__.__name__ == "VerificationError":  # service_identity: the name is not the certificate's
+    if isinstance(value, SSL.Error):
+        details = value.args[0] if value.args and isinstance(value.args[0], list) else []
+        reasons = [entry[-1] for entry in details if isinstance(entry, tuple) and entry and entry[-1]]
+        return "TLS: " + ("; ".join(reasons) or str(value) or "handshake failed")
+    if isinstance(value, VerificationError):
         return f"TLS: the certificate does not name this host ({value})"
-    return str(value) or value.__class__.__name__
+    return None
+
+
+def describe_tls_failure(reason: Any) -> str:
+    """:func:`tls_failure`, or else whatever ended the connection, in one line."""
+    value = getattr(reason, "value", reason)
+    return tls_failure(value) or str(value) or type(value).__name__
 
 
 @attrs.frozen

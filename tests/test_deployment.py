@@ -133,3 +133,23 @@ def test_cluster_profile_shares_users_and_buckets() -> None:
     assert gateways[0]["environment"] == gateways[1]["environment"]  # one user table, one budget
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     assert "postgres-data" in compose()["volumes"]
+
+
+def test_the_commented_tls_example_names_real_services_and_real_file_variables() -> None:
+    from gradesvc.config import OPTIONS as GRADESVC
+    from lbsvc.settings import OPTIONS as LBSVC
+
+    text = (ROOT / "docker-compose.yml").read_text()
+    block = text[text.index("# TLS-BEGIN\n") + len("# TLS-BEGIN\n"):text.index("# TLS-END")]
+    example = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
+    services = compose()["services"]
+    assert set(example["services"]) <= set(services)
+    secret_files = {f"{o.variable}_FILE" for o in (*GRADESVC, *LBSVC) if o.secret}
+    known = {o.variable for o in (*GRADESVC, *LBSVC)} | secret_files
+    for name, service in example["services"].items():
+        for variable, value in service.get("environment", {}).items():
+            assert variable in known, (name, variable)
+            if variable in secret_files:
+                assert value.startswith("/run/secrets/") and value.rsplit("/", 1)[1] in example["secrets"]
+        for volume in service.get("volumes", []):
+            assert (ROOT / volume.split(":")[0]).exists() or volume.startswith("./tls:"), volume

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Dict, Mapping, Tuple, Union
+from typing import Any, Awaitable, Dict, Mapping, Optional, Tuple, Union
 
 from prometheus_client import CollectorRegistry
 from twisted.web import server
@@ -12,7 +12,7 @@ from gradesvc.state.store import FIELDS, GradeStore
 from gradesvc.stream.progress import StreamProgress
 from svckit import metrics
 from svckit.responses import BytesResponse, HTTPError, JSONResponse, Response, unavailable
-from svckit.web import Handler, Route, Router
+from svckit.web import Guard, Handler, Route, Router
 
 READ_WAIT = 2.0
 MAX_OFFSET = 2**63 - 1
@@ -100,11 +100,12 @@ class ReadAPI:
 
 
 def read_router(api: ReadAPI, backup: Handler, registry: CollectorRegistry,
-                pages: Mapping[bytes, Tuple[str, Handler]] = {}) -> Router:
-    """The whole read port; ``pages`` adds GET routes (path → name, handler): the status pages."""
+                pages: Mapping[bytes, Tuple[str, Handler]] = {}, backup_guard: Optional[Guard] = None) -> Router:
+    """The whole read port; ``pages`` adds GET routes (path → name, handler): the status pages;
+    ``backup_guard`` puts ``/backup`` behind credentials (``--backup-auth``)."""
 
-    def get(name: str, handler: Handler) -> Route:
-        return Route(name, {b"GET": handler}, max_body=NO_BODY)
+    def get(name: str, handler: Handler, guard: Optional[Guard] = None) -> Route:
+        return Route(name, {b"GET": handler}, max_body=NO_BODY, guard=guard)
 
     def scrape(request: server.Request) -> Response:
         return metrics.render(registry)
@@ -113,7 +114,7 @@ def read_router(api: ReadAPI, backup: Handler, registry: CollectorRegistry,
         {
             b"/": get("root", api.root),
             b"/get": get("get", api.get),
-            b"/backup": get("backup", backup),
+            b"/backup": get("backup", backup, backup_guard),
             b"/health": get("health", api.health),
             b"/ready": get("ready", api.ready),
             b"/metrics": get("metrics", scrape),

@@ -22,7 +22,7 @@ peer and what it serves, and the next peer is tried.
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
 
 import treq
 from twisted.application import service
@@ -60,8 +60,15 @@ class Bootstrap:
         http: Any = treq,
         connect_timeout: float = 5.0,
         idle_timeout: float = IDLE_TIMEOUT,
+        credentials: Optional[Tuple[str, str]] = None,
     ) -> None:
         self.clock = clock
+        self.credentials = credentials
+        """Basic credentials sent to peers' ``/backup`` (``--peer-auth admin``), or None."""
+        for peer in peers if credentials is not None else ():
+            if peer.startswith("http://"):
+                log.warn("--peer-auth admin: this replica's write credentials go to peer {peer} in cleartext"
+                         " (an https:// peer URL encrypts them)", peer=peer)
         self.idle_timeout = idle_timeout
         self.store = store
         self.status = status
@@ -146,7 +153,14 @@ class Bootstrap:
         log.info("Requesting snapshot from {url}", url=url)
         reader = SnapshotReader(self.store, hold=True)
         try:
-            response = await self.http.get(url, unbuffered=True, timeout=self.connect_timeout)
+            auth = {"auth": self.credentials} if self.credentials is not None else {}
+            response = await self.http.get(url, unbuffered=True, timeout=self.connect_timeout, **auth)
+            if response.code == 401:
+                log.warn("Peer {url} wants credentials for /backup that this replica {did}; trying the next peer"
+                         " (--peer-auth admin sends this replica's write credentials)", url=url,
+                         did="sent and it refused" if self.credentials else "did not send")
+                await response.text()
+                return None
             if response.code != 200:
                 log.info("Peer {url} answered {code}; trying the next", url=url, code=response.code)
                 await response.text()

@@ -51,6 +51,8 @@ class ReplicaStatus:
     """The stream this replica serves: ``{"vhost": ..., "name": ...}``."""
     refused: Optional[Dict[str, object]] = None
     """The last state refused as another stream's (or another life's), and why."""
+    broker_error: Optional[str] = None
+    """Why the last attempt to connect to the broker failed (a TLS failure, a refusal); None once connected."""
     waiting_for: str = "the broker connection"
     """What the current phase waits for, in words (shown once a phase stalls)."""
     stalled: Optional[Dict[str, object]] = None
@@ -116,6 +118,7 @@ class ReplicaStatus:
             "phase": self.phase.value,
             "broker_connected": self.connected,
             "broker_node": self.broker_node,
+            "broker_error": self.broker_error,
             "stream_protocol": self.stream_protocol,
             "applied_offset": self.applied_offset,
             "lag": round(self.lag_seconds, 3),

@@ -16,11 +16,11 @@ stream protocol).
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.application import service
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -29,6 +29,7 @@ from zope.interface import implementer
 from gradesvc.state.identity import StreamId
 from gradesvc.state.phase import ReplicaStatus
 from gradesvc.stream.link import BrokerUnavailable, ConnectHook, IStreamLink
+from svckit.clienttls import ClientTLS, tls_failure
 from svckit.supervisor import backoff
 
 log = Logger()
@@ -37,6 +38,14 @@ __all__ = ["BrokerUnavailable", "NodeRotation", "ReconnectingBroker", "node_urls
 
 STREAM_PORT = 5552
 """The stream protocol's port when a node's URL does not name one (``?stream_port=N``)."""
+STREAM_TLS_PORT = 5551
+"""The stream protocol's TLS port beside AMQPS on 5671, when an ``amqps://`` URL names none."""
+AMQPS_PORT = 5671
+
+TLS_QUERY = {"cacertfile": "ca_file", "certfile": "cert_file", "keyfile": "key_file"}
+"""An ``amqps://`` URL's TLS arguments (RabbitMQ's URI query names) → :class:`ClientTLS` fields."""
+OUR_QUERY = ("stream_port", "server_name_indication", *TLS_QUERY)
+"""Query arguments read here, not by pika."""
 
 
 def node_urls(value: str) -> List[str]:
@@ -57,19 +66,40 @@ def stream_id_of(url: str, stream: str) -> StreamId:
 
 def stream_port_of(url: str) -> Optional[int]:
     """The stream protocol's port of a node: ``?stream_port=N`` in its URL; 5552 when the URL uses the
-    standard AMQP port; else unknown (None): a broker moved to another port may have its stream port
-    anywhere, and guessing could reach another broker than the one named."""
+    standard AMQP port (5551 beside AMQPS's 5671); else unknown (None): a broker moved to another port may
+    have its stream port anywhere, and guessing could reach another broker than the one named."""
     parts = urlsplit(url)
     for key, value in parse_qsl(parts.query):
         if key == "stream_port":
             return int(value)
+    if parts.scheme == "amqps":
+        return STREAM_TLS_PORT if parts.port in (None, AMQPS_PORT) else None
     return STREAM_PORT if parts.port in (None, 5672) else None
 
 
-def amqp_only(url: str) -> str:
-    """``url`` without the query arguments that are ours (pika refuses unknown ones)."""
+def node_tls(url: str) -> Optional[Tuple[ClientTLS, str]]:
+    """For an ``amqps://`` node: its TLS (``cacertfile``, ``certfile``, ``keyfile``) and the name its
+    certificate must hold (``server_name_indication``, else the URL's host); None for ``amqp://``."""
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "stream_port"]
+    query = dict(parse_qsl(parts.query))
+    if parts.scheme != "amqps":
+        if any(key in query for key in (*TLS_QUERY, "server_name_indication")):
+            raise ValueError("TLS arguments (cacertfile, certfile, keyfile, server_name_indication) need amqps://")
+        return None
+    if query.get("verify", "verify_peer") != "verify_peer":
+        raise ValueError("verify must be verify_peer: the broker's certificate is always verified")
+    tls = ClientTLS(**{field: query[key] for key, field in TLS_QUERY.items() if key in query})
+    return tls, query.get("server_name_indication") or parts.hostname or "127.0.0.1"
+
+
+def amqp_only(url: str) -> str:
+    """``url`` as pika takes it: without the query arguments that are ours (pika refuses unknown ones), and
+    ``amqp://`` for ``amqps://`` (TLS is the transport's, below pika)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in OUR_QUERY and k != "verify"]
+    if parts.scheme == "amqps":
+        netloc = parts.netloc if parts.port is not None else f"{parts.netloc}:{AMQPS_PORT}"
+        parts = parts._replace(scheme="amqp", netloc=netloc)
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
@@ -82,10 +112,16 @@ def redact(url: str) -> str:
 
 
 def tcp_endpoint(reactor: Any, url: str, port: Optional[int] = None, timeout: float = 5.0) -> Any:
-    """A TCP client endpoint for the host of an ``amqp://`` URL and its AMQP port (or ``port``)."""
+    """A client endpoint for the host of an ``amqp://`` URL and its AMQP port (or ``port``); for an
+    ``amqps://`` URL, TLS on top, the broker verified."""
     parts = urlsplit(url)
-    return endpoints.HostnameEndpoint(reactor, parts.hostname or "127.0.0.1", port or parts.port or 5672,
-                                      timeout=timeout)
+    tls = node_tls(url)
+    default = AMQPS_PORT if tls is not None else 5672
+    endpoint = endpoints.HostnameEndpoint(reactor, parts.hostname or "127.0.0.1", port or parts.port or default,
+                                          timeout=timeout)
+    if tls is None:
+        return endpoint
+    return tls[0].wrap(endpoint, tls[1])
 
 
 @implementer(IStreamClientEndpoint)
@@ -142,9 +178,17 @@ class ReconnectingBroker(service.Service):
         self._stream_seen = False
         self._connected_waiters: List[defer.Deferred[IStreamLink]] = []
         self._failures = 0
+        self._ended_by: Any = None
+        """Why the latest connection's transport ended (a TLS failure says why there, not in the protocol)."""
+        self._live: Any = None
+        """The latest connection while its transport is up (closing an ended TLS transport raises)."""
         factory = protocol.Factory.forProtocol(self._build_protocol)
-        self._client = ClientService(self.nodes, factory, retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
-                                     clock=self.clock)
+        self._client = ClientService(self.nodes, factory, retryPolicy=self._retry_delay, clock=self.clock)
+
+    def _retry_delay(self, attempts: int) -> float:
+        # A connection that was made and then failed its set-up (a TLS handshake refused) resets
+        # ClientService's own count of attempts: the back-off goes on counting set-up failures too.
+        return backoff(max(attempts, self._failures), initial=0.2, maximum=5.0)
 
     # --- what a protocol's subclass provides ----------------------------------
 
@@ -174,6 +218,16 @@ class ReconnectingBroker(service.Service):
         # prepareConnection: a connection that drops while being prepared
         # would otherwise wedge ClientService's state machine.
         connection = self._new_connection()
+        self._ended_by, self._live = None, connection
+        lost = connection.connectionLost
+
+        def connection_lost(reason: Any) -> Any:
+            self._ended_by = reason
+            if self._live is connection:
+                self._live = None
+            return lost(reason)
+
+        connection.connectionLost = connection_lost
         defer.ensureDeferred(self._setup(connection)).addErrback(self._setup_failed, connection)
         return connection
 
@@ -198,6 +252,7 @@ class ReconnectingBroker(service.Service):
         self._ended(connection).addBoth(self._lost)
         self.status.connected = True
         self._failures = 0
+        self.status.broker_error = None
         self.status.broker_node = redact(self.nodes.url)
         log.info("Connected to the broker at {url} ({protocol}); stream {stream} declared",
                  url=self.status.broker_node, protocol=self.protocol, stream=self.stream)
@@ -208,8 +263,16 @@ class ReconnectingBroker(service.Service):
             await hook(link)
 
     def _setup_failed(self, failure: Any, connection: Any) -> defer.Deferred[None]:
-        log.warn("Broker connection set-up failed at {url}: {error!r}", url=redact(self.nodes.url),
-                 error=failure.value)
+        reason = tls_failure(self._ended_by)
+        if reason is None:
+            reason = f"{type(failure.value).__name__}: {failure.value}"
+            if self._ended_by is not None and node_tls(self.nodes.url) is not None:
+                reason = f"the TLS link ended during set-up ({reason}); does this port speak TLS?"
+        error = f"{redact(self.nodes.url)}: {reason}"
+        if error != self.status.broker_error:  # one line per node and reason, not one per attempt
+            log.error("Broker connection set-up failed at {url}: {reason}; retrying with back-off",
+                      url=redact(self.nodes.url), reason=reason)
+        self.status.broker_error = error
         return self._reconnect(connection, None)
 
     def declared(self) -> None:
@@ -242,7 +305,11 @@ class ReconnectingBroker(service.Service):
         log.info("Reconnecting to the broker in {delay:.1f}s", delay=delay)
         if connection is None:
             return defer.succeed(None)
-        return task.deferLater(self.clock, delay, self._disconnect, connection)
+        return task.deferLater(self.clock, delay, self._disconnect_live, connection)
+
+    def _disconnect_live(self, connection: Any) -> None:
+        if connection is self._live:
+            self._disconnect(connection)
 
     def _lost(self, reason: object) -> object:
         if self.status.connected:

@@ -15,17 +15,21 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
 from harness.backends import Backend, servers_file, write_servers
 from harness.daemon import TWISTD, assert_no_logged_errors
 from harness.gateway import Gateway
-from harness.net import http, wait_until
+from harness.net import basic, http, wait_until
 from harness.postgres import PostgresServer
+from harness.rabbitcluster import RabbitCluster, rabbitmq_installed
 from harness.redis import RedisServer
+from harness.replica import GradeReplica
 from tests.integration.certs import CertificateAuthority
 
 pytestmark = pytest.mark.integration
@@ -212,3 +216,143 @@ def test_postgres_refusals_stop_the_gateway_with_one_line(tmp_path: Path, ca: Ce
                          ("application_name=x", "not supported")]:
         line = start_refused(tmp_path, f"postgresql://postgres:hunter2@127.0.0.1:1/db?{bad}")
         assert message in line and "hunter2" not in line, line
+
+
+# --- RabbitMQ ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_broker(ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """One private RabbitMQ node with TLS listeners (AMQPS and the stream protocol's) that requires a client
+    certificate; its plain listeners stay for the cleartext test."""
+    if not rabbitmq_installed():
+        pytest.fail("rabbitmq-server is needed for the broker TLS tests")
+    files = tmp_path_factory.mktemp("broker-tls")
+    issued = ca.issue("rabbit", ["DNS:localhost", "IP:127.0.0.1"])
+    for source, name in ((ca.cert, "ca.pem"), (issued.cert, "server.pem"), (issued.key, "server.key")):
+        shutil.copy(source, files / name)
+    node = RabbitCluster(nodes=1, tls_dir=files, clients="required")
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
+def amqps_url(broker: RabbitCluster, trust: Path, client: object = None, port_offset: int = 200) -> str:
+    """The node's AMQPS URL (its stream protocol's TLS port beside it), trusting ``trust``."""
+    query = f"stream_port={broker.base_port + port_offset + 100}&cacertfile={trust}"
+    if client is not None:
+        query += f"&certfile={client.cert}&keyfile={client.key}"  # type: ignore[attr-defined]
+    return f"amqps://guest:guest@127.0.0.1:{broker.base_port + port_offset}/%2F?{query}"
+
+
+@pytest.mark.usefixtures("stream_protocol")
+def test_replicas_replicate_through_a_broker_over_tls_with_client_certificates(
+        tmp_path: Path, ca: CertificateAuthority, tls_broker: RabbitCluster, stream: str) -> None:
+    client = ca.issue("replica", ["DNS:replica.example"], usage="clientAuth")
+    url = amqps_url(tls_broker, ca.cert, client)
+    (tmp_path / "broker-url").write_text(url + "\n")
+    replicas = [GradeReplica(tmp_path, stream, name, extra_env={"GRADESVC_AMQP_URL_FILE": str(tmp_path / "broker-url")})
+                for name in ("a", "b")]
+    for replica in replicas:
+        replica.env.pop("GRADESVC_AMQP_URL")
+        replica.start()
+    try:
+        a, b = (replica.wait_ready() for replica in replicas)
+        assert a.set({"user_id": "tls-1", "spp": 7})[0] == 200
+        wait_until(lambda: b.get("tls-1")[0] == 200, 10, "b to see the write")
+        assert b.get("tls-1")[1]["Result"]["spp"] == 7
+        assert a.ready()["broker_node"].startswith("amqps://guest:***@127.0.0.1")
+        amqp = tls_broker.ctl(1, "list_connections", "ssl", "peer_cert_subject", "--no-table-headers")
+        for line in filter(None, amqp.splitlines()):  # the server's view of AMQP connections: TLS, our certificate
+            assert line.startswith("true") and "CN=replica" in line, amqp
+        for replica in replicas:
+            assert "guest:guest" not in replica.log()
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert_no_logged_errors(replicas)
+
+
+@pytest.mark.usefixtures("stream_protocol")
+@pytest.mark.parametrize("fault", ["wrong CA", "no client certificate", "cleartext port", "certificate names"])
+def test_a_broker_link_that_fails_tls_is_one_line_and_never_ready(
+        tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority, tls_broker: RabbitCluster,
+        stream: str, fault: str) -> None:
+    client = ca.issue("replica", ["DNS:replica.example"], usage="clientAuth")
+    url = {
+        "wrong CA": amqps_url(tls_broker, other_ca.cert, client),
+        "no client certificate": amqps_url(tls_broker, ca.cert),
+        "cleartext port": amqps_url(tls_broker, ca.cert, client, port_offset=0),  # TLS asked of the plain ports
+        "certificate names": amqps_url(tls_broker, ca.cert, client) + "&server_name_indication=elsewhere.example",
+    }[fault]
+    replica = GradeReplica(tmp_path, stream, "refused", extra_env={"GRADESVC_AMQP_URL": url}).start()
+    try:
+        def error() -> str:
+            assert replica.alive(), replica.log()[-3000:]
+            return str(replica.ready().get("broker_error") or "")
+
+        reason = wait_until(error, 20, "/ready to name the broker's refusal")
+        assert "TLS" in reason, reason
+        log = replica.log()
+        wait_until(lambda: replica.log().count("Scheduling retry") >= log.count("Scheduling retry") + 3, 20,
+                   "three more attempts")
+        assert not replica.ready()["ready"] and replica.set({"user_id": "x", "spp": 1})[0] == 503
+        lines = [line for line in replica.log().splitlines() if "Broker connection set-up failed" in line]
+        assert len(lines) == 1 and "TLS" in lines[0], lines  # one line, however many attempts
+    finally:
+        replica.stop()
+    assert_no_logged_errors([replica])
+
+
+# --- gradesvc peers ----------------------------------------------------------------------------------------
+
+
+def https_get(url: str, ca: CertificateAuthority, credentials: Optional[Tuple[str, str]] = None) -> int:
+    headers = basic(*credentials) if credentials else {}
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, context=ca.client_context(), timeout=10) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_a_peer_over_https_with_a_private_ca_and_a_guarded_backup(tmp_path: Path, ca: CertificateAuthority,
+                                                                   other_ca: CertificateAuthority,
+                                                                   stream: str) -> None:
+    issued = ca.issue("peer-a", ["IP:127.0.0.1"])
+    a = GradeReplica(tmp_path, stream, "a", extra_env={"GRADESVC_BACKUP_AUTH": "admin"})
+    a.env["GRADESVC_GET_ENDPOINT"] = (f"ssl:{a.get_port}:interface=127.0.0.1:privateKey={issued.key}"
+                                      f":certKey={issued.cert}")
+    a_url = f"https://127.0.0.1:{a.get_port}"
+    started = [a.start()]
+    try:
+        wait_until(lambda: https_get(a_url + "/ready", ca) == 200, 60, "a ready over https")
+        assert a.set([{"user_id": f"p{i}", "spp": i} for i in range(50)])[0] == 200
+        assert https_get(a_url + "/backup", ca) == 401  # the whole store is not for anyone who reaches the port
+        assert https_get(a_url + "/backup", ca, ("admin", "wrong")) == 401
+        assert https_get(a_url + "/backup", ca, ("admin", "admin")) == 200
+        assert https_get(a_url + "/get?user_id=p1", ca) == 200  # single reads stay open
+
+        def replica(name: str, **env: str) -> GradeReplica:
+            started.append(GradeReplica(tmp_path, stream, name, [a_url], extra_env=env).start())
+            return started[-1].wait_ready()
+
+        b = replica("b", GRADESVC_PEER_CA_FILE=str(ca.cert), GRADESVC_PEER_AUTH="admin")
+        assert b.ready()["snapshot"]["peer"] == a_url and b.ready()["snapshot"]["offset"] >= 0
+        assert b.get("p49")[1]["Result"]["spp"] == 49
+        c = replica("c", GRADESVC_PEER_CA_FILE=str(other_ca.cert), GRADESVC_PEER_AUTH="admin")
+        assert c.ready()["snapshot"]["peer"] is None  # a certificate the CA does not vouch for: not loaded
+        assert "certificate verify failed" in c.log()
+        d = replica("d", GRADESVC_PEER_CA_FILE=str(ca.cert))
+        assert d.ready()["snapshot"]["peer"] is None and "wants credentials for /backup" in d.log()
+        for late in (c, d):  # both replayed the stream instead, and converged
+            assert late.get("p49")[1]["Result"]["spp"] == 49
+        assert "admin:admin" not in b.log() and "YWRtaW46YWRtaW4" not in a.log()
+    finally:
+        for replica_ in started:
+            replica_.stop()
+    assert_no_logged_errors(started)

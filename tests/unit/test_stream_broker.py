@@ -204,3 +204,21 @@ def test_auto_uses_the_stream_protocol_when_its_port_answers(url: str, stream_an
     assert status.stream_protocol == chosen and auto.chosen.protocol == chosen
     assert probed == asked
     auto.stopService()
+
+
+@pytest.mark.parametrize("url, stream_port, pika_url, verified_name", [
+    ("amqp://u:p@h/%2F", 5552, "amqp://u:p@h/%2F", None),
+    ("amqps://u:p@h/%2F", 5551, "amqp://u:p@h:5671/%2F", "h"),
+    ("amqps://u:p@h:5671/%2F?cacertfile=/ca.pem&heartbeat=10", 5551, "amqp://u:p@h:5671/%2F?heartbeat=10", "h"),
+    ("amqps://u:p@10.0.0.1:6671/v?stream_port=6551&server_name_indication=broker.example&certfile=c&keyfile=k",
+     6551, "amqp://u:p@10.0.0.1:6671/v", "broker.example"),
+    ("amqps://u:p@h:6671/v", None, "amqp://u:p@h:6671/v", "h"),
+])
+def test_an_amqps_node_is_reached_over_tls_on_its_tls_ports(url: str, stream_port: Any, pika_url: str,
+                                                           verified_name: Any) -> None:
+    from gradesvc.stream.broker import amqp_only, node_tls, stream_port_of
+
+    assert stream_port_of(url) == stream_port
+    assert amqp_only(url) == pika_url  # pika sees AMQP: TLS is the transport's, below it
+    tls = node_tls(url)
+    assert (tls[1] if tls else None) == verified_name
