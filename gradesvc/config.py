@@ -127,7 +127,8 @@ class ReplicaConfig:
 
     get_endpoint: str
     set_endpoint: str
-    amqp_url: str
+    amqp_url: str = attrs.field(repr=False)
+    """May hold the broker's password."""
     stream: str
     stream_protocol: str
     replica_id: str

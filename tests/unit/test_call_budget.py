@@ -1,0 +1,114 @@
+"""Call budgets: the Python function calls one request makes through an in-memory daemon, held to a budget.
+
+Speed drifts a few per cent a feature, each step "within noise"; the number of
+Python calls a request makes does not drift with the machine.  Each budget
+below is what the request costs today; a change that adds calls fails here,
+naming the budget, and raising one takes a commit that says why (issue #32).
+
+Counted with ``sys.setprofile`` ("call" events: Python functions, not C
+ones), from the moment the client's bytes arrive to the moment the whole
+answer is written, on a kept-alive connection after a few warm-up requests.
+Two counts: our own code (``lbsvc``, ``svckit``, ``gradesvc``), exact; and
+every Python call, dependencies included, with headroom for a new Twisted
+release (Twisted resolves to different releases on CPython and PyPy).
+The in-memory clock is ``task.Clock``, whose ``seconds`` is a Python call
+where the reactor's is a C one: clock reads count, which keeps them few.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+from typing import Any, Callable, Counter, Tuple
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from gradesvc.testing import MemoryBroker, memory_replica
+from lbsvc.backends import servers as config
+from lbsvc.testing import ScriptedBackends, memory_gateway
+from lbsvc.users.index import User, hash_key
+from svckit.accesslog import AccessLog
+from svckit.site import make_site
+
+OURS = ("lbsvc", "svckit", "gradesvc", "txrabbitstream")
+
+BUDGETS = {
+    # name: (our calls, all calls at most) -- raise only in a commit that says why.
+    "lbsvc proxied GET, access log on": (104, 335),
+    "gradesvc GET /get": (43, 190),
+}
+
+
+def python_calls(action: Callable[[], Any]) -> Counter[str]:
+    """The Python calls ``action`` makes, by the top-level package of the called function."""
+    counts: Counter[str] = collections.Counter()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            path = frame.f_code.co_filename.replace("\\", "/")
+            package = next((p for p in OURS if f"/{p}/" in path), "other")
+            counts[package] += 1
+
+    sys.setprofile(profile)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return counts
+
+
+def within_budget(name: str, counts: Counter[str]) -> None:
+    ours, total = sum(counts[p] for p in OURS), sum(counts.values())
+    our_budget, total_budget = BUDGETS[name]
+    assert ours <= our_budget, (f"{name}: {ours} calls in our code, over its budget of {our_budget} (BUDGETS in"
+                                f" {__name__}); find the new calls, or raise the budget in a commit that says why")
+    assert total <= total_budget, (f"{name}: {total} Python calls in all, over its budget of {total_budget}"
+                                   f" ({dict(counts)})")
+
+
+def client(site: Any) -> Tuple[Any, StringTransport]:
+    channel = site.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 4321))
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_a_proxied_request_stays_within_its_call_budget() -> None:
+    backends, clock = ScriptedBackends(None), Clock()
+    servers = config.parse({"servers": [{"name": "a", "url": "http://10.0.0.1:8001"}]})
+    gateway = memory_gateway(servers, backends, clock, access_log="-")
+    gateway.users.index.remember(User("alice", hash_key("k-1"), 10**9, 10**6))
+    channel, transport = client(gateway.site())
+    request = b"GET /x?y=1 HTTP/1.1\r\nHost: gw.example\r\nAuthorization: k-1\r\nAccept: */*\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nhi"
+
+    def one() -> None:
+        channel.dataReceived(request)
+        backends.answer(answer)
+
+    for _ in range(5):
+        one()
+        clock.advance(0.001)
+    transport.clear()
+    counts = python_calls(one)
+    assert transport.value().startswith(b"HTTP/1.1 200 OK") and transport.value().endswith(b"hi")
+    within_budget("lbsvc proxied GET, access log on", counts)
+
+
+def test_a_read_stays_within_its_call_budget(tmp_path: Path) -> None:
+    broker, clock = MemoryBroker(), Clock()
+    replica = memory_replica(tmp_path, broker, clock)
+    replica.store.apply_patch("u1", {"spp": 3}, 1)
+    replica.status.connected = True
+    replica.status.reached_ready()
+    channel, transport = client(make_site(replica.reads, AccessLog("-", clock)))
+    request = b"GET /get?user_id=u1 HTTP/1.1\r\nHost: r\r\n\r\n"
+    for _ in range(5):
+        channel.dataReceived(request)
+    transport.clear()
+    counts = python_calls(lambda: channel.dataReceived(request))
+    assert transport.value().startswith(b"HTTP/1.1 "), transport.value()
+    within_budget("gradesvc GET /get", counts)
