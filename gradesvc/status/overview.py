@@ -125,7 +125,7 @@ class PeerWatch:
 
     async def _get(self, path: str) -> Tuple[int, bytes]:
         response = await self.http.get(self.url + path, timeout=PEER_TIMEOUT)
-        body = await self.http.content(response)
+        body = await response.content()
         return response.code, body
 
     async def _fetch(self) -> Dict[str, Any]:
