@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from twisted.web import http, server
 
+from svckit.headblock import HeadHeaders
 from svckit.requestid import request_id
 from svckit.responses import PHRASES, HTTPError, dumps
 from svckit.web import Router
@@ -48,6 +49,19 @@ class GuardedChannel(http.HTTPChannel):
     """Where the head deadline reads the time (tests put a fake clock here)."""
     head_timeout = HEAD_TIMEOUT
     _head_started = 0.0
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """The status line, the request's own header block (:mod:`svckit.headblock`), then its ``Headers``."""
+        if not isinstance(headers, HeadHeaders) or not headers.block:
+            super().writeHeaders(version, code, reason, headers)
+            return
+        sequence = [version, b" ", code, b" ", reason, b"\r\n", headers.block]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                sequence.extend((name, b": ", value, b"\r\n"))
+        sequence.append(b"\r\n")
+        if self.transport is not None:
+            self.transport.writeSequence(sequence)
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection."""

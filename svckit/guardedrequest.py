@@ -29,6 +29,7 @@ from twisted.web import http, server
 
 from svckit.accesslog import AccessLog, LogFields
 from svckit.channel import ChannelSite, GuardedChannel
+from svckit.headblock import HeadHeaders
 from svckit.requestbody import RequestBody
 from svckit.requestid import request_id
 from svckit.responses import HTTPError, too_large
@@ -42,6 +43,9 @@ class RequestSite(ChannelSite, Protocol):
 
     def date(self) -> bytes:
         """The ``Date`` header's value."""
+
+    def head_block(self) -> bytes:
+        """The ``Server`` and ``Date`` lines of every answer (:mod:`svckit.headblock`)."""
 
 
 class GuardedRequest(server.Request):
@@ -64,6 +68,10 @@ class GuardedRequest(server.Request):
     _received = 0
     _route: Optional[Route] = None
     """Set while the body's limit waits for its first byte (a route with an array limit)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.responseHeaders = HeadHeaders()
 
     def gotLength(self, length: Optional[int]) -> None:
         """Admit the request before any of its body is stored."""
@@ -104,11 +112,10 @@ class GuardedRequest(server.Request):
         """Render through the site's router (no resource tree to walk)."""
         site: RequestSite = self.channel.site  # type: ignore[attr-defined]
         self.site = site  # type: ignore[assignment]  # a GuardedSite: a server.Site that is a RequestSite
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [server.version])
-        headers.setRawHeaders(b"date", [site.date()])
+        block = site.head_block()
         if site.router.request_ids:
-            headers.setRawHeaders(b"x-request-id", [request_id(self)])
+            block += b"X-Request-Id: " + request_id(self) + b"\r\n"
+        self.responseHeaders.block = block  # type: ignore[attr-defined]  # a HeadHeaders (__init__)
         self.prepath, self.postpath = [], []
         if self.path == b"*":  # OPTIONS * is answered, any other method is 405
             self._handleStar()

@@ -43,12 +43,20 @@ class GuardedSite(server.Site):
     _date_second = -1
     _date = b""
 
+    _head_block = b""
+
     def date(self) -> bytes:
         """The ``Date`` header's value, formatted once a second."""
         now = int(time.time())
         if now != self._date_second:
             self._date_second, self._date = now, http.datetimeToString(now)
+            self._head_block = b"Server: " + server.version + b"\r\nDate: " + self._date + b"\r\n"
         return self._date
+
+    def head_block(self) -> bytes:
+        """``Server`` and ``Date`` as header lines, made once a second (:mod:`svckit.headblock`)."""
+        self.date()
+        return self._head_block
 
     def log(self, request: server.Request) -> None:  # type: ignore[override]
         """Buffer the access log line of a finished request."""

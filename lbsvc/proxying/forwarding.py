@@ -9,7 +9,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import FileBodyProducer
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 
 from lbsvc.backends.backend import Backend
@@ -17,6 +16,7 @@ from lbsvc.proxying.headerrules import GATEWAY_HEADERS, upstream_head
 from lbsvc.proxying.relay import Relay, text
 from lbsvc.proxying.upstream import BadResponse, ConnectFailed, StaleConnection, UpstreamConnection
 from lbsvc.proxying.upstreams import Upstreams
+from svckit.headblock import HeadHeaders
 from svckit.responses import STREAMED, BytesResponse, Streamed
 from svckit.web import client_gone
 
@@ -222,7 +222,8 @@ class Forwarding:
         The gateway's own (:data:`GATEWAY_HEADERS`) stay.
         """
         if self.relay is not None and self.relay.answered:
-            old, new = self.request.responseHeaders, Headers()
+            old, new = self.request.responseHeaders, HeadHeaders()
+            new.block = getattr(old, "block", b"")  # the gateway's own lines (svckit.headblock)
             for name in GATEWAY_HEADERS:
                 values = old.getRawHeaders(name)
                 if values:

@@ -22,8 +22,10 @@ HOP_BY_HOP = frozenset({
 })
 NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect", b"x-request-id",
                               b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"via"}
-NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id", b"ratelimit", b"ratelimit-policy"}
-"""The gateway's own request id and limits replace a backend's."""
+NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id", b"ratelimit", b"ratelimit-policy", b"server",
+                            b"date"}
+"""The gateway's own request id, limits, ``Server`` and ``Date`` replace a backend's (as nginx does: an answer
+carrying two ``Date`` fields is malformed)."""
 GATEWAY_HEADERS = (b"server", b"date", b"x-request-id", b"ratelimit", b"ratelimit-policy")
 """What the gateway puts on every answer, proxied or its own."""
 VIA_NAME = b"lbsvc"

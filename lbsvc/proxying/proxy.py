@@ -26,6 +26,7 @@ from lbsvc.proxying.forwarding import Forwarding
 from lbsvc.proxying.upstreams import Upstreams
 from lbsvc.users.index import User
 from lbsvc.users.keys import user_of
+from svckit.headblock import own_header
 from svckit.responses import HTTPError
 
 log = Logger()
@@ -59,6 +60,6 @@ class Proxy:
                 "RateLimit": state(bucket).decode("ascii"),
             })
         headers = request.responseHeaders
-        headers.setRawHeaders(POLICY_HEADER, [limits])
-        headers.setRawHeaders(STATE_HEADER, [state(bucket)])
+        own_header(headers, POLICY_HEADER, limits)
+        own_header(headers, STATE_HEADER, state(bucket))
         return Forwarding(self.upstreams, request).start()

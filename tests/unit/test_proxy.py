@@ -113,6 +113,17 @@ def test_headers_per_rfc_9110_both_ways() -> None:
     assert b"Via: 1.0 origin, 1.1 lbsvc" in out and b"Content-Length: 3" in out
 
 
+def test_the_answer_carries_one_date_and_one_server_the_gateways() -> None:
+    world = World()
+    _, client = world.send(get())
+    world.answer(b"HTTP/1.1 200 OK\r\nServer: origin/1.0\r\nDate: Mon, 01 Jan 2001 00:00:00 GMT\r\n"
+                 b"Content-Length: 2\r\n\r\nhi")
+    code, head, body = response(client)
+    assert (code, body) == (200, b"hi")
+    assert len(header_values(head, b"date")) == 1 and header_values(head, b"date") != [b"Mon, 01 Jan 2001 00:00:00 GMT"]
+    assert len(header_values(head, b"server")) == 1 and b"origin" not in header_values(head, b"server")[0]
+
+
 def test_connections_are_reused() -> None:
     world = World()
     for _ in range(3):
