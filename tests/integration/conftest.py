@@ -1,4 +1,4 @@
-"""Fixtures for integration tests: a broker check, a fresh stream, replicas."""
+"""Fixtures for integration tests: a broker check, a fresh stream, replicas, a backend, a test CA."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Callable, Iterator, List
 
 import pytest
 
+from harness.backends import Backend
 from harness.broker import BROKER_URL, delete_stream, unique_stream
 from harness.daemon import assert_no_logged_errors
 from harness.databases import create_database, drop_database
 from harness.replica import GradeReplica
+from tests.integration.certs import CertificateAuthority
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,3 +65,17 @@ def replicas(tmp_path: Path, stream: str) -> Iterator[Callable[..., GradeReplica
         replica.stop()
     assert_no_logged_errors(started)
 
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    """One HTTP backend ("one"), stopped at the end."""
+    started = Backend("one")
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    """A certificate authority made for the module's tests."""
+    return CertificateAuthority(tmp_path_factory.mktemp("ca"))

@@ -38,13 +38,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def backend() -> Iterator[Backend]:
-    started = Backend("one")
-    yield started
-    started.stop()
-
-
 def gateways(tmp_path: Path, database: str, backend: Backend, redis: RedisServer, count: int = 2,
              **env: str) -> List[Gateway]:
     # Patient health checks: the load tests keep this machine's two cores busy.

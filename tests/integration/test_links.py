@@ -36,11 +36,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
-    return CertificateAuthority(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     return CertificateAuthority(tmp_path_factory.mktemp("other-ca"))
 
@@ -51,13 +46,6 @@ def servers() -> Iterator[List[RedisServer]]:
     yield started
     for server in started:
         server.stop()
-
-
-@pytest.fixture
-def backend() -> Iterator[Backend]:
-    started = Backend("one")
-    yield started
-    started.stop()
 
 
 def tls_redis(tmp_path: Path, ca: CertificateAuthority, started: List[RedisServer], **kwargs: object) -> RedisServer:

@@ -24,11 +24,6 @@ from tests.integration.certs import CertificateAuthority
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
-    return CertificateAuthority(tmp_path_factory.mktemp("ca"))
-
-
 @pytest.fixture
 def backends() -> Iterator[List[Backend]]:
     started: List[Backend] = []
