@@ -10,7 +10,7 @@ Basic credentials), so it stands in for the module wherever a peer is asked.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
 from treq.client import HTTPClient
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -23,14 +23,19 @@ from svckit.clienttls import ClientTLS
 
 @implementer(IPolicyForHTTPS)
 class PeerPolicy:
-    """Every ``https://`` peer verified by one :class:`ClientTLS`."""
+    """Every ``https://`` peer verified by one :class:`ClientTLS`; the options made once per host (the
+    files are read then, not on every new connection)."""
 
     def __init__(self, tls: ClientTLS) -> None:
         self.tls = tls
+        self._creators: Dict[bytes, IOpenSSLClientConnectionCreator] = {}
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         """The connection options for the peer at ``hostname``."""
-        return self.tls.creator(hostname.decode("idna"))
+        creator = self._creators.get(hostname)
+        if creator is None:
+            creator = self._creators[hostname] = self.tls.creator(hostname.decode("idna"))
+        return creator
 
 
 def peer_client(reactor: Any, tls: ClientTLS) -> HTTPClient:

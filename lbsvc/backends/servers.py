@@ -25,7 +25,7 @@ import attrs
 import yaml
 
 from lbsvc.backends.balancer import BALANCERS
-from lbsvc.backends.tls import read_ca_file
+from svckit.clienttls import read_ca_file
 
 
 class ConfigError(ValueError):

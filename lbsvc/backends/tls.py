@@ -16,24 +16,20 @@ checks' agent, so both verify a backend the same way.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
-from twisted.internet import ssl
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from svckit.clienttls import read_ca_file
-
-__all__ = ["BackendTLS", "ProbePolicy", "read_ca_file"]
+from svckit.clienttls import ClientTLS
 
 
 class BackendTLS:
     """Client TLS options for backends, made once per (host, CA file)."""
 
-    def __init__(self, read: Callable[[str], Sequence[ssl.Certificate]] = read_ca_file) -> None:
-        self._read = read
+    def __init__(self) -> None:
         self._creators: Dict[Tuple[bytes, Optional[str]], IOpenSSLClientConnectionCreator] = {}
 
     def creator(self, host: bytes, ca_file: Optional[str]) -> IOpenSSLClientConnectionCreator:
@@ -41,9 +37,7 @@ class BackendTLS:
         key = (host, ca_file)
         creator = self._creators.get(key)
         if creator is None:
-            trust: Any = ssl.platformTrust() if ca_file is None else ssl.trustRootFromCertificates(
-                list(self._read(ca_file)))
-            creator = self._creators[key] = ssl.optionsForClientTLS(host.decode("idna"), trustRoot=trust)
+            creator = self._creators[key] = ClientTLS(ca_file).creator(host.decode("idna"))
         return creator
 
     def wrap(self, endpoint: IStreamClientEndpoint, host: bytes, ca_file: Optional[str]) -> IStreamClientEndpoint:

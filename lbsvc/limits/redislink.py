@@ -30,6 +30,7 @@ from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from svckit.clienttls import ClientTLS, describe_tls_failure
 from svckit.endpoints import client_endpoint
@@ -160,9 +161,7 @@ class RedisLink(service.Service):
             log.info("Redis at {url} accepts this gateway again", url=self.address.describe())
         self.refusal, self._refused = None, 0
         self.protocol = protocol
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(protocol)
+        self._answer_waiting(protocol)
 
     async def _login(self, protocol: Any) -> None:
         address = self.address
@@ -182,9 +181,16 @@ class RedisLink(service.Service):
             self.refusal = reason
             log.error("Redis at {url} refused this gateway: {reason}; retrying, the buckets decide by their"
                       " fallback meanwhile", url=self.address.describe(), reason=reason)
+        self._answer_waiting(Failure(RedisRefused(reason)))
+
+    def _answer_waiting(self, outcome: Any) -> None:
+        """Tell every caller of :meth:`connected` the protocol set up, or the ``Failure`` why none was."""
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.errback(RedisRefused(reason))
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
 
     def current(self) -> Any:
         """The connected protocol, or None while Redis is away."""
@@ -218,8 +224,6 @@ class RedisLink(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         """Disconnect."""
         super().stopService()
-        waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
-            waiter.errback(RedisRefused("the gateway is stopping"))
+        self._answer_waiting(Failure(RedisRefused("the gateway is stopping")))
         stopped: defer.Deferred[None] = self.client.stopService()
         return stopped
