@@ -25,6 +25,7 @@ from lbsvc.gateway import gateway_router
 from lbsvc.gauges import gateway_gauges, limits_gauges, redis_gauges
 from lbsvc.limits.buckets import TICK, Buckets
 from lbsvc.limits.choice import Limits, choose_limits
+from lbsvc.limits.leases import SWEEP, GiveBack, LeasedBucketStore
 from lbsvc.limits.redisbuckets import RedisBucketStore
 from lbsvc.proxying.connections import UpstreamConnections
 from lbsvc.proxying.proxy import Proxy
@@ -78,7 +79,7 @@ def build_gateway(settings: GatewaySettings, reactor: Any, database: IUserDataba
     users = UserStore(database, reactor)
     buckets = Buckets(reactor)
     limits = choose_limits(settings.buckets, settings.bucket_store_fallback, settings.redis_timeout, buckets,
-                           database, registry, reactor)
+                           database, registry, reactor, settings.lease_length)
     users.on_deleted = buckets.forget
     pool = BackendPool(settings.servers, reactor)
     tls = BackendTLS()
@@ -105,6 +106,9 @@ def build_gateway(settings: GatewaySettings, reactor: Any, database: IUserDataba
                            on_running=readiness.ok).setServiceParent(top)
 
     supervised("token refill", buckets.loop, TICK)
+    if isinstance(limits.store, LeasedBucketStore):
+        supervised("lease sweep", limits.store.sweeper, SWEEP)
+        GiveBack(limits.store).setServiceParent(top)
     checks = Supervisor("health checks", checker.start, reactor, stop=checker.stop,
                         on_failure=failed, on_running=readiness.ok)
     checks.setServiceParent(top)

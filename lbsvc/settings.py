@@ -58,6 +58,16 @@ def _fallback(value: str) -> str:
     return value
 
 
+def _lease_length(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not (seconds == 0 or 0.5 <= seconds <= 60):
+        raise ValueError("must be 0 (every decision in Redis) or from 0.5 to 60 seconds")
+    return seconds
+
+
 OPTIONS = (
     Option("endpoint", "LBSVC_ENDPOINT", "tcp:8080", "Gateway endpoint", endpoint_description),
     Option("servers", "LBSVC_SERVERS", "servers.yaml", "Backends file", not_empty),
@@ -80,6 +90,8 @@ OPTIONS = (
     Option("bucket-store-fallback", "LBSVC_BUCKET_STORE_FALLBACK", "local",
            "While Redis is unreachable: local (each process its share of every budget) or deny (503)", _fallback),
     Option("redis-timeout", "LBSVC_REDIS_TIMEOUT", "0.05", "Seconds a Redis call may take", positive),
+    Option("lease-length", "LBSVC_LEASE_LENGTH", "2", "Seconds a block of a user's Redis tokens is leased to"
+           " this process for (0: no leases, Redis decides every request)", _lease_length),
     Option("workers", "LBSVC_WORKERS", "1", "Gateway processes sharing the port (more than 1 needs Redis)",
            whole(1, MAX_WORKERS)),
 )
@@ -104,6 +116,8 @@ class GatewaySettings:
     """``memory``, or a ``redis://`` or ``rediss://`` URL (which may hold a password)."""
     bucket_store_fallback: str
     redis_timeout: float
+    lease_length: float
+    """Seconds a block of Redis tokens is leased for; 0: Redis decides every request."""
     workers: int
 
 

@@ -65,13 +65,18 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 
 
 def run_script(redis: Any, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
-    """Run :data:`SCRIPT` over ``keys``: by its hash, loading it first if this Redis does not know it yet."""
-    d: defer.Deferred[Any] = redis.evalsha(SCRIPT_SHA, keys, args)
+    """Run :data:`SCRIPT` over ``keys`` (loading it first if this Redis does not know it yet)."""
+    return run_lua(redis, SCRIPT, SCRIPT_SHA, keys, args)
+
+
+def run_lua(redis: Any, script: str, sha: str, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
+    """Run ``script`` by its hash ``sha``, sending the whole script (which loads it) if Redis does not know it."""
+    d: defer.Deferred[Any] = redis.evalsha(sha, keys, args)
 
     def unknown(reason: Failure) -> Any:
         if reason.check(txredisapi.ScriptDoesNotExist) or (
                 reason.check(txredisapi.ResponseError) and "NOSCRIPT" in str(reason.value)):
-            return redis.eval(SCRIPT, keys, args)  # loads it for next time
+            return redis.eval(script, keys, args)  # loads it for next time
         return reason
 
     return d.addErrback(unknown)

@@ -103,9 +103,10 @@ class RedisBucketStore:
         self._round_trips = Histogram("lbsvc_bucket_store_round_trip_seconds", "Seconds from sending a batch to"
                                       " Redis to its answer.", buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
                                                                         0.05, 0.1, 0.25, 1.0), registry=registry)
-        decisions = Counter("lbsvc_bucket_decisions", "Bucket decisions by who made them: redis, this"
-                            " process's share while Redis is away (local_share), or a refusal (deny).",
-                            ["path"], registry=registry)
+        self._decisions = decisions = Counter(
+            "lbsvc_bucket_decisions", "Bucket decisions by who made them: redis, this process from a block it"
+            " holds on lease (lease), this process's share while Redis is away (local_share), or a refusal"
+            " (deny).", ["path"], registry=registry)
         self._by_redis = decisions.labels("redis")
         self._by_share = decisions.labels("local_share")
         self._denied = decisions.labels("deny")

@@ -92,6 +92,15 @@ def parse_redis_url(url: str) -> RedisAddress:
                         unquote(parts.password) if parts.password is not None else None, tls)
 
 
+def replication_id(info: Any) -> str:
+    """``master_replid`` from the text of ``INFO replication`` ('' if it is not there)."""
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("master_replid:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
 class RedisRefused(Exception):
     """Redis (or the TLS handshake) refused this connection's setup."""
 
@@ -140,6 +149,11 @@ class RedisLink(service.Service):
         """Set-ups refused in a row: the back-off goes on counting them (a connection that was made and then
         refused resets ``ClientService``'s own count)."""
         self._waiting: List[defer.Deferred[Any]] = []
+        self.epoch = ""
+        """The replication id (``master_replid``) of the Redis this link last set up a connection to: a new one
+        when Redis restarted without its data, or a replica took over."""
+        self.previous_epoch = ""
+        """The one before :attr:`epoch`, when it differed ('' if this process has only known one Redis)."""
 
     def _delay(self, attempts: int) -> float:
         return backoff(max(attempts, self._refused), initial=0.1, maximum=2.0)
@@ -148,7 +162,7 @@ class RedisLink(service.Service):
         setup = defer.ensureDeferred(self._login(protocol))
         setup.addTimeout(SETUP_TIMEOUT, self.reactor)
         try:
-            await setup
+            epoch = await setup
         except defer.TimeoutError:
             what = "the TLS handshake and login" if self.address.tls is not None else "the login"
             hint = " (does this port speak TLS?)" if self.address.tls is not None else ""
@@ -160,10 +174,12 @@ class RedisLink(service.Service):
         if self.refusal is not None:
             log.info("Redis at {url} accepts this gateway again", url=self.address.describe())
         self.refusal, self._refused = None, 0
+        if epoch != self.epoch:
+            self.previous_epoch, self.epoch = self.epoch, epoch
         self.protocol = protocol
         self._answer_waiting(protocol)
 
-    async def _login(self, protocol: Any) -> None:
+    async def _login(self, protocol: Any) -> str:
         address = self.address
         await protocol.whenConnected()
         if address.password is not None:
@@ -172,6 +188,7 @@ class RedisLink(service.Service):
         if address.db:
             await protocol.execute_command("SELECT", address.db)
         await protocol.execute_command("PING")  # NOAUTH here: Redis wants a password we were not given
+        return replication_id(await protocol.execute_command("INFO", "replication"))
 
     def _refuse(self, protocol: Any, reason: str) -> None:
         self._refused += 1

@@ -241,10 +241,13 @@ def test_redis_killed_and_restarted_under_load(tmp_path: Path, backend: Backend,
         within(10.0, lambda: gateway.call("GET", "/x", key=key)[0] == 200
                and metric(admin, "lbsvc_bucket_store_up") == 1, "Redis used again")
         codes = load.stop()
-        assert codes and set(codes) <= ({200, 429} if mode == "local" else {200, 503}), set(codes)
+        # 429: Redis back, and empty (it lost every level); 503: the outage with the deny fallback.
+        assert codes and set(codes) <= ({200, 429} if mode == "local" else {200, 429, 503}), set(codes)
         fallbacks = metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode)
-        for _ in range(10):
-            assert gateway.call("GET", "/x", key=key)[0] == 200
+        # Redis decides again.  It lost every level: users start empty for one lease length (blocks of the lost
+        # state may still be spent meanwhile), and what the local shares admitted is charged as a debt; so the
+        # next requests may be refused for a while, by Redis, until the bucket has refilled.
+        within(5.0, lambda: all(gateway.call("GET", "/x", key=key)[0] == 200 for _ in range(10)), "admitting again")
         assert metric(admin, "lbsvc_bucket_store_fallback_total", mode=mode) == fallbacks
         log = gateway.log()
         assert "unavailable" in log and "reachable again" in log
