@@ -47,6 +47,10 @@ SYNC_INTERVAL = 0.25
 """Seconds between two polls of the change log."""
 CHANGES_KEPT = 3600.0
 """Seconds of change log kept; older entries are deleted now and then."""
+NEWEST_KEPT = 10_000
+"""Changes never deleted, however old they look: the newest this many.  Entry times are the writers' clocks
+and the age is judged by the pruner's; a gateway whose clock is an hour ahead would otherwise delete changes
+the moment they are written, before the other gateways read them."""
 
 T = TypeVar("T")
 
@@ -135,7 +139,8 @@ class UserStore:
 
         def read(cursor: Any) -> Tuple[List[Any], List[Any], List[Any]]:
             if prune:
-                cursor.execute(sql("DELETE FROM user_changes WHERE at < ?"), (now - CHANGES_KEPT,))
+                cursor.execute(sql("DELETE FROM user_changes WHERE at < ? AND seq <= (SELECT max(seq) FROM"
+                                   " user_changes) - ?"), (now - CHANGES_KEPT, NEWEST_KEPT))
             cursor.execute(sql("SELECT seq, name FROM user_changes WHERE seq > ? ORDER BY seq LIMIT 10000"),
                            (after,))
             changes = [(int(seq), name) for seq, name in cursor.fetchall() if int(seq) not in seen]

@@ -72,3 +72,15 @@ def test_two_gateways_on_one_database_see_each_others_changes() -> None:
     fired(defer.ensureDeferred(there.sync()))
     assert there.authenticate(new_key) is None and deleted == ["alice"] and len(there) == 0
     assert there.applied == 4
+
+
+def test_a_gateway_whose_clock_is_hours_ahead_does_not_delete_changes_before_others_read_them() -> None:
+    clock = Clock()
+    database = memory_database()
+    here = UserStore(database, clock, wall=lambda: 1_800_000_000.0)
+    ahead = UserStore(database, clock, wall=lambda: 1_800_000_000.0 + 3 * 3600)  # prunes an hour's changes
+    fired(defer.ensureDeferred(here.open()))
+    fired(defer.ensureDeferred(ahead.open()))
+    _, key = fired(defer.ensureDeferred(here.create("alice")))
+    fired(defer.ensureDeferred(ahead.sync()))  # its first sync prunes what looks older than an hour to it
+    assert ahead.authenticate(key) is not None and ahead.applied == 1
