@@ -6,7 +6,7 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from harness.net import free_port, wait_until
 
@@ -28,6 +28,42 @@ def _reply(s: socket.socket) -> bytes:
             rest += chunk
         return rest[:int(head[1:])]
     return data
+
+
+class RespClient:
+    """One connection to a Redis, answering any reply kind (arrays too): for tests that run scripts."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.file = sock.makefile("rb")
+
+    def call(self, *words: object) -> Any:
+        """Send one command; its reply (an error reply raises ``RedisError``)."""
+        parts = [str(w).encode() for w in words]
+        self.sock.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+        return self._read()
+
+    def _read(self) -> Any:
+        line = self.file.readline().rstrip(b"\r\n")
+        kind, rest = line[:1], line[1:]
+        if kind == b"*":
+            return [self._read() for _ in range(int(rest))]
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self.file.read(size + 2)[:-2].decode()
+        if kind == b":":
+            return int(rest)
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        return rest.decode()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class RedisError(Exception):
+    """An error reply."""
 
 
 class RedisServer:
@@ -83,6 +119,10 @@ class RedisServer:
                           + b"".join(f"${len(w.encode())}\r\n{w}\r\n".encode() for w in command))
                 answer = _reply(s)
             return answer
+
+    def client(self) -> RespClient:
+        """A connection kept open (no password)."""
+        return RespClient(self._connect())
 
     def info(self, field: str) -> str:
         """One field of ``INFO`` (logged in)."""

@@ -1,0 +1,104 @@
+"""Leased tokens through real gateways (the shipped defaults: 2 s leases, 50 ms Redis timeout, local fallback).
+
+Two ``twistd -n lbsvc`` processes on one private ``redis-server``: a steady
+user gets what the bound allows, a gateway SIGKILLed while holding blocks
+costs at most its block, and a gateway whose wall clock is an hour off
+changes nothing.  Redis stopped, killed and restarted empty are in
+test_gateways.py, which runs with leases on as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+from harness.backends import Backend
+from harness.daemon import assert_no_logged_errors
+from harness.net import http
+from harness.redis import RedisServer
+from tests.integration.test_gateways import admitted, gateways, shared_user, summed, worst_window
+from tests.integration.test_stream_order import skewed
+
+pytestmark = pytest.mark.integration
+
+C, R = 40, 20.0
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def leases(admin_port: int) -> Dict[str, object]:
+    body: Dict[str, object] = json.loads(http("GET", f"http://127.0.0.1:{admin_port}/ready")[2])["limits"]["leases"]
+    return body
+
+
+def test_a_steady_user_gets_what_the_bound_allows_through_two_gateways(tmp_path: Path, user_database: str,
+                                                                        backend: Backend, redis: RedisServer) -> None:
+    a, b = gateways(tmp_path, user_database, backend, redis)
+    try:
+        key = shared_user(a, b, "steady", C, R)
+        spans: List[Tuple[float, float]] = []
+        count, elapsed = admitted([a, b], key, 4.0, connections=20, spans=spans)
+        bound = C + R * elapsed + 1
+        assert count <= bound and worst_window(spans, C, R)[0] <= 0, (count, bound)
+        assert count >= 0.95 * (C + R * elapsed), (count, C + R * elapsed)
+        # Mostly decided where the request arrived: blocks on lease, and local refusals until a token is due.
+        local = sum(summed(f"http://127.0.0.1:{g.admin_port}", "lbsvc_bucket_decisions_total", path="lease")
+                    for g in (a, b))
+        calls = sum(summed(f"http://127.0.0.1:{g.admin_port}", "lbsvc_bucket_lease_calls_total") for g in (a, b))
+        assert local > calls > 0, (local, calls)
+        report = leases(a.admin_port)
+        assert {"leases_held", "blocks_fetched", "redis_calls", "local_decisions_per_call"} <= set(report)
+    finally:
+        for gateway in (a, b):
+            gateway.stop()
+    assert_no_logged_errors([a, b])
+
+
+def test_a_gateway_killed_holding_blocks_costs_at_most_its_block(tmp_path: Path, user_database: str,
+                                                                 backend: Backend, redis: RedisServer) -> None:
+    a, b = gateways(tmp_path, user_database, backend, redis)
+    try:
+        key = shared_user(a, b, "survivor", C, R)
+        spans: List[Tuple[float, float]] = []
+        admitted([a, b], key, 2.0, connections=20, spans=spans)  # both hold blocks of the user
+        assert b.process is not None
+        b.process.kill()
+        killed = time.monotonic()
+        _, seconds = admitted([a], key, 4.0, connections=10, spans=spans)
+        assert worst_window(spans, C, R)[0] <= 0
+        # b's blocks stay out on lease until they end (2 s): what a admits meanwhile is short by at most b's
+        # share of the capacity, C/2.
+        after = sum(1 for sent, _ in spans if sent >= killed)
+        assert after >= R * seconds - C / 2 - 1, (after, seconds)
+    finally:
+        a.stop()
+        b.stop()
+    assert_no_logged_errors([a])
+
+
+def test_a_gateway_an_hour_off_keeps_the_bound(tmp_path: Path, user_database: str, backend: Backend,
+                                               redis: RedisServer) -> None:
+    env = skewed(+3600)  # its wall clock; leases read only the monotonic one, and Redis's
+    a, b = gateways(tmp_path, user_database, backend, redis)
+    b.stop()
+    b.env.update(env)
+    b.start().wait_ready()
+    try:
+        key = shared_user(a, b, "skewed", C, R)
+        spans: List[Tuple[float, float]] = []
+        count, elapsed = admitted([a, b], key, 4.0, spans=spans)
+        assert count <= C + R * elapsed + 1 and worst_window(spans, C, R)[0] <= 0, (count, elapsed)
+        assert count >= 0.9 * (C + R * elapsed), (count, elapsed)
+    finally:
+        for gateway in (a, b):
+            gateway.stop()
+    assert_no_logged_errors([a, b])
