@@ -1,12 +1,16 @@
 """Several gateways: Redis buckets vs memory buckets, --workers 2 vs 1, admission accuracy.
 
 * proxied req/s and gateway CPU per request of one lbsvc process with
-  ``--buckets redis://`` (a private redis-server) vs ``memory`` (goals: at
-  least 0.9x the throughput, at most 1.15x the CPU); the gateway is pinned
+  ``--buckets redis://`` (a private redis-server; leased tokens, the
+  default) vs ``memory`` (goals: at least 0.95x the throughput, at most
+  1.05x the CPU), and Redis deciding every request (``--lease-length 0``),
+  with the Redis calls per 1,000 admissions of each; the gateway is pinned
   to core 0, wrk to core 1 (Redis and nginx float), warmed up first
   (``BENCH_WARMUP``: 20 s on PyPy);
 * proxied req/s of ``--workers 2`` vs ``--workers 1`` (both on Redis) on this
   machine (wrk shares the two cores with them here, so nothing is pinned);
+* two gateways at once (memory, then Redis with leases), wrk on both, nothing
+  pinned: req/s together and CPU per 10,000 requests;
 * admission accuracy: two gateways on one SQLite file and one Redis, wrk
   against both at once for ``BENCH_SECONDS``, a user with capacity C and rate
   R: the 200s counted on both gateways' ``/metrics`` must be at most
@@ -72,6 +76,47 @@ def admitted(gateway: Daemon, admin_port: int) -> float:
     return metric(f"http://127.0.0.1:{admin_port}/metrics", "lbsvc_http_requests_total", route="proxy", code="200")
 
 
+def admin_of(lb: Daemon) -> str:
+    return "http://127.0.0.1:" + lb.env["LBSVC_ADMIN_ENDPOINT"].split(":")[1]
+
+
+def calls_per_thousand(lb: Daemon) -> float:
+    """Redis script calls per 1,000 admissions (each call covers a batch of users)."""
+    admin = admin_of(lb) + "/metrics"
+    calls = metric(admin, "lbsvc_bucket_store_batch_size_count")
+    admissions = metric(admin, "lbsvc_http_requests_total", route="proxy", code="200")
+    return 1000 * calls / admissions if admissions else float("nan")
+
+
+def two_at_once(workdir: Path, backend_port: int, env: Dict[str, str], daemons: List[Daemon]) -> Tuple[float, float]:
+    """Two gateways on one user database (and one Redis, if ``env`` names it), wrk on both at once, nothing
+    pinned: req/s of both together, and their CPU seconds per 10,000 requests."""
+    a, a_port, key = lbsvc_with_user(workdir, backend_port, 10**9, 10**6, env)
+    daemons.append(a)
+    b_port, b_admin = free_port(), free_port()
+    b = Daemon("lbsvc", [], {**a.env, "LBSVC_ENDPOINT": f"tcp:{b_port}:interface=127.0.0.1",
+                             "LBSVC_ADMIN_ENDPOINT": f"tcp:{b_admin}:interface=127.0.0.1"}, workdir, "lbsvc-b").start()
+    daemons.append(b)
+    wait_until(lambda: http("GET", f"http://127.0.0.1:{b_port}/user/tokens/profile", None,
+                            {"Authorization": key})[0] == 200, 30, "the second gateway")
+    time.sleep(0.5)  # b has applied the new limits (the change log is polled every 250 ms)
+    urls = [f"http://127.0.0.1:{port}/" for port in (a_port, b_port)]
+    pids = [d.process.pid for d in (a, b) if d.process is not None]
+    for url in urls:
+        wrk_run(url, WARMUP, f"Authorization: {key}")
+    before = sum(cpu_seconds(pid) for pid in pids)
+    runs = [subprocess.Popen(["wrk", "-t1", f"-c{CONNECTIONS // 2}", f"-d{SECONDS}s", "-H", f"Authorization: {key}",
+                              url], stdout=subprocess.PIPE, text=True) for url in urls]
+    total = 0
+    for run in runs:
+        out = run.communicate()[0]
+        total += int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu = (sum(cpu_seconds(pid) for pid in pids) - before) / total * 10_000
+    a.stop()
+    b.stop()
+    return total / SECONDS, cpu
+
+
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateways-"))
     backend_port = free_port()
@@ -83,7 +128,9 @@ def main() -> None:
     try:
         wait_until(lambda: http("GET", f"http://127.0.0.1:{backend_port}/")[0] == 200, 30, "the nginx backend")
         results: Dict[str, Tuple[float, float]] = {}
+        calls: Dict[str, float] = {}
         for name, env in (("memory", {}), ("redis", {"LBSVC_BUCKETS": redis_url}),
+                          ("redis, per request", {"LBSVC_BUCKETS": redis_url, "LBSVC_LEASE_LENGTH": "0"}),
                           ("redis, --workers 2", {"LBSVC_BUCKETS": redis_url, "LBSVC_WORKERS": "2"})):
             sub = workdir / re.sub(r"\W+", "-", name)
             sub.mkdir()
@@ -94,17 +141,40 @@ def main() -> None:
             time.sleep(0.5)  # the other worker sees the new limits (the change log is polled every 250 ms)
             assert lb.process is not None
             results[name] = rate(f"http://127.0.0.1:{port}/", key, lb.process.pid)
+            if name.startswith("redis") and "workers" not in name:
+                calls[name] = calls_per_thousand(lb)
             lb.stop()
         (redis_rate, redis_cpu), (memory_rate, memory_cpu) = results["redis"], results["memory"]
+        per_request_rate, per_request_cpu = results["redis, per request"]
         workers_rate = results["redis, --workers 2"][0]
-        print(f"memory: {memory_rate:,.0f} req/s, {memory_cpu:.2f} CPU s/10k; redis: {redis_rate:,.0f} req/s,"
-              f" {redis_cpu:.2f} CPU s/10k; redis --workers 2: {workers_rate:,.0f} req/s")
-        rows.append(["proxied req/s, Redis buckets vs memory buckets (one process)", f"{redis_rate:,.0f}",
-                     f"{memory_rate:,.0f}", f"{redis_rate / memory_rate:.2f}x (goal 0.9x)", runtime(), machine()])
-        rows.append(["gateway CPU s/10k requests, Redis buckets vs memory buckets", f"{redis_cpu:.2f}",
-                     f"{memory_cpu:.2f}", f"{redis_cpu / memory_cpu:.2f}x (goal 1.15x)", runtime(), machine()])
+        print(f"memory: {memory_rate:,.0f} req/s, {memory_cpu:.2f} CPU s/10k; redis (leases): {redis_rate:,.0f}"
+              f" req/s, {redis_cpu:.2f} CPU s/10k, {calls['redis']:.2f} Redis calls per 1,000 admissions;"
+              f" redis per request: {per_request_rate:,.0f} req/s, {per_request_cpu:.2f} CPU s/10k,"
+              f" {calls['redis, per request']:.0f} calls per 1,000; redis --workers 2: {workers_rate:,.0f} req/s")
+        rows.append(["proxied req/s, Redis buckets (leases) vs memory buckets (one process)", f"{redis_rate:,.0f}",
+                     f"{memory_rate:,.0f}", f"{redis_rate / memory_rate:.2f}x (goal 0.95x)", runtime(), machine()])
+        rows.append(["gateway CPU s/10k requests, Redis buckets (leases) vs memory buckets", f"{redis_cpu:.2f}",
+                     f"{memory_cpu:.2f}", f"{redis_cpu / memory_cpu:.2f}x (goal 1.05x)", runtime(), machine()])
+        rows.append(["proxied req/s, Redis per request (--lease-length 0) vs memory buckets",
+                     f"{per_request_rate:,.0f}", f"{memory_rate:,.0f}", f"{per_request_rate / memory_rate:.2f}x",
+                     runtime(), machine()])
+        rows.append(["gateway CPU s/10k requests, Redis per request vs memory buckets", f"{per_request_cpu:.2f}",
+                     f"{memory_cpu:.2f}", f"{per_request_cpu / memory_cpu:.2f}x", runtime(), machine()])
+        rows.append(["Redis calls per 1,000 admissions, leases vs per request", f"{calls['redis']:.2f}",
+                     f"{calls['redis, per request']:.0f}", "", runtime(), machine()])
         rows.append(["proxied req/s, --workers 2 vs 1 (Redis buckets)", f"{workers_rate:,.0f}",
                      f"{redis_rate:,.0f}", f"{workers_rate / redis_rate:.2f}x", runtime(), machine()])
+        two: Dict[str, Tuple[float, float]] = {}
+        for name, env in (("memory", {}), ("redis", {"LBSVC_BUCKETS": redis_url})):
+            sub = workdir / f"two-{name}"
+            sub.mkdir()
+            two[name] = two_at_once(sub, backend_port, env, daemons)
+        print(f"two gateways: memory {two['memory'][0]:,.0f} req/s, {two['memory'][1]:.2f} CPU s/10k;"
+              f" redis (leases) {two['redis'][0]:,.0f} req/s, {two['redis'][1]:.2f} CPU s/10k")
+        rows.append(["two gateways at once, proxied req/s: Redis (leases) vs memory", f"{two['redis'][0]:,.0f}",
+                     f"{two['memory'][0]:,.0f}", f"{two['redis'][0] / two['memory'][0]:.2f}x", runtime(), machine()])
+        rows.append(["two gateways at once, CPU s/10k: Redis (leases) vs memory", f"{two['redis'][1]:.2f}",
+                     f"{two['memory'][1]:.2f}", f"{two['redis'][1] / two['memory'][1]:.2f}x", runtime(), machine()])
         rows.append(accuracy(workdir, backend_port, redis_url, daemons))
     finally:
         stop_all(daemons, processes)

@@ -92,7 +92,9 @@ def build_gateway(settings: GatewaySettings, reactor: Any, database: IUserDataba
         redis_gauges(gauges, limits.store)
 
     top = service.MultiService()
-    if limits.link is not None:
+    if isinstance(limits.store, LeasedBucketStore) and limits.link is not None:
+        GiveBack(limits.store, limits.link).setServiceParent(top)  # runs the link: blocks back before it closes
+    elif limits.link is not None:
         limits.link.setServiceParent(top)
     limits.live.setServiceParent(top)
     access_log = AccessLog(settings.access_log, reactor, settings.access_log_format)
@@ -108,7 +110,6 @@ def build_gateway(settings: GatewaySettings, reactor: Any, database: IUserDataba
     supervised("token refill", buckets.loop, TICK)
     if isinstance(limits.store, LeasedBucketStore):
         supervised("lease sweep", limits.store.sweeper, SWEEP)
-        GiveBack(limits.store).setServiceParent(top)
     checks = Supervisor("health checks", checker.start, reactor, stop=checker.stop,
                         on_failure=failed, on_running=readiness.ok)
     checks.setServiceParent(top)

@@ -233,6 +233,11 @@ def parts(report: Mapping[str, Any]) -> PageParts:
     ]
     for path, count in sorted(limits["decisions"].items()):
         limiter.append([f"decisions by {path}", number(count)])
+    leases = limits.get("leases")
+    if leases:  # this process's (the parent's, with --workers)
+        limiter += [["leases held", number(leases["leases_held"])],
+                    ["blocks fetched", number(leases["blocks_fetched"])],
+                    ["local decisions per Redis call", number(leases["local_decisions_per_call"], 1)]]
     if "note" in limits:
         limiter.append(["note", (str(limits["note"]), "warn")])
     synced = users["synced_seconds_ago"]

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from lbsvc.limits.buckets import Bucket, Buckets, Verdict
 from lbsvc.limits.leasescript import ANSWERS, EPOCH_KEY, KEY_PREFIX, run_script
 from lbsvc.limits.redisbuckets import MAX_BATCH, RedisBucketStore
+from svckit.deadlines import within
 from svckit.metrics import sample_value
 
 log = Logger()
@@ -61,6 +62,9 @@ SWEEP = 0.25
 """Seconds between looks for idle blocks and leases to renew."""
 MAX_DENY = 1.0
 """Seconds a user is refused locally at most before Redis is asked again."""
+FIRST_CONNECTION = 1.0
+"""Seconds the requests of a process that has not reached Redis yet (starting) wait for it, before the fallback
+decides them."""
 
 
 def margin(length: float) -> float:
@@ -134,6 +138,8 @@ def block_size(lease: Lease, now: float, live: int) -> int:
 class LeasedBucketStore(RedisBucketStore):
     """Redis buckets whose tokens are leased in blocks and spent locally (the default with ``--buckets redis``)."""
 
+    key_prefix = KEY_PREFIX
+
     def __init__(self, url: str, local: Buckets, fallback: str, timeout: float, clock: IReactorTime,
                  registry: CollectorRegistry, link: Any, length: float = LEASE_LENGTH,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -143,6 +149,7 @@ class LeasedBucketStore(RedisBucketStore):
         self.registry = registry
         self.holder = uuid.uuid4().hex
         """This process's name in Redis's leases."""
+        self._heard_at = clock.seconds()  # an outage is confirmed by silence since the start, not before it
         self._leases: Dict[str, Lease] = {}
         self._asking: List[Lease] = []
         self._by_lease = self._decisions.labels("lease")
@@ -214,10 +221,10 @@ class LeasedBucketStore(RedisBucketStore):
     # --- asking Redis -----------------------------------------------------
 
     def _may_ask(self) -> bool:
-        """Whether to ask Redis now (not within the pause after a failure, and connected)."""
+        """Whether to ask Redis now (not within the pause after a failure; connected, or still starting)."""
         if not self.up and self.clock.seconds() < self._retry_at:
             return False
-        if self.link.current() is None:
+        if self.link.current() is None and self.link.epoch:
             self._failed(Failure(txredisapi.ConnectionError("not connected")))
             return False
         return True
@@ -234,6 +241,15 @@ class LeasedBucketStore(RedisBucketStore):
         self._flush_call = None
         asking, self._asking = self._asking, []
         redis = self.link.current()
+        if redis is None and not self.link.epoch:
+            # Starting, and Redis not reached yet: the heartbeat has not counted the other gateways either, so
+            # the local fallback would take this process for the only one.  Wait (a little) for the connection.
+            first = within(self.link.connected(), FIRST_CONNECTION, self.clock, "Redis's first connection")
+            first.addErrback(lambda _: None).addCallback(self._send_all, asking)
+            return
+        self._send_all(redis, asking)
+
+    def _send_all(self, redis: Any, asking: List[Lease]) -> None:
         for start in range(0, len(asking), MAX_BATCH):
             self._call(redis, asking[start:start + MAX_BATCH])
 
@@ -263,6 +279,10 @@ class LeasedBucketStore(RedisBucketStore):
             args += (str(lease.capacity), repr(float(lease.rate)), str(want), lease.lease_id, str(lease.spent),
                      str(lease.unspent), str(math.ceil(lease.capacity / max(1, live))), "0")
         sent = self.clock.seconds()
+        if self.up:
+            # Calls are rare with leases, so the last answer may be long past: silence counts from the last call
+            # sent to a Redis that answered, and only that confirms an outage to the local fallback.
+            self._heard_at = max(self._heard_at, sent)
         self._calls.inc()
         self._batch_sizes.observe(len(keys) - 1)
         expected = ANSWERS * (len(keys) - 1)
@@ -407,16 +427,27 @@ class LeasedBucketStore(RedisBucketStore):
 
 
 class GiveBack(service.Service):
-    """Gives every block back to Redis when the gateway stops (started after the Redis link, so stopped
-    before it closes)."""
+    """Runs the Redis link, and at shutdown gives every block back through it before closing it.
 
-    def __init__(self, store: LeasedBucketStore) -> None:
+    (A ``MultiService`` stops its children all at once: the link would close under the last call.)
+    """
+
+    def __init__(self, store: LeasedBucketStore, link: service.Service) -> None:
         self.store = store
+        self.link = link
+
+    def startService(self) -> None:
+        """Connect to Redis."""
+        super().startService()
+        self.link.startService()
 
     def stopService(self) -> defer.Deferred[None]:
-        """One last call: every block this process holds back to Redis."""
+        """One last call: every block this process holds back to Redis; then disconnect."""
         super().stopService()
-        return self.store.give_back()
+        self.store.stopping = True
+        d = self.store.give_back()
+        d.addBoth(lambda _: self.link.stopService())
+        return d
 
 
 def _text(value: Any) -> str:

@@ -79,6 +79,9 @@ class BucketStoreUnavailable(HTTPError):
 class RedisBucketStore:
     """Buckets in Redis, with a local or denying fallback."""
 
+    key_prefix = KEY_PREFIX
+    """Where a user's bucket is in Redis (the user's name follows)."""
+
     def __init__(self, url: str, local: Buckets, fallback: str, timeout: float, clock: IReactorTime,
                  registry: CollectorRegistry, link: Any) -> None:
         if fallback not in FALLBACKS:
@@ -91,6 +94,8 @@ class RedisBucketStore:
         self.link = link
         """Whose ``current()`` is the connected Redis protocol, or None (:class:`RedisLink`)."""
         self.up = True
+        self.stopping = False
+        """Set at shutdown: the link's closing is not an outage worth a warning."""
         self._retry_at = 0.0
         self._heard_at = float("-inf")
         """When Redis last answered anything (on time or late)."""
@@ -134,7 +139,7 @@ class RedisBucketStore:
         redis = self.link.current()
         if redis is None:
             return defer.succeed(None)  # its level expires by itself
-        d = self._bounded(redis.delete(KEY_PREFIX + name))
+        d = self._bounded(redis.delete(self.key_prefix + name))
 
         def done(result: Any) -> None:
             if isinstance(result, Failure):
@@ -255,6 +260,8 @@ class RedisBucketStore:
         if self.up:
             self.up = False
             self.share.begin()
+            if self.stopping:
+                return
             log.warn("Redis buckets at {url} unavailable ({error}); deciding by the {mode!r} fallback"
                      " ({n} gateway processes share each budget)",
                      url=self.url, error=reason.getErrorMessage(), mode=self.fallback, n=self.share.live)

@@ -10,6 +10,7 @@ test_gateways.py, which runs with leases on as shipped.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -18,7 +19,8 @@ import pytest
 
 from harness.backends import Backend
 from harness.daemon import assert_no_logged_errors
-from harness.net import http
+from harness.gateway import Gateway
+from harness.net import http, wait_until
 from harness.redis import RedisServer
 from tests.integration.test_gateways import admitted, gateways, shared_user, summed, worst_window
 from tests.integration.test_stream_order import skewed
@@ -61,6 +63,13 @@ def test_a_steady_user_gets_what_the_bound_allows_through_two_gateways(tmp_path:
         for gateway in (a, b):
             gateway.stop()
     assert_no_logged_errors([a, b])
+    # SIGTERM: each gave its blocks back before closing its link; nothing is left out on lease.
+    client = redis.client()
+    fields = client.call("HGETALL", "lbsvc:lease:steady")
+    client.close()
+    state = dict(zip(fields[::2], fields[1::2]))
+    assert not [k for k in state if k.startswith("h:")] and float(state.get("O", 0)) == 0, state
+    assert not any("unavailable" in line for g in (a, b) for line in g.log().splitlines()), "a warning at shutdown"
 
 
 def test_a_gateway_killed_holding_blocks_costs_at_most_its_block(tmp_path: Path, user_database: str,
@@ -101,4 +110,27 @@ def test_a_gateway_an_hour_off_keeps_the_bound(tmp_path: Path, user_database: st
     finally:
         for gateway in (a, b):
             gateway.stop()
+    assert_no_logged_errors([a, b])
+
+
+def test_a_gateway_starting_under_load_does_not_take_itself_for_the_only_one(
+        tmp_path: Path, user_database: str, backend: Backend, redis: RedisServer) -> None:
+    """Its first requests come before it has reached Redis (or counted the other gateways): they wait for
+    the connection instead of going to a local share computed as if it were alone."""
+    (a,) = gateways(tmp_path, user_database, backend, redis, count=1)
+    b = Gateway(tmp_path, user_database, name="lbsvc-late")
+    b.env.update({"LBSVC_BUCKETS": redis.url})
+    try:
+        key = shared_user(a, a, "busy", C, R)
+        spans: List[Tuple[float, float]] = []
+        load = threading.Thread(target=admitted, args=([a], key, 4.0), kwargs={"connections": 10, "spans": spans})
+        load.start()
+        b.start()
+        wait_until(lambda: b.call("GET", "/user/tokens/profile", key=key)[0] == 200, 10, "b serving")
+        admitted([b], key, 2.0, connections=10, spans=spans)
+        load.join()
+        assert worst_window(spans, C, R)[0] <= 0
+    finally:
+        a.stop()
+        b.stop()
     assert_no_logged_errors([a, b])

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 
 from lbsvc.limits.buckets import Buckets
 from lbsvc.limits.leases import IDLE_AFTER, LEASE_LENGTH, Lease, LeasedBucketStore, block_size, margin
-from lbsvc.limits.leasescript import EPOCH_KEY, GLOBAL_ARGS, USER_ARGS
+from lbsvc.limits.leasescript import EPOCH_KEY, GLOBAL_ARGS, KEY_PREFIX, USER_ARGS
 from lbsvc.limits.redisbuckets import BucketStoreUnavailable
 from svckit.metrics import new_registry, sample_value
 from tests.unit.fired import fired
@@ -26,7 +26,7 @@ from tests.unit.fired import fired
 class FakeRedis:
     """Answers the lease script from a queue (or leaves it hanging); also its own link."""
 
-    connected = True
+    online = True
     epoch = "replid-1"
     previous_epoch = ""
 
@@ -34,9 +34,15 @@ class FakeRedis:
         self.calls: List[Tuple[List[str], List[str]]] = []
         self.answers: List[Any] = []
         self.pending: List[defer.Deferred[Any]] = []
+        self.deleted: List[str] = []
 
     def current(self) -> Optional[FakeRedis]:
-        return self if self.connected else None
+        return self if self.online else None
+
+    def connected(self) -> defer.Deferred[Any]:
+        """The link's first connection, made when the test fires it."""
+        self.connecting: defer.Deferred[Any] = defer.Deferred()
+        return self.connecting
 
     def evalsha(self, sha: str, keys: List[str], args: List[str]) -> defer.Deferred[Any]:
         self.calls.append((keys, args))
@@ -48,6 +54,7 @@ class FakeRedis:
         return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
 
     def delete(self, key: str) -> defer.Deferred[Any]:
+        self.deleted.append(key)
         return defer.succeed(1)
 
     def users(self, call: int = -1) -> List[List[str]]:
@@ -231,7 +238,7 @@ def test_a_block_held_is_still_spent_while_redis_is_away() -> None:
     d = s.take("i", 100, 10.0)
     clock.advance(0)
     assert fired(d)[0] is True
-    redis.connected = False
+    redis.online = False
     assert all(s.take("i", 100, 10.0)[0] is True for _ in range(9))  # granted: the bound counts them
 
 
@@ -254,11 +261,57 @@ def test_what_the_local_fallback_admitted_is_charged_first_when_redis_answers() 
     redis.answers = [txredisapi.ConnectionError("lost")]
     d = s.take("k", 10, 1.0)
     clock.advance(0)
-    assert fired(d)[0] is True  # the share (its first request) ... outage just begun: not confirmed, empty?
-    clock.advance(1.0)
+    assert fired(d)[0] is False  # the share starts empty until the outage is confirmed
+    clock.advance(0.6)  # silence since the call: confirmed; an unseen user's share is handed out
+    assert fired(s.take("k", 10, 1.0))[0] is True
+    clock.advance(0.4)
     redis.answers = [[0, "0", "", 0, 0] + grant(1, 0.0)]
     d = s.take("k", 10, 1.0)
     clock.advance(0)
     assert fired(d)[0] is True and s.up
     charge, ask = redis.users()
-    assert charge[2] == "0" and int(charge[7]) >= 1 and ask[2] == "1"
+    assert charge[2] == "0" and charge[7] == "1" and ask[2] == "1"
+
+
+def test_a_deleted_user_is_forgotten_here_and_in_redis() -> None:
+    s, redis, clock, _ = store()
+    d = s.take("gone", 100, 10.0)
+    fired(s.forget("gone"))
+    assert fired(d)[0] is False and "gone" not in s._leases
+    assert redis.deleted == [KEY_PREFIX + "gone"]
+
+
+def test_an_outage_is_confirmed_by_silence_after_a_call_not_by_the_time_since_the_last_one() -> None:
+    s, redis, clock, _ = store("local")
+    redis.answers = [grant(1, 0.0)]
+    d = s.take("l", 10, 1.0)
+    clock.advance(0)
+    assert fired(d)[0] is True
+    clock.advance(60)  # a minute without calls (all decided locally, say): Redis is not silent for that
+    d = s.take("l", 10, 1.0)
+    clock.advance(0)
+    clock.advance(0.05)
+    clock.advance(0)  # this call times out
+    fired(d)
+    assert not s.share.confirmed  # one slow answer: the shares start empty, the last level is not handed out
+
+
+def test_a_process_that_has_not_reached_redis_yet_waits_for_it_rather_than_think_itself_alone() -> None:
+    s, redis, clock, registry = store()
+    redis.epoch, redis.online = "", False  # starting: never connected
+    d = s.take("m", 100, 10.0)
+    clock.advance(0)
+    assert not d.called and s.up and redis.calls == []
+    redis.epoch, redis.online = "replid-1", True
+    redis.answers = [grant(5, 95.0)]
+    redis.connecting.callback(redis)
+    assert fired(d)[0] is True and sample_value(registry, "lbsvc_bucket_store_errors_total") == 0
+    redis.epoch, redis.online = "", False  # (another start) Redis unreachable for the whole wait: the fallback
+    s._leases.clear()
+    d = s.take("n", 100, 10.0)
+    clock.advance(0)
+    clock.advance(1.0)
+    clock.advance(0)
+    # A second of silence since the start: an outage (every gateway's, as far as this one can tell), decided by
+    # this process's share.
+    assert fired(d)[0] is True and not s.up and s.share.confirmed
