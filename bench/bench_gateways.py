@@ -4,7 +4,9 @@
   ``--buckets redis://`` (a private redis-server; leased tokens, the
   default) vs ``memory`` (goals: at least 0.95x the throughput, at most
   1.05x the CPU), and Redis deciding every request (``--lease-length 0``),
-  with the Redis calls per 1,000 admissions of each; the gateway is pinned
+  with the Redis calls per 1,000 admissions of each (``BENCH_COPIES=N``: N
+  processes of memory and of Redis with leases, interleaved, medians); the
+  gateway is pinned
   to core 0, wrk to core 1 (Redis and nginx float), warmed up first
   (``BENCH_WARMUP``: 20 s on PyPy);
 * proxied req/s of ``--workers 2`` vs ``--workers 1`` (both on Redis) on this
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_proxy import BACKEND, CONNECTIONS, SECONDS, WARMUP, cpu_seconds, nginx, wrk_run
+from bench_proxy import BACKEND, CONNECTIONS, COPIES, SECONDS, WARMUP, cpu_seconds, nginx, wrk_run
 from common import (
     Daemon,
     free_port,
@@ -127,12 +130,14 @@ def main() -> None:
     rows = []
     try:
         wait_until(lambda: http("GET", f"http://127.0.0.1:{backend_port}/")[0] == 200, 30, "the nginx backend")
-        results: Dict[str, Tuple[float, float]] = {}
+        measured: Dict[str, List[Tuple[float, float]]] = {}
         calls: Dict[str, float] = {}
-        for name, env in (("memory", {}), ("redis", {"LBSVC_BUCKETS": redis_url}),
-                          ("redis, per request", {"LBSVC_BUCKETS": redis_url, "LBSVC_LEASE_LENGTH": "0"}),
-                          ("redis, --workers 2", {"LBSVC_BUCKETS": redis_url, "LBSVC_WORKERS": "2"})):
-            sub = workdir / re.sub(r"\W+", "-", name)
+        pair = (("memory", {}), ("redis", {"LBSVC_BUCKETS": redis_url}))
+        others = (("redis, per request", {"LBSVC_BUCKETS": redis_url, "LBSVC_LEASE_LENGTH": "0"}),
+                  ("redis, --workers 2", {"LBSVC_BUCKETS": redis_url, "LBSVC_WORKERS": "2"}))
+        # The pair the goals compare, COPIES processes each, interleaved (PyPy processes of one build differ).
+        for copy, (name, env) in [(c, p) for c in range(COPIES) for p in pair] + [(0, o) for o in others]:
+            sub = workdir / (re.sub(r"\W+", "-", name) + f"-{copy}")
             sub.mkdir()
             lb, port, key = lbsvc_with_user(sub, backend_port, 10**9, 10**6, env)
             daemons.append(lb)
@@ -140,10 +145,14 @@ def main() -> None:
                 pin_server(lb)
             time.sleep(0.5)  # the other worker sees the new limits (the change log is polled every 250 ms)
             assert lb.process is not None
-            results[name] = rate(f"http://127.0.0.1:{port}/", key, lb.process.pid)
+            measured.setdefault(name, []).append(rate(f"http://127.0.0.1:{port}/", key, lb.process.pid))
             if name.startswith("redis") and "workers" not in name:
                 calls[name] = calls_per_thousand(lb)
             lb.stop()
+        if COPIES > 1:
+            print({name: [(round(r), round(c, 2)) for r, c in runs] for name, runs in measured.items()})
+        results = {name: (statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs))
+                   for name, runs in measured.items()}
         (redis_rate, redis_cpu), (memory_rate, memory_cpu) = results["redis"], results["memory"]
         per_request_rate, per_request_cpu = results["redis, per request"]
         workers_rate = results["redis, --workers 2"][0]
