@@ -88,6 +88,14 @@ def grant(granted: int, level: float, lease: str = "L1", kept: int = 0, lost: in
     return [granted, repr(level), lease, kept, lost]
 
 
+def first_block(s: LeasedBucketStore, redis: FakeRedis, clock: Clock, name: str, answer: List[Any]) -> None:
+    """A first request of ``name``, admitted on Redis's ``answer`` (a block granted)."""
+    redis.answers = [answer]
+    d = s.take(name, 100, 10.0)
+    clock.advance(0)
+    assert fired(d)[0] is True
+
+
 def local_decisions(s: LeasedBucketStore, registry: Any) -> float:
     s.count_local()  # (the sweep does it every quarter second)
     return sample_value(registry, "lbsvc_bucket_decisions_total", {"path": "lease"})
@@ -126,10 +134,7 @@ def test_a_block_is_spent_locally_and_the_next_asked_for_before_it_runs_out() ->
 
 def test_the_next_block_is_fetched_in_the_background() -> None:
     s, redis, clock, _ = store()
-    redis.answers = [grant(4, 50.0)]
-    d = s.take("bob", 100, 10.0)
-    clock.advance(0)
-    assert fired(d)[0] is True
+    first_block(s, redis, clock, "bob", grant(4, 50.0))
     s._leases["bob"].block = 4
     assert s.take("bob", 100, 10.0)[0] is True  # 2 left: not under half of 4
     clock.advance(0)
@@ -143,10 +148,7 @@ def test_the_next_block_is_fetched_in_the_background() -> None:
 
 def test_a_lease_is_not_spent_past_its_end_by_this_process_clock() -> None:
     s, redis, clock, _ = store()
-    redis.answers = [grant(10, 0.0)]
-    d = s.take("carol", 100, 10.0)
-    clock.advance(0)
-    assert fired(d)[0] is True
+    first_block(s, redis, clock, "carol", grant(10, 0.0))
     clock.advance(LEASE_LENGTH - margin(LEASE_LENGTH) - 0.001)
     assert s.take("carol", 100, 10.0)[0] is True
     clock.advance(0.002)  # the end: asked + length - margin, by the monotonic clock
@@ -219,10 +221,7 @@ def test_idle_blocks_go_back_and_everything_goes_back_at_shutdown() -> None:
 
 def test_without_an_answer_the_waiting_are_decided_by_the_fallback_and_blocks_held_stay() -> None:
     s, redis, clock, registry = store("deny")
-    redis.answers = [grant(2, 0.0)]
-    d = s.take("h", 100, 10.0)
-    clock.advance(0)
-    assert fired(d)[0] is True
+    first_block(s, redis, clock, "h", grant(2, 0.0))
     assert s.take("h", 100, 10.0)[0] is True  # the last of the block: the next is asked for ...
     clock.advance(0)
     clock.advance(0.05)
@@ -235,10 +234,7 @@ def test_without_an_answer_the_waiting_are_decided_by_the_fallback_and_blocks_he
 
 def test_a_block_held_is_still_spent_while_redis_is_away() -> None:
     s, redis, clock, _ = store("deny")
-    redis.answers = [grant(10, 0.0)]
-    d = s.take("i", 100, 10.0)
-    clock.advance(0)
-    assert fired(d)[0] is True
+    first_block(s, redis, clock, "i", grant(10, 0.0))
     redis.online = False
     assert all(s.take("i", 100, 10.0)[0] is True for _ in range(9))  # granted: the bound counts them
 
