@@ -48,7 +48,7 @@ from lbsvc.limits.buckets import Bucket, Buckets, Verdict
 from lbsvc.limits.leasescript import ANSWERS, EPOCH_KEY, KEY_PREFIX, run_script
 from lbsvc.limits.redisbuckets import MAX_BATCH, RedisBucketStore
 from svckit.deadlines import within
-from svckit.metrics import sample_value
+from svckit.metrics import sums
 
 log = Logger()
 
@@ -132,8 +132,12 @@ def block_size(lease: Lease, now: float, live: int) -> int:
         pace = lease.used / elapsed
         lease.pace = pace if lease.pace == 0.0 else (lease.pace + pace) / 2
         lease.used, lease.since = 0, now
-    share = math.ceil(lease.capacity / max(1, live))
-    return max(1, min(max(math.ceil(lease.pace * BLOCK_SECONDS), len(lease.waiters)), share))
+    return max(1, min(max(math.ceil(lease.pace * BLOCK_SECONDS), len(lease.waiters)), share_of(lease.capacity, live)))
+
+
+def share_of(capacity: int, live: int) -> int:
+    """The most one of ``live`` gateway processes may hold of a capacity: ``ceil(C / N)``."""
+    return math.ceil(capacity / max(1, live))
 
 
 class LeasedBucketStore(RedisBucketStore):
@@ -233,13 +237,18 @@ class LeasedBucketStore(RedisBucketStore):
 
     # --- asking Redis -----------------------------------------------------
 
-    def _may_ask(self) -> bool:
-        """Whether to ask Redis now (not within the pause after a failure; connected, or still starting)."""
+    def _may_ask(self, quiet: bool = False) -> bool:
+        """Whether to ask Redis now: not within the pause after a failure; connected, or still starting (a
+        request waits for the first connection).  ``quiet`` (the sweep): only when connected, and a missing
+        connection is not counted as a failure."""
         if not self.up and self.clock.seconds() < self._retry_at:
             return False
-        if self.link.current() is None and self.link.epoch:
-            self._failed(Failure(txredisapi.ConnectionError("not connected")))
-            return False
+        if self.link.current() is None:
+            if quiet:
+                return False
+            if self.link.epoch:
+                self._failed(Failure(txredisapi.ConnectionError("not connected")))
+                return False
         return True
 
     def _ask(self, lease: Lease) -> None:
@@ -269,7 +278,7 @@ class LeasedBucketStore(RedisBucketStore):
     def _call(self, redis: Any, batch: List[Lease]) -> defer.Deferred[None]:
         if redis is None:
             self._failed(Failure(txredisapi.ConnectionError("not connected")))
-            self._unanswered(batch, [])
+            self._unanswered(batch)
             return defer.succeed(None)
         charges: List[Tuple[str, Tuple[int, int, float]]] = []
         if not self.up and self.fallback == "local":
@@ -290,7 +299,7 @@ class LeasedBucketStore(RedisBucketStore):
             lease.sent = (now, lease.unspent, want)
             keys.append(KEY_PREFIX + lease.name)
             args += (str(lease.capacity), repr(float(lease.rate)), str(want), lease.lease_id, str(lease.spent),
-                     str(lease.unspent), str(math.ceil(lease.capacity / max(1, live))), "0")
+                     str(lease.unspent), str(share_of(lease.capacity, live)), "0")
         sent = self.clock.seconds()
         if self.up:
             # Calls are rare with leases, so the last answer may be long past: silence counts from the last call
@@ -333,7 +342,7 @@ class LeasedBucketStore(RedisBucketStore):
             timed_out[0] = bool(reason.check(defer.TimeoutError))
             self._failed(reason)
             self.share.restore((name, spent) for name, spent in charges)
-            self._unanswered(batch, charges)
+            self._unanswered(batch)
 
         call = run_script(redis, keys, args).addCallback(late)
         return self._bounded(call).addCallbacks(answered, failed)
@@ -376,19 +385,14 @@ class LeasedBucketStore(RedisBucketStore):
             p.callback(lease.view())
         return lost
 
-    def _unanswered(self, batch: List[Lease], charges: List[Any]) -> None:
+    def _unanswered(self, batch: List[Lease]) -> None:
         """Redis did not answer about ``batch``: blocks held stay (until their end); the waiting are decided by
         the fallback."""
         for lease in batch:
             lease.asking = lease.giving_back = False
             waiters, lease.waiters = lease.waiters, []
             for d in waiters:
-                try:
-                    verdict = self._without_redis(lease.name, lease.capacity, lease.rate, 1)
-                except Exception:
-                    d.errback(Failure())
-                else:
-                    d.callback(verdict)
+                self._answer_without_redis(d, lease.name, lease.capacity, lease.rate, 1)
             peekers, lease.peekers = lease.peekers, []
             for p in peekers:
                 try:
@@ -408,12 +412,12 @@ class LeasedBucketStore(RedisBucketStore):
             if lease.asking or lease.waiters:
                 continue
             if now - lease.last_used >= IDLE_AFTER:
-                if lease.lease_id and self._may_ask_quietly():
+                if lease.lease_id and self._may_ask(quiet=True):
                     lease.giving_back = True
                     self._ask(lease)
                 elif not lease.lease_id:
                     idle.append(name)
-            elif lease.unspent and lease.end - now < self.length / 2 and self._may_ask_quietly():
+            elif lease.unspent and lease.end - now < self.length / 2 and self._may_ask(quiet=True):
                 self._ask(lease)
         for name in idle:
             del self._leases[name]
@@ -423,9 +427,6 @@ class LeasedBucketStore(RedisBucketStore):
         counted, self.local_decisions = self.local_decisions, 0
         if counted:
             self._by_lease.inc(counted)
-
-    def _may_ask_quietly(self) -> bool:
-        return (self.up or self.clock.seconds() >= self._retry_at) and self.link.current() is not None
 
     def give_back(self) -> defer.Deferred[None]:
         """Give every block back (at shutdown): one call, bounded by the Redis timeout."""
@@ -445,11 +446,12 @@ class LeasedBucketStore(RedisBucketStore):
         """Leases held, blocks fetched, and local decisions per Redis call."""
         self.count_local()
         held = sum(1 for lease in self._leases.values() if lease.unspent)
-        calls = sample_value(self.registry, "lbsvc_bucket_lease_calls_total")
-        local = sample_value(self.registry, "lbsvc_bucket_decisions_total", {"path": "lease"})
-        return {"leases_held": held, "blocks_fetched": int(sample_value(self.registry,
-                                                                        "lbsvc_bucket_lease_blocks_total")),
-                "redis_calls": int(calls), "local_decisions_per_call": round(local / calls, 1) if calls else None}
+        counts = sums(self.registry.collect(), {"calls": ("lbsvc_bucket_lease_calls_total", {}),
+                                                "blocks": ("lbsvc_bucket_lease_blocks_total", {}),
+                                                "local": ("lbsvc_bucket_decisions_total", {"path": "lease"})})
+        calls = counts.get("calls", 0.0)
+        return {"leases_held": held, "blocks_fetched": int(counts.get("blocks", 0.0)), "redis_calls": int(calls),
+                "local_decisions_per_call": round(counts.get("local", 0.0) / calls, 1) if calls else None}
 
 
 class GiveBack(service.Service):

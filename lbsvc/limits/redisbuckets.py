@@ -240,15 +240,19 @@ class RedisBucketStore:
             if d is None or d.called:  # a charge is dropped: its tokens stay charged locally
                 admitted.append(False)
                 continue
-            try:
-                verdict = self._without_redis(name, capacity, rate, cost)
-            except Exception:
-                admitted.append(False)
-                d.errback(Failure())
-            else:
-                admitted.append(verdict[0] and cost > 0)
-                d.callback(verdict)
+            admitted.append(self._answer_without_redis(d, name, capacity, rate, cost))
         return admitted
+
+    def _answer_without_redis(self, d: defer.Deferred[Verdict], name: str, capacity: int, rate: float,
+                              cost: int) -> bool:
+        """Answer ``d`` by the fallback (its refusal, with ``deny``, as a failure); whether a token was spent."""
+        try:
+            verdict = self._without_redis(name, capacity, rate, cost)
+        except Exception:
+            d.errback(Failure())
+            return False
+        d.callback(verdict)
+        return verdict[0] and cost > 0
 
     def _bounded(self, call: defer.Deferred[Any]) -> defer.Deferred[Any]:
         """``call``, or a timeout once Redis itself has had :attr:`timeout` seconds (see :func:`within`)."""
