@@ -188,3 +188,13 @@ def test_worker_command_lines_repeat_only_what_was_typed_and_a_secret_file_as_a_
     options = gateway(["--database-file", database, "--max-body", "10"], env)
     assert options.argv() == [f"--database-file={database}", "--max-body=10"]
     assert "pw" not in " ".join(options.argv())
+
+
+def test_lease_length_is_zero_or_half_a_second_to_a_minute(tmp_path: Path) -> None:
+    env = {"LBSVC_SERVERS": servers_file(tmp_path)}
+    assert gateway([], env).settings.lease_length == 2.0  # the default: leases on
+    for good, seconds in (("0", 0.0), ("0.5", 0.5), ("60", 60.0)):
+        assert gateway(["--lease-length", good], env).settings.lease_length == seconds
+    for bad in ("0.4", "60.1", "-1", "nan", "inf", "two", ""):
+        with pytest.raises(usage.UsageError):
+            gateway(["--lease-length", bad], env)
