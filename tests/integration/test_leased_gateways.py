@@ -42,6 +42,19 @@ def leases(admin_port: int) -> Dict[str, object]:
     return body
 
 
+def how_decided(targets: List[Gateway]) -> Dict[str, float]:
+    """Each gateway's decisions by path, Redis errors and fallbacks: what a failed share assertion shows."""
+    found: Dict[str, float] = {}
+    for n, gateway in enumerate(targets):
+        admin = f"http://127.0.0.1:{gateway.admin_port}"
+        for path in ("lease", "redis", "local_share", "deny"):
+            found[f"{n}:{path}"] = summed(admin, "lbsvc_bucket_decisions_total", path=path)
+        for metric in ("lbsvc_bucket_store_errors_total", "lbsvc_bucket_store_fallback_total",
+                       "lbsvc_bucket_leases_lost_total"):
+            found[f"{n}:{metric}"] = summed(admin, metric)
+    return found
+
+
 def test_a_steady_user_gets_what_the_bound_allows_through_two_gateways(tmp_path: Path, user_database: str,
                                                                         backend: Backend, redis: RedisServer) -> None:
     a, b = gateways(tmp_path, user_database, backend, redis)
@@ -53,7 +66,7 @@ def test_a_steady_user_gets_what_the_bound_allows_through_two_gateways(tmp_path:
         assert count <= bound and worst_window(spans, C, R)[0] <= 0, (count, bound)
         # At least 95% of what the bound allows over the 4 s the clients were sending (the clients' own ramp-up
         # and last answers, slow on a loaded machine, are no time the gateways could admit in).
-        assert count >= 0.95 * (C + R * 4.0), (count, C + R * 4.0)
+        assert count >= 0.95 * (C + R * 4.0), f"{count} of {C + R * 4.0:g}; {how_decided([a, b])}"
         # Decided both ways: from blocks on lease (and refused locally until a token is due), and on Redis's
         # answers.
         local = sum(summed(f"http://127.0.0.1:{g.admin_port}", "lbsvc_bucket_decisions_total", path="lease")
@@ -110,9 +123,12 @@ def test_a_gateway_an_hour_off_keeps_the_bound(tmp_path: Path, user_database: st
     try:
         key = shared_user(a, b, "skewed", C, R)
         spans: List[Tuple[float, float]] = []
-        count, elapsed = admitted([a, b], key, 4.0, spans=spans)
+        # 20 client threads, as for the steady user (enough to keep both gateways at the limit). With a hundred
+        # threads in a PyPy test process one CI run got 93 of 120, never seen again here (eleven runs, some
+        # beside two busy loops); a failure now says how each gateway decided.
+        count, elapsed = admitted([a, b], key, 4.0, connections=20, spans=spans)
         assert count <= C + R * elapsed + 1 and worst_window(spans, C, R)[0] <= 0, (count, elapsed)
-        assert count >= 0.9 * (C + R * 4.0), (count, elapsed)
+        assert count >= 0.9 * (C + R * 4.0), f"{count} in {elapsed:.2f} s; {how_decided([a, b])}"
     finally:
         for gateway in (a, b):
             gateway.stop()
