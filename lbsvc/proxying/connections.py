@@ -61,14 +61,22 @@ class UpstreamConnections:
         """Idle connections, all backends together."""
         return sum(len(v) for v in self._idle.values())
 
-    def connection(self, backend: Backend, fresh: bool = False) -> defer.Deferred[UpstreamConnection]:
-        """An idle connection to ``backend`` (unless ``fresh``), else a new one."""
-        key = (backend.scheme, backend.host, backend.port, backend.ca_file)
-        idle = self._idle.get(key)
-        while idle and not fresh:
+    def idle_connection(self, backend: Backend) -> Optional[UpstreamConnection]:
+        """The most recently used idle connection to ``backend``, taken out of the pool; ``None`` if there is
+        none (the data path asks this first: no ``Deferred`` when a connection is at hand)."""
+        idle = self._idle.get((backend.scheme, backend.host, backend.port, backend.ca_file))
+        while idle:
             connection = idle.pop()
             if connection.connected:
-                return defer.succeed(connection)
+                return connection
+        return None
+
+    def connection(self, backend: Backend, fresh: bool = False) -> defer.Deferred[UpstreamConnection]:
+        """An idle connection to ``backend`` (unless ``fresh``), else a new one."""
+        connection = None if fresh else self.idle_connection(backend)
+        if connection is not None:
+            return defer.succeed(connection)
+        key = (backend.scheme, backend.host, backend.port, backend.ca_file)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             endpoint = self._endpoints[key] = self._endpoint_for(backend)

@@ -99,6 +99,11 @@ class Forwarding:
 
     def _connect(self) -> None:
         assert self.backend is not None
+        if not self.fresh:
+            idle = self.upstreams.connections.idle_connection(self.backend)
+            if idle is not None:
+                self._connected(idle)
+                return
         d = self.upstreams.connections.connection(self.backend, fresh=self.fresh)
         self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
@@ -145,7 +150,7 @@ class Forwarding:
         assert self.relay is not None and self.backend is not None
         self.relay.stop()
         upstreams = self.upstreams
-        upstreams.outcomes.labels(self.backend.name, str(self.request.code)).inc()
+        upstreams.answered(self.backend.name, self.request.code).inc()
         upstreams.latency(self.backend.name).observe(upstreams.clock.seconds() - self.sent_at)
         self._release()
         self._answer(STREAMED)

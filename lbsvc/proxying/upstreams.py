@@ -11,7 +11,7 @@ none of them imports another that imports it back.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from twisted.internet.interfaces import IReactorTime
@@ -48,6 +48,15 @@ class Upstreams:
         )
         self._latency: Dict[str, Any] = {}
         self._latency_of = latency.labels
+        self._answered: Dict[Tuple[str, int], Any] = {}
+
+    def answered(self, backend: str, code: int) -> Any:
+        """The counter of ``backend``'s answers with status ``code`` (``outcomes``; its child kept, as a
+        label lookup per request costs four calls)."""
+        child = self._answered.get((backend, code))
+        if child is None:
+            child = self._answered[backend, code] = self.outcomes.labels(backend, str(code))
+        return child
 
     def latency(self, backend: str) -> Any:
         """The response-time histogram of ``backend``."""
