@@ -3,7 +3,8 @@
 It stands between a replica and the broker (or any server), so a test can make
 a network fault happen exactly when it wants: ``cut()`` drops every connection
 and refuses new ones until ``restore()``; ``stall()`` stops forwarding data
-towards the client (deliveries, confirms) without closing anything.
+towards the client (deliveries, confirms) without closing anything;
+``retarget()`` sends new connections to another server (a failover).
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ class Relay:
         """Accept connections again and forward everything."""
         self._refusing = False
         self._forwarding.set()
+
+    def retarget(self, target: Tuple[str, int]) -> None:
+        """Drop every connection; new ones go to ``target`` (a failover behind one address)."""
+        self.target = target
+        self.cut()
+        self.restore()
 
     def stall(self) -> None:
         """Hold back all data towards clients (connections stay open)."""

@@ -13,7 +13,8 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from types import SimpleNamespace
+from typing import Dict, Iterator, List, Tuple, cast
 
 import pytest
 
@@ -22,6 +23,7 @@ from harness.daemon import assert_no_logged_errors
 from harness.gateway import Gateway
 from harness.net import http, wait_until
 from harness.redis import RedisServer
+from tests.integration.relay import Relay
 from tests.integration.test_gateways import admitted, gateways, shared_user, summed, worst_window
 from tests.integration.test_stream_order import skewed
 
@@ -156,3 +158,58 @@ def test_a_gateway_starting_under_load_does_not_take_itself_for_the_only_one(
         a.stop()
         b.stop()
     assert_no_logged_errors([a, b])
+
+
+def test_a_failover_to_a_lagging_replica_keeps_the_bound(tmp_path: Path, user_database: str, backend: Backend,
+                                                         redis: RedisServer) -> None:
+    """Redis fails over behind one address: the primary SIGKILLed, its replica promoted (``REPLICAOF NO ONE``)
+    and the address pointed at it. Replication is asynchronous: here the replica's link is held back from
+    before the user's first burst to the failover 1.5 s later, so its copy of the buckets and leases is that
+    much behind the primary's (the burst's tokens look free again). Its ``master_replid`` is new, so the
+    gateways start an epoch and the users start empty (design.md, "Leased tokens"): nothing is admitted over
+    the bound in any window, and admitting resumes."""
+    replica = RedisServer(tmp_path).start()
+    relay = Relay(("127.0.0.1", redis.port))
+    replication = Relay(("127.0.0.1", redis.port))  # the replica's link to the primary, to be held back
+    try:
+        assert replica.command("REPLICAOF", "127.0.0.1", str(replication.port)).startswith(b"+OK")
+        wait_until(lambda: replica.info("master_link_status") == "up", 10, "the replica in sync")
+        front = cast(RedisServer, SimpleNamespace(url=f"redis://127.0.0.1:{relay.port}/0"))
+        a, b = gateways(tmp_path, user_database, backend, front)
+        try:
+            key = shared_user(a, b, "failover", C, R)
+            spans: List[Tuple[float, float]] = []
+            failed_over: List[float] = []
+
+            def fail_over() -> None:
+                redis.kill()
+                assert replica.command("REPLICAOF", "NO", "ONE").startswith(b"+OK")
+                relay.retarget(("127.0.0.1", replica.port))
+                failed_over.append(time.monotonic())
+
+            # The replica's copy stops here, with the user's bucket full. Had the promoted replica been trusted
+            # (the epoch kept, and a bucket it never saw started full) it would hand out the burst a second
+            # time: 17 over the bound when that was tried.
+            replication.stall()
+            timer = threading.Timer(1.5, fail_over)
+            timer.start()
+            admitted([a, b], key, 6.0, connections=20, spans=spans)
+            timer.join()
+            assert worst_window(spans, C, R)[0] <= 0, worst_window(spans, C, R)
+            # Admitting resumed on the promoted replica (its users refill from one lease length after the
+            # epoch began; the 4.5 s after the failover leave at least 1.5 s of refill after 3 s).
+            after = sum(1 for sent, _ in spans if sent >= failed_over[0] + 3.0)
+            assert after > 0, f"{after}; {how_decided([a, b])}"
+            # ... in an epoch of the promoted replica's own (the state it copied was not trusted)
+            client = replica.client()
+            epoch = client.call("HGET", "lbsvc:lease-epoch", "id")
+            client.close()
+            assert epoch == replica.info("master_replid"), epoch
+        finally:
+            for gateway in (a, b):
+                gateway.stop()
+        assert_no_logged_errors([a, b])
+    finally:
+        relay.close()
+        replication.close()
+        replica.stop()
