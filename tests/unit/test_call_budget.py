@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Counter, Tuple
 
@@ -28,10 +29,13 @@ from twisted.internet.testing import StringTransport
 
 from gradesvc.testing import MemoryBroker, memory_replica
 from lbsvc.backends import servers as config
+from lbsvc.limits.buckets import Buckets, MemoryBucketStore
 from lbsvc.testing import ScriptedBackends, memory_gateway
 from lbsvc.users.index import User, hash_key
 from svckit.accesslog import AccessLog
 from svckit.site import make_site
+from tests.unit.test_leases import first_block, grant
+from tests.unit.test_leases import store as lease_store
 
 OURS = ("lbsvc", "svckit", "gradesvc", "txrabbitstream")
 
@@ -44,6 +48,11 @@ BUDGETS = {
     # on PyPy (Twisted 25.5), so 315 (it was 325).
     "lbsvc proxied GET, access log on": (115, 315),
     "gradesvc GET /get": (50, 185),
+    # The token decision alone (issue #33): from a block on lease (Redis buckets, the shipped default), and
+    # from a memory bucket, the decision the lease path must not cost more than. (In all: the lambda that
+    # makes the call, and for memory buckets task.Clock.seconds, a C call in the daemon.)
+    "lease decision, a block in hand": (1, 2),
+    "memory bucket decision": (4, 6),
 }
 
 
@@ -117,3 +126,15 @@ def test_a_read_stays_within_its_call_budget(tmp_path: Path) -> None:
     counts = python_calls(lambda: channel.dataReceived(request))
     assert transport.value().startswith(b"HTTP/1.1 "), transport.value()
     within_budget("gradesvc GET /get", counts)
+
+
+def test_a_token_decision_stays_within_its_call_budget() -> None:
+    leased, redis, clock, _ = lease_store()
+    leased.monotonic = time.monotonic  # the daemon's (a C call), not the test's clock
+    first_block(leased, redis, clock, "alice", grant(50, 10.0))
+    assert leased.take("alice", 100, 10.0)[0] is True  # warm
+    counts = python_calls(lambda: leased.take("alice", 100, 10.0))
+    within_budget("lease decision, a block in hand", counts)
+    memory = MemoryBucketStore(Buckets(Clock()))
+    memory.take("alice", 100, 10.0)
+    within_budget("memory bucket decision", python_calls(lambda: memory.take("alice", 100, 10.0)))
