@@ -47,7 +47,6 @@ from twisted.python.failure import Failure
 from lbsvc.limits.buckets import Bucket, Buckets, Verdict
 from lbsvc.limits.leasescript import ANSWERS, EPOCH_KEY, KEY_PREFIX, run_script
 from lbsvc.limits.redisbuckets import MAX_BATCH, RedisBucketStore
-from svckit.deadlines import within
 from svckit.metrics import sums
 
 log = Logger()
@@ -64,10 +63,6 @@ MAX_DENY = 1.0
 """Seconds a user is refused locally at most before Redis is asked again."""
 LOST_LINE_EVERY = 10.0
 """Seconds between two log lines about lost leases (each says how many since the last)."""
-FIRST_CONNECTION = 1.0
-"""Seconds the requests of a process that has not reached Redis yet (starting) wait for it, before the fallback
-decides them."""
-
 
 def margin(length: float) -> float:
     """How much earlier than Redis a process stops spending a lease: a tenth of it, at least 0.2 s."""
@@ -154,7 +149,6 @@ class LeasedBucketStore(RedisBucketStore):
         self.registry = registry
         self.holder = uuid.uuid4().hex
         """This process's name in Redis's leases."""
-        self._heard_at = clock.seconds()  # an outage is confirmed by silence since the start, not before it
         self._leases: Dict[str, Lease] = {}
         self._asking: List[Lease] = []
         self._by_lease = self._decisions.labels("lease")
@@ -237,20 +231,6 @@ class LeasedBucketStore(RedisBucketStore):
 
     # --- asking Redis -----------------------------------------------------
 
-    def _may_ask(self, quiet: bool = False) -> bool:
-        """Whether to ask Redis now: not within the pause after a failure; connected, or still starting (a
-        request waits for the first connection).  ``quiet`` (the sweep): only when connected, and a missing
-        connection is not counted as a failure."""
-        if not self.up and self.clock.seconds() < self._retry_at:
-            return False
-        if self.link.current() is None:
-            if quiet:
-                return False
-            if self.link.epoch:
-                self._failed(Failure(txredisapi.ConnectionError("not connected")))
-                return False
-        return True
-
     def _ask(self, lease: Lease) -> None:
         """Queue a call about ``lease`` for the end of this reactor turn."""
         lease.asking = True
@@ -259,19 +239,12 @@ class LeasedBucketStore(RedisBucketStore):
             self._flush_call = self.clock.callLater(0, self._flush)
 
     def _flush(self) -> None:
-        """Send what this reactor turn asked: one script call per :data:`MAX_BATCH` users."""
+        """Send what this reactor turn asked: one script call per :data:`MAX_BATCH` users (once connected)."""
         self._flush_call = None
         asking, self._asking = self._asking, []
-        redis = self.link.current()
-        if redis is None and not self.link.epoch:
-            # Starting, and Redis not reached yet: the heartbeat has not counted the other gateways either, so
-            # the local fallback would take this process for the only one.  Wait (a little) for the connection.
-            first = within(self.link.connected(), FIRST_CONNECTION, self.clock, "Redis's first connection")
-            first.addErrback(lambda _: None).addCallback(self._send_all, asking)
-            return
-        self._send_all(redis, asking)
+        self._when_connected(self._call_all, asking)
 
-    def _send_all(self, redis: Any, asking: List[Lease]) -> None:
+    def _call_all(self, redis: Any, asking: List[Lease]) -> None:
         for start in range(0, len(asking), MAX_BATCH):
             self._call(redis, asking[start:start + MAX_BATCH])
 

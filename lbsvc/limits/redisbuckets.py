@@ -37,7 +37,7 @@ directly, and while there is none the fallback decides at once.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import txredisapi
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -66,6 +66,9 @@ RETRY_AFTER = 1.0
 CONFIRM_AFTER = 0.5
 """Seconds without any answer from Redis after which an outage is taken to be every gateway's: only
 then does the ``local`` fallback hand out the shares of the last levels (:meth:`ShareFallback.confirm`)."""
+FIRST_CONNECTION = 1.0
+"""Seconds the requests of a process that has not reached Redis yet (starting) wait for it, before the fallback
+decides them: it has not counted the other gateways either, and its share would be a whole bucket."""
 FALLBACKS = ("local", "deny")
 
 class BucketStoreUnavailable(HTTPError):
@@ -97,8 +100,9 @@ class RedisBucketStore:
         self.stopping = False
         """Set at shutdown: the link's closing is not an outage worth a warning."""
         self._retry_at = 0.0
-        self._heard_at = float("-inf")
-        """When Redis last answered anything (on time or late)."""
+        self._heard_at = clock.seconds()
+        """When Redis last answered anything (on time or late); at first, the start: an outage is confirmed by
+        silence since then, not before it."""
         self._fallbacks = Counter("lbsvc_bucket_store_fallback", "Bucket decisions made without Redis,"
                                   " by fallback mode.", ["mode"], registry=registry).labels(fallback)
         self._errors = Counter("lbsvc_bucket_store_errors", "Redis calls that failed or timed out.",
@@ -151,10 +155,7 @@ class RedisBucketStore:
 
     def _run(self, name: str, capacity: int, rate: float, cost: int) -> defer.Deferred[Verdict]:
         """Queue one decision for the next batch (or decide it now without Redis)."""
-        if not self.up and self.clock.seconds() < self._retry_at:
-            return defer.maybeDeferred(self._without_redis, name, capacity, rate, cost)
-        if self.link.current() is None:
-            self._failed(Failure(txredisapi.ConnectionError("not connected")))
+        if not self._may_ask():
             return defer.maybeDeferred(self._without_redis, name, capacity, rate, cost)
         d: defer.Deferred[Verdict] = defer.Deferred()
         self._queue.append((name, capacity, rate, cost, d))
@@ -162,11 +163,37 @@ class RedisBucketStore:
             self._flush_call = self.clock.callLater(0, self._flush)
         return d
 
+    def _may_ask(self, quiet: bool = False) -> bool:
+        """Whether to ask Redis now: not within the pause after a failure; connected, or still starting (a
+        request waits for the first connection).  ``quiet`` (a background look): only when connected, and a
+        missing connection is not counted as a failure."""
+        if not self.up and self.clock.seconds() < self._retry_at:
+            return False
+        if self.link.current() is None:
+            if quiet:
+                return False
+            if self.link.epoch:
+                self._failed(Failure(txredisapi.ConnectionError("not connected")))
+                return False
+        return True
+
+    def _when_connected(self, send: Callable[[Any, List[Any]], None], queued: List[Any]) -> None:
+        """``send(redis, queued)`` now, or once this process's first connection is made (at most
+        :data:`FIRST_CONNECTION` later; ``redis`` is ``None`` if it was not)."""
+        redis = self.link.current()
+        if redis is None and not self.link.epoch:
+            first = within(self.link.connected(), FIRST_CONNECTION, self.clock, "Redis's first connection")
+            first.addErrback(lambda _: None).addCallback(send, queued)
+            return
+        send(redis, queued)
+
     def _flush(self) -> None:
         """Send what this reactor turn queued: one script call per :data:`MAX_BATCH` decisions."""
         self._flush_call = None
         queue, self._queue = self._queue, []
-        redis = self.link.current()
+        self._when_connected(self._send_all, queue)
+
+    def _send_all(self, redis: Any, queue: List[_Queued]) -> None:
         for start in range(0, len(queue), MAX_BATCH):
             self._send(redis, queue[start:start + MAX_BATCH])
 

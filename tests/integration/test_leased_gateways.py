@@ -137,13 +137,15 @@ def test_a_gateway_an_hour_off_keeps_the_bound(tmp_path: Path, user_database: st
     assert_no_logged_errors([a, b])
 
 
+@pytest.mark.parametrize("lease_length", ["2", "0"])
 def test_a_gateway_starting_under_load_does_not_take_itself_for_the_only_one(
-        tmp_path: Path, user_database: str, backend: Backend, redis: RedisServer) -> None:
+        tmp_path: Path, user_database: str, backend: Backend, redis: RedisServer, lease_length: str) -> None:
     """Its first requests come before it has reached Redis (or counted the other gateways): they wait for
-    the connection instead of going to a local share computed as if it were alone."""
-    (a,) = gateways(tmp_path, user_database, backend, redis, count=1)
+    the connection instead of going to a local share computed as if it were alone. With leases (the default)
+    and with Redis deciding every request (``--lease-length 0``)."""
+    (a,) = gateways(tmp_path, user_database, backend, redis, count=1, LBSVC_LEASE_LENGTH=lease_length)
     b = Gateway(tmp_path, user_database, name="lbsvc-late")
-    b.env.update({"LBSVC_BUCKETS": redis.url})
+    b.env.update({"LBSVC_BUCKETS": redis.url, "LBSVC_LEASE_LENGTH": lease_length})
     try:
         key = shared_user(a, a, "busy", C, R)
         spans: List[Tuple[float, float]] = []

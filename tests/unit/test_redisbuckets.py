@@ -16,7 +16,13 @@ from twisted.internet.task import Clock
 
 from lbsvc.limits.buckets import Buckets
 from lbsvc.limits.bucketscript import KEY_PREFIX, SCRIPT, SCRIPT_SHA
-from lbsvc.limits.redisbuckets import CONFIRM_AFTER, MAX_BATCH, BucketStoreUnavailable, RedisBucketStore
+from lbsvc.limits.redisbuckets import (
+    CONFIRM_AFTER,
+    FIRST_CONNECTION,
+    MAX_BATCH,
+    BucketStoreUnavailable,
+    RedisBucketStore,
+)
 from lbsvc.limits.redislink import RedisAddress, parse_redis_url
 from svckit.clienttls import ClientTLS
 from svckit.metrics import new_registry, sample_value
@@ -26,13 +32,20 @@ from tests.unit.fired import fired
 class FakeRedis:
     """Answers ``evalsha`` from a queue of outcomes, or leaves the call hanging.
 
-    It is also its own link: ``current()`` is itself while ``connected``.
+    It is also its own link: ``current()`` is itself while ``online``; ``epoch`` says it was reached before
+    (a process that has not reached Redis yet has none, and waits for ``connected()``).
     """
 
-    connected = True
+    online = True
+    epoch = "replid-1"
 
     def current(self) -> Optional[FakeRedis]:
-        return self if self.connected else None
+        return self if self.online else None
+
+    def connected(self) -> defer.Deferred[Any]:
+        """The link's first connection, made when the test fires it."""
+        self.connecting: defer.Deferred[Any] = defer.Deferred()
+        return self.connecting
 
     def __init__(self) -> None:
         self.calls: List[Tuple[str, Any, Any]] = []
@@ -66,12 +79,17 @@ class FakeRedis:
         return self._answer()
 
 
-def store(fallback: str = "local", redis: Optional[FakeRedis] = None) -> Tuple[RedisBucketStore, FakeRedis, Clock, Any]:
+def store(fallback: str = "local", redis: Optional[FakeRedis] = None,
+          running: bool = True) -> Tuple[RedisBucketStore, FakeRedis, Clock, Any]:
+    """A store, its Redis and clock; ``running``: started :data:`CONFIRM_AFTER` ago, so a fault from now on is
+    an outage confirmed at once (a process just started is not sure of one until that much silence)."""
     clock = Clock()
     redis = redis or FakeRedis()
     registry = new_registry()
-    return (RedisBucketStore("redis://127.0.0.1:6379/0", Buckets(clock), fallback, 0.05, clock, registry, redis),
-            redis, clock, registry)
+    s = RedisBucketStore("redis://127.0.0.1:6379/0", Buckets(clock), fallback, 0.05, clock, registry, redis)
+    if running:
+        clock.advance(CONFIRM_AFTER)
+    return s, redis, clock, registry
 
 
 def decided(clock: Clock, d: defer.Deferred[Any]) -> Any:
@@ -173,7 +191,7 @@ def test_bad_redis_urls_are_refused_without_quoting_the_password(url: str) -> No
 
 def test_no_connection_is_decided_at_once() -> None:
     s, redis, clock, registry = store("deny")
-    redis.connected = False
+    redis.online = False
     with pytest.raises(BucketStoreUnavailable):
         fired(s.take("fay", 2, 1.0))
     assert redis.calls == [] and not s.up
@@ -253,7 +271,7 @@ def test_a_gateway_that_alone_finds_redis_slow_spends_no_share_of_the_level() ->
 def test_a_user_redis_never_reported_starts_from_a_full_share() -> None:
     s, redis, clock, _ = store("local")
     s.share.set_live(4)
-    redis.connected = False
+    redis.online = False
     verdict = fired(s.take("joe", 8, 1.0))
     assert verdict[0] and verdict[1].capacity == 2 and verdict[1].level == 1.0
     assert fired(s.take("joe", 8, 1.0))[0] and not fired(s.take("joe", 8, 1.0))[0]
@@ -270,7 +288,7 @@ def test_a_late_token_redis_took_for_a_request_refused_here_still_costs_the_shar
     clock.advance(0)
     assert fired(d)[0] is False  # timed out: the share (from level 0) refuses it
     redis.pending[0].callback([1, "0"])  # but Redis had a token for it after all (say, refilled)
-    redis.connected = False  # and is gone again: the share goes on deciding
+    redis.online = False  # and is gone again: the share goes on deciding
     clock.advance(1.0)  # refilled at 1 per second: 1 token, less the one Redis took
     assert fired(s.take("kim", 2, 1.0))[0] is False
     clock.advance(1.1)
@@ -280,9 +298,9 @@ def test_a_late_token_redis_took_for_a_request_refused_here_still_costs_the_shar
 def test_charges_that_do_not_reach_redis_are_kept_for_the_next_try() -> None:
     s, redis, clock, _ = store("local")
     redis.scripts.add(SCRIPT_SHA)
-    redis.connected = False
+    redis.online = False
     assert fired(s.take("lee", 4, 1.0))[0]  # spent by the fallback
-    redis.connected = True
+    redis.online = True
     clock.advance(1.0)
     redis.answers = [txredisapi.ConnectionError("Lost connection")]
     assert decided(clock, s.take("lee", 4, 1.0))[0]  # the retry fails: still the fallback
@@ -298,3 +316,31 @@ def test_a_malformed_answer_is_a_failure_not_a_crash() -> None:
     redis.answers = [[1]]
     assert decided(clock, s.take("max", 2, 1.0))[0] and not s.up
     assert sample_value(registry, "lbsvc_bucket_store_errors_total") == 1
+
+
+def test_a_process_that_has_not_reached_redis_yet_waits_for_it_rather_than_think_itself_alone() -> None:
+    """(``--lease-length 0``, Redis deciding every request.) A share computed before the first connection
+    would be a whole bucket: the heartbeat has not counted the other gateways yet."""
+    s, redis, clock, registry = store(running=False)
+    redis.scripts.add(SCRIPT_SHA)
+    redis.epoch, redis.online = "", False  # starting: never connected
+    d = s.take("ned", 10, 1.0)
+    clock.advance(0)
+    assert not d.called and s.up and redis.calls == []
+    redis.epoch, redis.online = "replid-1", True
+    redis.answers = [[1, "9"]]
+    redis.connecting.callback(redis)
+    assert fired(d)[0] is True and sample_value(registry, "lbsvc_bucket_store_errors_total") == 0
+
+
+def test_a_process_whose_first_connection_never_comes_is_decided_by_its_share_after_the_wait() -> None:
+    s, redis, clock, _ = store(running=False)
+    s.share.set_live(2)
+    redis.epoch, redis.online = "", False
+    d = s.take("ola", 10, 1.0)
+    clock.advance(0)
+    clock.advance(FIRST_CONNECTION)
+    clock.advance(0)
+    # A second of silence since the start: an outage, decided by this process's share (half the bucket).
+    taken, bucket = fired(d)
+    assert taken and not s.up and s.share.confirmed and bucket.capacity == 5
