@@ -14,6 +14,10 @@ short text; it is never the bottleneck):
 * nginx ``proxy_pass`` with upstream keepalive (the ceiling), and the backend
   direct.
 
+Every contender is measured with 32 and with 128 concurrent connections
+(``BENCH_CONNECTIONS="32 128"``), and lbsvc's req/s and CPU per request are
+printed as ratios of the aiohttp proxy's at each (issue #32's goals).
+
 The server under test is pinned to core 0, ``wrk`` and the backend to core 1
 (where the machine has two).  Each server is warmed up first
 (``BENCH_WARMUP``: 20 s on PyPy, for its JIT; 3 s on CPython); all are up
@@ -74,7 +78,8 @@ from common import (
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "20" if sys.implementation.name == "pypy" else "3"))
-CONNECTIONS = 32
+LEVELS = [int(c) for c in os.environ.get("BENCH_CONNECTIONS", "32 128").split()]
+"""Concurrent connections wrk keeps open; every contender is measured at each."""
 PREVIOUS = os.environ.get("BENCH_PREVIOUS_TWISTD", "")
 """The ``twistd`` of another lbsvc release (its own venv) to measure alongside, for CPU per request."""
 LBSVC_ONLY = os.environ.get("BENCH_LBSVC_ONLY", "") not in ("", "0")
@@ -122,9 +127,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def wrk_run(url: str, seconds: int, header: Optional[str]) -> Tuple[float, int]:
+def wrk_run(url: str, seconds: int, header: Optional[str], connections: int = 32) -> Tuple[float, int]:
     """(requests/s, requests) of one wrk run; non-2xx answers fail it."""
-    command = [*CLIENT_CPUS, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s"]
+    command = [*CLIENT_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
     if header:
         command += ["-H", header]
     out = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
@@ -146,6 +151,7 @@ class Contender:
     header: Optional[str] = None
     build: str = ""
     """The lbsvc contender this is a process of (with ``BENCH_COPIES``)."""
+    connections: int = 32
     warmup: int = WARMUP
     rates: List[float] = attrs.Factory(list)
     requests: int = 0
@@ -153,7 +159,7 @@ class Contender:
 
     def round(self) -> None:
         before = cpu_seconds(self.pid) if self.pid else 0.0
-        rate, n = wrk_run(self.url, SECONDS, self.header)
+        rate, n = wrk_run(self.url, SECONDS, self.header, self.connections)
         self.rates.append(rate)
         self.requests += n
         if self.pid:
@@ -218,6 +224,8 @@ def main() -> None:
                                             f"Authorization: {key}", build=build))
         for contender in contenders:  # every server warm before any is timed
             wrk_run(contender.url, contender.warmup, contender.header)
+        contenders = [attrs.evolve(c, name=f"{c.name}, c{level}", build=c.build and f"{c.build}, c{level}",
+                                   connections=level, rates=[]) for level in LEVELS for c in contenders]
         for turn in range(ROUNDS):  # in turns, so a slower minute of the machine hits all alike
             for contender in contenders[turn % len(contenders):] + contenders[:turn % len(contenders)]:
                 contender.round()
@@ -241,16 +249,23 @@ def builds(contenders: List[Contender]) -> Dict[str, Tuple[float, Optional[float
 
 
 def report(results: Dict[str, Tuple[float, Optional[float]]]) -> None:
-    """One row per contender, then the goals as ratios."""
-    ours, ours_cpu = results["lbsvc (access log on, the default)"]
+    """One row per contender and level, then lbsvc against the aiohttp proxy (the issue's goals) as ratios."""
     rows = []
-    for name, (rate, cpu) in results.items():
-        cpu_text = f"{cpu:.2f} CPU s/10k" if cpu is not None else "-"
-        rows.append([f"proxy: {name}", f"{rate:,.0f} req/s", cpu_text, f"lbsvc is {ours / rate:.2f}x",
-                     runtime(), machine()])
+    for level in LEVELS:
+        ours, ours_cpu = results[f"lbsvc (access log on, the default), c{level}"]
+        for name, (rate, cpu) in results.items():
+            if not name.endswith(f", c{level}"):
+                continue
+            cpu_text = f"{cpu:.2f} CPU s/10k" if cpu is not None else "-"
+            rows.append([f"proxy: {name}", f"{rate:,.0f} req/s", cpu_text, f"lbsvc is {ours / rate:.2f}x",
+                         runtime(), machine()])
+        aiohttp = results.get(f"aiohttp proxy (CPython), c{level}")
+        if aiohttp is not None and aiohttp[1] and ours_cpu:
+            print(f"c{level}: lbsvc ({runtime()}, log on) {ours:,.0f} req/s, {ours_cpu:.2f} CPU s/10k = "
+                  f"{ours / aiohttp[0]:.2f}x the aiohttp proxy's req/s (CPython) at {ours_cpu / aiohttp[1]:.2f}x"
+                  f" its CPU per request")
     record(rows)
-    print(f"lbsvc (log on): {ours:,.0f} req/s, {ours_cpu:.2f} CPU s per 10k requests; "
-          f"measured {time.strftime('%Y-%m-%d')}")
+    print(f"measured {time.strftime('%Y-%m-%d')}")
 
 
 if __name__ == "__main__":
