@@ -15,12 +15,10 @@ import time
 from typing import Any, Callable, Optional, Protocol
 
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 
 from svckit.headblock import HeadHeaders
 from svckit.requestid import request_id
 from svckit.responses import PHRASES, HTTPError, dumps
-from svckit.sendnow import send_now
 from svckit.web import Router
 
 HEAD_TIMEOUT = 30.0
@@ -51,58 +49,19 @@ class GuardedChannel(http.HTTPChannel):
     """Where the head deadline reads the time (tests put a fake clock here)."""
     head_timeout = HEAD_TIMEOUT
     _head_started = 0.0
-    held_head: Optional[list[bytes]] = None
-    """A response head written by :meth:`writeHeaders` and not sent yet (see there)."""
-
-    def connectionMade(self) -> None:
-        """``TCP_NODELAY``: an answer is sent as it is written (:mod:`svckit.sendnow`), never held for an ACK."""
-        super().connectionMade()
-        transport: Any = self.transport
-        if hasattr(transport, "setTcpNoDelay"):
-            transport.setTcpNoDelay(True)
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        """The status line, the request's own header block (:mod:`svckit.headblock`), then its ``Headers``.
-
-        Held until the body's first bytes (written in the same ``Request.write``), so that the head and a small
-        body leave in one send; :meth:`flush` sends a head written alone.
-        """
-        sequence = [version, b" ", code, b" ", reason, b"\r\n"]
-        if isinstance(headers, HeadHeaders) and headers.block:
-            sequence.append(headers.block)
-        elif not isinstance(headers, Headers):
-            super().writeHeaders(version, code, reason, headers)  # Twisted's sanitising of a plain list
+        """The status line, the request's own header block (:mod:`svckit.headblock`), then its ``Headers``."""
+        if not isinstance(headers, HeadHeaders) or not headers.block:
+            super().writeHeaders(version, code, reason, headers)
             return
+        sequence = [version, b" ", code, b" ", reason, b"\r\n", headers.block]
         for name, values in headers.getAllRawHeaders():
             for value in values:
                 sequence.extend((name, b": ", value, b"\r\n"))
         sequence.append(b"\r\n")
-        self.held_head = sequence
-
-    def write(self, data: bytes) -> None:
-        """Response bytes, after the head held (if any), sent at once where the socket takes them."""
-        held = self.held_head
-        if held is not None:
-            self.held_head = None
-            held.append(data)
-            data = b"".join(held)
         if self.transport is not None:
-            send_now(self.transport, data)
-
-    def writeSequence(self, iovec: Any) -> None:
-        """Response bytes in pieces: as :meth:`write`, joined."""
-        self.write(b"".join(iovec))
-
-    def flush(self) -> None:
-        """Send a head held by :meth:`writeHeaders` (a response whose body is not written with it)."""
-        if self.held_head is not None:
-            self.write(b"")
-
-    def requestDone(self, request: Any) -> None:
-        """A request is finished: nothing of its answer may stay held (whatever kind of request wrote it)."""
-        if self.held_head is not None:
-            self.write(b"")
-        super().requestDone(request)
+            self.transport.writeSequence(sequence)
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection."""

@@ -178,9 +178,6 @@ class GuardedRequest(server.Request):
             self.setHeader(b"connection", b"close")
             self.channel.persistent = False
         super().write(data)
-        channel: Any = self.channel
-        if getattr(channel, "held_head", None) is not None:  # a head written without body bytes
-            channel.flush()
 
     def finish(self) -> None:
         """Finish the answer; stop reading a body that is still arriving."""

@@ -9,7 +9,7 @@ module is the small client the gateway uses instead:
   ``pool_size`` idle connections per backend and hands them out most recently
   used first; a new connection sets ``TCP_NODELAY`` once, when it is made.
 * :class:`UpstreamConnection` (here) writes a request head built by the caller
-  as one ``bytes`` (sent at once, :mod:`svckit.sendnow`), streams a body from an ``IBodyProducer``
+  as one ``bytes``, streams a body from an ``IBodyProducer``
   (``Content-Length`` or chunked) with back-pressure, and has the response
   parsed by a :class:`~lbsvc.proxying.responseparser.ResponseParser`, whose
   findings decide whether the connection goes back to its pool.
@@ -35,7 +35,6 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import Interface
 
 from lbsvc.proxying.responseparser import Header, IResponseSink, ResponseParser
-from svckit.sendnow import send_now
 
 __all__ = ["Header", "IResponseSink", "UpstreamConnection"]
 
@@ -159,7 +158,7 @@ class UpstreamConnection(Protocol):
         self._done = d
         transport: Any = self.transport
         if body is None:
-            send_now(transport, head + b"\r\n")
+            transport.write(head + b"\r\n")
             return d
         self._body = body
         self._body_done = False
