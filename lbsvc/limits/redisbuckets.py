@@ -32,7 +32,10 @@ Python, runs on PyPy) on one connection kept up by Twisted's
 measured first: it routes every command through a pool lookup and two extra
 Deferreds, and queues commands while Redis is away (so every request would
 wait out the timeout); the link hands the connected protocol to the store
-directly, and while there is none the fallback decides at once.
+directly, and while there is none the fallback decides at once. Only a
+process that has not reached Redis yet (starting) waits, up to
+:data:`FIRST_CONNECTION`, for its first connection: until then it has not
+counted the other gateways either, and its share would be a whole bucket.
 """
 
 from __future__ import annotations
