@@ -21,7 +21,9 @@ what it reports:
 - ``share``: the most it may hold (its share of ``C`` among the live
   gateways);
 - ``charge``: tokens its ``local`` fallback admitted while Redis was away,
-  taken from ``b`` (down to ``-C``: a debt that refills).
+  taken from ``b`` (down to ``-C``: a debt that refills); dropped when it
+  comes within one lease length of the start of an epoch that began empty
+  (see below).
 
 Leases end by Redis's clock (``TIME``), ``lease_length`` after their last
 grant or renewal (every call by a holder that still holds tokens renews its
@@ -34,7 +36,11 @@ epoch; every user of an earlier epoch is forgotten.  Users then start full
 only when Redis had no epoch at all *and* the caller has never seen another
 Redis (a first start); otherwise they start empty and refill from one lease
 length after the epoch began, by which time every block of the lost state
-has ended in the gateways that hold it.
+has ended in the gateways that hold it.  What a ``local`` fallback admitted
+during the outage came from the lost state too (its last levels, and refill
+before the epoch's own refill begins), so a charge arriving before then is
+not taken from the new epoch: it would deny the user for up to ``C/R``
+seconds longer for tokens the empty start has already counted.
 """
 
 from __future__ import annotations
@@ -113,7 +119,9 @@ for i = 2, #KEYS do
   if O < 0 then O = 0 end
   if now > t then b = b + rate * (now - t); t = now end
   if b > capacity - O then b = capacity - O end
-  if charge > 0 then b = b - charge end
+  -- A charge within one lease length of a lost state's epoch is dropped: the fallback spent the lost
+  -- state's tokens, which the epoch's empty start already counts (its refill has not begun).
+  if charge > 0 and (full or now >= epoch_start + length) then b = b - charge end
   if b < -capacity then b = -capacity end
   -- This holder's lease: its spending, then what it keeps (the rest comes back to b).
   local live, held = st[f_id], tonumber(st[f_held] or 0)

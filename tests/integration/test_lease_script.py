@@ -165,6 +165,26 @@ def test_a_first_start_is_full_and_a_lost_state_starts_empty(redis: RespClient) 
     assert float(world.call(b, 0)[1]) == pytest.approx(R * 0.5, abs=1e-6)
 
 
+def test_what_a_fallback_spent_of_a_lost_state_is_not_charged_to_the_epoch_that_starts_empty(
+        redis: RespClient) -> None:
+    """A charge within one lease length of an empty epoch's start is dropped (the empty start counts what the
+    outage spent; charged, it would deny the user for up to C/R seconds more); after that, or in an epoch that
+    started full, it is a debt as in any outage."""
+    world = World(redis, 2)
+    a, b = world.processes
+    world.call(a, 0, charge=C)  # the first start: users start full, and a charge counts
+    assert float(world.call(b, 0)[1]) == pytest.approx(0, abs=1e-6)
+    world.restart()
+    world.now += 0.5
+    world.call(a, 0, charge=C)  # the epoch began with this call: dropped
+    world.now += L - 0.01
+    world.call(b, 0, charge=C)  # still within one lease length of its start: dropped
+    world.now += 0.51
+    assert float(world.call(a, 0)[1]) == pytest.approx(R * 0.5, abs=1e-6)  # refilling from the start plus L
+    answer = world.call(b, 0, charge=C)  # after it: a debt
+    assert float(answer[1]) == pytest.approx(R * 0.5 - C, abs=1e-6)
+
+
 def test_leases_end_by_redis_clock_and_what_a_dead_process_held_comes_back_by_refill(redis: RespClient) -> None:
     world = World(redis, 2)
     a, b = world.processes
