@@ -7,6 +7,11 @@ bare ``400``/close, and times out idle connections (the site's timeout).
 :meth:`GuardedChannel.refuse` is how a request refused before its body
 (:mod:`svckit.guardedrequest`) is answered: at once, the body never read, the
 connection closed after the answer.
+
+A request head that arrives whole in one read, with nothing after it (the
+usual ``GET``), is parsed in one pass (:meth:`GuardedChannel.dataReceived`)
+rather than line by line; anything unusual in it goes the line-by-line way,
+so every refusal is decided where it always was.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import time
 from typing import Any, Callable, Optional, Protocol
 
 from twisted.web import http, server
+from twisted.web.iweb import INonQueuedRequestFactory
 
 from svckit.headblock import HeadHeaders
+from svckit.knownheaders import KNOWN_NAMES, KnownHeaders
 from svckit.requestid import request_id
 from svckit.responses import PHRASES, HTTPError, dumps
 from svckit.web import Router
@@ -24,6 +31,15 @@ from svckit.web import Router
 HEAD_TIMEOUT = 30.0
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 16 * 1024
+
+_parse_request_line: Any = getattr(http, "_parseRequestLine", None)
+_name_encoder: Any = getattr(http, "_nameEncoder", None)  # KNOWN_NAMES: with its cache
+_InvalidHeaderName: Any = getattr(http, "InvalidHeaderName", ValueError)
+WHOLE_HEADS = _parse_request_line is not None and _name_encoder is not None and KNOWN_NAMES
+"""Whether this Twisted has the request-line parser and header-name encoder the one-pass parse reuses
+(private names of ``twisted.web.http``, in every release since 24.7); without them every head goes line by
+line."""
+_LENGTH_HEADERS = (b"Content-Length", b"Transfer-Encoding")
 
 
 class ChannelSite(Protocol):
@@ -62,6 +78,62 @@ class GuardedChannel(http.HTTPChannel):
         sequence.append(b"\r\n")
         if self.transport is not None:
             self.transport.writeSequence(sequence)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Bytes from the client: a whole head alone in one read in one pass, anything else line by line."""
+        if (WHOLE_HEADS and self.line_mode and not self._buffer and not self.refused and not self.paused
+                and not self._busyReceiving and self._HTTPChannel__first_line == 1
+                and data.find(b"\r\n\r\n") == len(data) - 4 and self.persistent and self._whole_head(data)):
+            return
+        super().dataReceived(data)
+
+    def _whole_head(self, data: bytes) -> bool:
+        """Take ``data``, one request head and nothing more, as ``lineReceived`` would line by line; False
+        (nothing changed) for anything that path must decide: a bad or odd line, a body, too many headers."""
+        head = data[:-4]
+        if len(head) > self.totalHeadersSize or b"\x00" in head:
+            return False
+        lines = head.split(b"\r\n")
+        count = len(lines) - 1
+        # A bare CR or LF, a folded line, too many headers: the line-by-line path refuses or decides them.
+        if (count > self.maxHeaders or head.count(b"\r") != count or head.count(b"\n") != count
+                or b"\n " in head or b"\n\t" in head):
+            return False
+        try:
+            command, target, version = _parse_request_line(lines[0])
+        except ValueError:
+            return False
+        headers = []
+        encode, canonical = _name_encoder.encode, _name_encoder._canonicalHeaderCache.get
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                return False
+            known_name = canonical(name)
+            if known_name is None:
+                try:
+                    known_name = encode(name)
+                except _InvalidHeaderName:
+                    return False
+            if known_name in _LENGTH_HEADERS:
+                return False
+            headers.append((known_name, value.strip(b" \t")))
+        self.resetTimeout()
+        factory: Any = self.requestFactory
+        request = factory(self) if INonQueuedRequestFactory.providedBy(factory) else factory(self, len(self.requests))
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        self._command, self._path, self._version = command, target, version
+        fields = request.requestHeaders
+        if isinstance(fields, KnownHeaders):
+            fields.add_parsed(headers)
+        else:
+            for name, value in headers:
+                fields.addRawHeader(name, value)
+        self._receivedHeaderCount = count
+        self.allHeadersReceived()
+        self.allContentReceived()
+        return True
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection."""

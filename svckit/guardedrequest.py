@@ -30,6 +30,7 @@ from twisted.web import http, server
 from svckit.accesslog import AccessLog, LogFields
 from svckit.channel import ChannelSite, GuardedChannel
 from svckit.headblock import HeadHeaders
+from svckit.knownheaders import known
 from svckit.requestbody import RequestBody
 from svckit.requestid import request_id
 from svckit.responses import HTTPError, too_large
@@ -71,6 +72,7 @@ class GuardedRequest(server.Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        known(self.requestHeaders)
         self.responseHeaders = HeadHeaders()
 
     def gotLength(self, length: Optional[int]) -> None:

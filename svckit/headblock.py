@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from twisted.web.http_headers import Headers
 
+from svckit.knownheaders import KnownHeaders
 
-class HeadHeaders(Headers):
+
+class HeadHeaders(KnownHeaders):
     """``Headers`` and, ahead of them, :attr:`block`: header lines the daemon wrote itself."""
 
     __slots__ = ("block",)
