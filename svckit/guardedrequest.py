@@ -169,21 +169,21 @@ class GuardedRequest(server.Request):
             super().requestReceived(command, path, version)
 
     def _body_still_arriving(self) -> Optional[GuardedChannel]:
-        channel = self._guarded_channel()
-        if self.body is None or self.body.complete or channel is None:
+        body = self.body
+        if body is None or body.complete:
             return None
-        return channel
+        return self._guarded_channel()
 
     def write(self, data: bytes) -> None:
         """Write the answer; one begun before the body is in ends the connection."""
-        if not self.startedWriting and self._body_still_arriving() is not None:
+        if not self.startedWriting and self.body is not None and self._body_still_arriving() is not None:
             self.setHeader(b"connection", b"close")
             self.channel.persistent = False
         super().write(data)
 
     def finish(self) -> None:
         """Finish the answer; stop reading a body that is still arriving."""
-        channel = self._body_still_arriving()
+        channel = self._body_still_arriving() if self.body is not None else None
         if channel is not None:
             if not self.startedWriting:
                 self.setHeader(b"connection", b"close")

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from svckit.jsonbody import parse_json, parse_object
+from svckit.metrics import incrementer
 from svckit.requestid import request_id
 from svckit.responses import (
     JSON_TYPE,
@@ -193,7 +194,7 @@ class Router(resource.Resource):
             f"{prefix}_http_requests", "HTTP requests by route and status code"
             " (499: the client went away first).", ["route", "code"], registry=registry,
         )
-        self._children: Dict[Tuple[str, int], Any] = {}
+        self._children: Dict[Tuple[str, int], Callable[[float], None]] = {}
 
     def route_for(self, path: bytes) -> Optional[Route]:
         """The route of exactly ``path``, else the fallback (or None)."""
@@ -205,10 +206,10 @@ class Router(resource.Resource):
     def count(self, route: Optional[Route], code: int) -> None:
         """Count one request's outcome."""
         key = (route.name if route is not None else UNMATCHED, code)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._requests.labels(key[0], str(code))
-        child.inc()
+        increment = self._children.get(key)
+        if increment is None:
+            increment = self._children[key] = incrementer(self._requests.labels(key[0], str(code)))
+        increment(1)
 
     def admit(self, request: server.Request) -> int:
         """Check a request whose headers are in; return its body limit.

@@ -150,8 +150,8 @@ class Forwarding:
         assert self.relay is not None and self.backend is not None
         self.relay.stop()
         upstreams = self.upstreams
-        upstreams.answered(self.backend.name, self.request.code).inc()
-        upstreams.latency(self.backend.name).observe(upstreams.clock.seconds() - self.sent_at)
+        upstreams.answered(self.backend.name, self.request.code)
+        upstreams.took(self.backend.name, upstreams.clock.seconds() - self.sent_at)
         self._release()
         self._answer(STREAMED)
 

@@ -1,13 +1,18 @@
-"""svckit.metrics: exact values, parseable output, one registry per daemon."""
+"""svckit.metrics: exact values, parseable output, one registry per daemon, hot-path increments that count
+as prometheus_client's own do."""
 
 from __future__ import annotations
 
+from typing import List
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbsvc.workermetrics import merge
-from svckit.metrics import CallbackGauges, new_registry, render
+from svckit.metrics import CallbackGauges, incrementer, new_registry, observer, render
 
 
 def samples(registry: object) -> dict:
@@ -60,3 +65,29 @@ def test_worker_metrics_merge_into_one_exposition_labelled_by_worker() -> None:
     assert sorted(s.labels["worker"] for s in counts) == ["0", "1"]
     assert {s.labels["worker"]: s.value for s in families["lbsvc_worker_up"].samples} == {"0": 1, "1": 1, "2": 0}
     assert merged.count("# TYPE lbsvc_things_total counter") == 1  # one family, samples of both processes
+
+
+@given(amounts=st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                  st.sampled_from([0.0, 0.005, 0.01, 0.1, 1.0, 10.0, -1.0])), max_size=30))
+def test_the_hot_path_observer_and_incrementer_count_as_prometheus_client_does(amounts: List[float]) -> None:
+    """Bucket bounds included (an amount equal to a bound is in that bucket), NaN in none, +Inf in the last."""
+    samples = []
+    for hot in (False, True):
+        registry = new_registry()
+        latency = Histogram("t_latency_seconds", "t", ["backend"], registry=registry,
+                            buckets=(0.005, 0.01, 0.1, 1.0, 10.0))
+        answers = Counter("t_answers", "t", ["backend"], registry=registry)
+        child, counted = latency.labels("a"), answers.labels("a")
+        observe = observer(child) if hot else child.observe
+        increment = incrementer(counted) if hot else counted.inc
+        for amount in amounts:
+            observe(amount)
+            increment(1)
+        samples.append(generate_latest(registry))
+    assert samples[0] == samples[1]
+
+
+def test_a_parent_with_labels_is_refused_once_not_per_call() -> None:
+    registry = new_registry()
+    with pytest.raises(ValueError):
+        incrementer(Counter("t_parent", "t", ["backend"], registry=registry))
