@@ -15,6 +15,7 @@ from gradesvc.config import OPTIONS, ReplicaConfig
 from gradesvc.state.datadir import DEFAULT_ROOT, DataDir, DataDirInUse, default_data_dir
 from gradesvc.stream.broker import node_urls, stream_id_of, stream_port_of
 from svckit.options import EnvOptions
+from svckit.reactor import quieten
 
 log = Logger()
 
@@ -59,6 +60,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+        quieten(reactor)  # twistd's epoll reactor, without a log context per I/O event (svckit.reactor)
     config = options.config
     data_dir = DataDir(Path(config.data_dir), stream_id_of(config.amqp_url, config.stream), config.replica_id,
                        [] if config.data_dir_given else [Path(DEFAULT_ROOT)])

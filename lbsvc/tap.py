@@ -14,6 +14,7 @@ from lbsvc.settings import OPTIONS, GatewaySettings
 from lbsvc.users import open_database
 from lbsvc.users.database import StorageUnavailable
 from svckit.options import EnvOptions
+from svckit.reactor import quieten
 
 
 class Options(EnvOptions):
@@ -43,6 +44,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+        quieten(reactor)  # twistd's epoll reactor, without a log context per I/O event (svckit.reactor)
     database = open_database(options.settings.database)
     try:
         database.check()
