@@ -35,7 +35,9 @@ class GuardedSite(server.Site):
     requestFactory = GuardedRequest
 
     def __init__(self, router: Router, access_log: AccessLog, timeout: float = IDLE_TIMEOUT) -> None:
-        super().__init__(router, logPath=None, timeout=timeout)
+        # The access log's clock is the daemon's reactor: connection timeouts run on it too (a test's clock
+        # in memory, not the global reactor).
+        super().__init__(router, logPath=None, timeout=timeout, reactor=access_log.clock)
         self._parsePOSTFormSubmission = False
         self.router = router
         self.access_log = access_log
