@@ -48,6 +48,37 @@ class KnownHeaders(Headers):
                 return Headers.hasHeader(self, name)
             return canonical in self._rawHeaders
 
+    def add_all(self, headers: Iterable[Tuple[bytes, bytes]]) -> None:
+        """``addRawHeader`` for each pair, in order, with the same result: one call for all of them.
+
+        A name Twisted has canonicalised before and a value without CR or LF
+        (which ``Headers`` would leave as it is) go straight in; anything else
+        goes through ``addRawHeader`` (sanitised, or refused as it refuses).
+        """
+        if not KNOWN_NAMES:
+            for name, value in headers:
+                self.addRawHeader(name, value)
+            return
+        raw, known = self._rawHeaders, _canonical.get  # type: ignore[union-attr]
+        for name, value in headers:
+            canonical = known(name) if name.__class__ is bytes and value.__class__ is bytes else None
+            if canonical is None or b"\r" in value or b"\n" in value:
+                self.addRawHeader(name, value)
+                continue
+            values = raw.get(canonical)
+            if values is None:
+                raw[canonical] = [value]
+            else:
+                values.append(value)
+
+    def set_one(self, name: bytes, value: bytes) -> None:
+        """``setRawHeaders(name, [value])``, with the same result, in one call."""
+        canonical = _canonical.get(name) if KNOWN_NAMES else None  # type: ignore[union-attr]
+        if canonical is None or b"\r" in value or b"\n" in value:
+            self.setRawHeaders(name, [value])
+        else:
+            self._rawHeaders[canonical] = [value]
+
     def add_parsed(self, headers: Iterable[Tuple[bytes, bytes]]) -> None:
         """Add header lines a request head parse has checked: each name canonical (as ``_nameEncoder`` made
         it), each value free of CR, LF and NUL, so there is nothing to encode or sanitise."""

@@ -53,7 +53,9 @@ BUDGETS = {
     # without a body skips the body checks of write and finish. In all: 227 on CPython, 244 on PyPy; then 233
     # and 250 once the site's connection timeouts ran on the test's task.Clock (whose callLater and reset
     # sort in Python) rather than on the global reactor: so 260; gradesvc 122 and 152, so 165.
-    "lbsvc proxied GET, access log on": (121, 260),
+    # +3 ours, -6 in all (2026-12-08): the backend's headers, Via and Content-Length put into the answer's
+    # KnownHeaders in one call each (svckit.knownheaders): 227 on CPython, 244 on PyPy.
+    "lbsvc proxied GET, access log on": (124, 260),
     "gradesvc GET /get": (52, 165),
     # The token decision alone (issue #33): from a block on lease (Redis buckets, the shipped default), and
     # from a memory bucket, the decision the lease path must not cost more than. (In all: the lambda that

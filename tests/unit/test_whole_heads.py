@@ -144,3 +144,27 @@ def test_known_headers_answer_as_headers_do(stored: List[Tuple[bytes, bytes]], a
                     outcome.append(("raised", type(e)))
             assert outcome[0] == outcome[1], (name, outcome)
     assert type(fast) is KnownHeaders and KNOWN_NAMES
+
+
+@given(pairs=st.lists(st.tuples(header_names, st.one_of(st.binary(max_size=6), st.sampled_from([b"a\rb", b"a\nb",
+                                                                                               b"", b"x\r\n"]))),
+                      max_size=6),
+       one=st.tuples(header_names, st.binary(max_size=6)))
+def test_known_headers_add_and_set_as_headers_do(pairs: List[Tuple[Any, bytes]], one: Tuple[Any, bytes]) -> None:
+    """``add_all`` and ``set_one`` leave exactly what ``addRawHeader`` and ``setRawHeaders`` would, or refuse
+    as they refuse (a name Twisted has not seen, one it cannot encode, a value with CR or LF among them)."""
+    outcome = []
+    for fast in (False, True):
+        headers = known(Headers()) if fast else Headers()
+        try:
+            if fast:
+                headers.add_all(pairs)  # type: ignore[attr-defined]
+                headers.set_one(*one)  # type: ignore[attr-defined]
+            else:
+                for name, value in pairs:
+                    headers.addRawHeader(name, value)
+                headers.setRawHeaders(one[0], [one[1]])
+            outcome.append(("headers", list(headers.getAllRawHeaders())))
+        except Exception as e:
+            outcome.append(("raised", type(e)))
+    assert outcome[0] == outcome[1], (pairs, one, outcome)
