@@ -17,13 +17,13 @@ so every refusal is decided where it always was.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Dict, Optional, Protocol
 
 from twisted.web import http, server
 from twisted.web.iweb import INonQueuedRequestFactory
 
 from svckit.headblock import HeadHeaders
-from svckit.knownheaders import KNOWN_NAMES, KnownHeaders
+from svckit.knownheaders import KNOWN_NAMES, add_parsed
 from svckit.requestid import request_id
 from svckit.responses import PHRASES, HTTPError, dumps
 from svckit.web import Router
@@ -37,9 +37,11 @@ _name_encoder: Any = getattr(http, "_nameEncoder", None)  # KNOWN_NAMES: with it
 _InvalidHeaderName: Any = getattr(http, "InvalidHeaderName", ValueError)
 WHOLE_HEADS = _parse_request_line is not None and _name_encoder is not None and KNOWN_NAMES
 """Whether this Twisted has the request-line parser and header-name encoder the one-pass parse reuses
-(private names of ``twisted.web.http``, in every release since 24.7); without them every head goes line by
-line."""
+(private names of ``twisted.web.http``, the same in Twisted 25.5 and 26.10); without them every head goes
+line by line."""
 _LENGTH_HEADERS = (b"Content-Length", b"Transfer-Encoding")
+_QUEUED: Dict[Any, bool] = {}
+"""Whether each request factory seen takes the request's queue position (not ``INonQueuedRequestFactory``)."""
 
 
 class ChannelSite(Protocol):
@@ -120,16 +122,14 @@ class GuardedChannel(http.HTTPChannel):
             headers.append((known_name, value.strip(b" \t")))
         self.resetTimeout()
         factory: Any = self.requestFactory
-        request = factory(self) if INonQueuedRequestFactory.providedBy(factory) else factory(self, len(self.requests))
+        queued = _QUEUED.get(factory)
+        if queued is None:  # asked once per factory: providedBy costs about a microsecond
+            queued = _QUEUED[factory] = not INonQueuedRequestFactory.providedBy(factory)
+        request = factory(self, len(self.requests)) if queued else factory(self)
         self.requests.append(request)
         self._HTTPChannel__first_line = 0
         self._command, self._path, self._version = command, target, version
-        fields = request.requestHeaders
-        if isinstance(fields, KnownHeaders):
-            fields.add_parsed(headers)
-        else:
-            for name, value in headers:
-                fields.addRawHeader(name, value)
+        add_parsed(request.requestHeaders, headers)
         self._receivedHeaderCount = count
         self.allHeadersReceived()
         self.allContentReceived()

@@ -8,11 +8,15 @@ Python calls (issue #32).  Twisted's encoder keeps every name it has
 canonicalised in a cache; :class:`KnownHeaders` looks a ``bytes`` name up
 there and reads the header directly, and leaves anything else (a ``str``
 name, a name never seen) to ``Headers`` as before, so it answers exactly as
-``Headers`` does (``tests/unit/test_knownheaders.py`` checks that against
-``Headers`` for any name and values).
+``Headers`` does (``tests/unit/test_whole_heads.py`` checks that against
+``Headers`` for any name and values).  :func:`add_all`, :func:`set_one` and
+:func:`add_parsed` put headers into any ``Headers`` the same way, one call
+for many.
 
-It relies on two private names of ``twisted.web.http_headers`` (the same in
-every release from 24.7 to 26.10): without them it is plain ``Headers``.
+It relies on private names of ``twisted.web.http_headers`` (the encoder's
+cache, ``Headers._rawHeaders``; the same in Twisted 25.5 and 26.10, the
+releases this project runs on): without them every call goes through
+``Headers`` as before.
 """
 
 from __future__ import annotations
@@ -48,51 +52,54 @@ class KnownHeaders(Headers):
                 return Headers.hasHeader(self, name)
             return canonical in self._rawHeaders
 
-    def add_all(self, headers: Iterable[Tuple[bytes, bytes]]) -> None:
-        """``addRawHeader`` for each pair, in order, with the same result: one call for all of them.
 
-        A name Twisted has canonicalised before and a value without CR or LF
-        (which ``Headers`` would leave as it is) go straight in; anything else
-        goes through ``addRawHeader`` (sanitised, or refused as it refuses).
-        """
-        if not KNOWN_NAMES:
-            for name, value in headers:
-                self.addRawHeader(name, value)
-            return
-        raw, known = self._rawHeaders, _canonical.get  # type: ignore[union-attr]
-        for name, value in headers:
-            canonical = known(name) if name.__class__ is bytes and value.__class__ is bytes else None
-            if canonical is None or b"\r" in value or b"\n" in value:
-                self.addRawHeader(name, value)
-                continue
-            values = raw.get(canonical)
-            if values is None:
-                raw[canonical] = [value]
-            else:
-                values.append(value)
+def add_all(headers: Headers, pairs: Iterable[Tuple[bytes, bytes]]) -> None:
+    """``headers.addRawHeader`` for each pair, in order, with the same result: one call for all of them.
 
-    def set_one(self, name: bytes, value: bytes) -> None:
-        """``setRawHeaders(name, [value])``, with the same result, in one call."""
-        canonical = _canonical.get(name) if KNOWN_NAMES else None  # type: ignore[union-attr]
+    A name Twisted has canonicalised before and a value without CR or LF
+    (which ``Headers`` would leave as it is) go straight in; anything else
+    goes through ``addRawHeader`` (sanitised, or refused as it refuses).
+    """
+    if not KNOWN_NAMES:
+        for name, value in pairs:
+            headers.addRawHeader(name, value)
+        return
+    raw, known_name = headers._rawHeaders, _canonical.get  # type: ignore[union-attr]
+    for name, value in pairs:
+        canonical = known_name(name) if name.__class__ is bytes and value.__class__ is bytes else None
         if canonical is None or b"\r" in value or b"\n" in value:
-            self.setRawHeaders(name, [value])
+            headers.addRawHeader(name, value)
+            continue
+        values = raw.get(canonical)
+        if values is None:
+            raw[canonical] = [value]
         else:
-            self._rawHeaders[canonical] = [value]
+            values.append(value)
 
-    def add_parsed(self, headers: Iterable[Tuple[bytes, bytes]]) -> None:
-        """Add header lines a request head parse has checked: each name canonical (as ``_nameEncoder`` made
-        it), each value free of CR, LF and NUL, so there is nothing to encode or sanitise."""
-        if not KNOWN_NAMES:
-            for name, value in headers:
-                self.addRawHeader(name, value)
-            return
-        raw = self._rawHeaders
-        for name, value in headers:
-            values = raw.get(name)
-            if values is None:
-                raw[name] = [value]
-            else:
-                values.append(value)
+
+def set_one(headers: Headers, name: bytes, value: bytes) -> None:
+    """``headers.setRawHeaders(name, [value])``, with the same result, in one call."""
+    canonical = _canonical.get(name) if KNOWN_NAMES else None  # type: ignore[union-attr]
+    if canonical is None or b"\r" in value or b"\n" in value:
+        headers.setRawHeaders(name, [value])
+    else:
+        headers._rawHeaders[canonical] = [value]
+
+
+def add_parsed(headers: Headers, pairs: Iterable[Tuple[bytes, bytes]]) -> None:
+    """Add header lines a request head parse has checked: each name canonical (as ``_nameEncoder`` made
+    it), each value free of CR, LF and NUL, so there is nothing to encode or sanitise."""
+    if not KNOWN_NAMES:
+        for name, value in pairs:
+            headers.addRawHeader(name, value)
+        return
+    raw = headers._rawHeaders
+    for name, value in pairs:
+        values = raw.get(name)
+        if values is None:
+            raw[name] = [value]
+        else:
+            values.append(value)
 
 
 def known(headers: Headers) -> KnownHeaders:
